@@ -1,0 +1,32 @@
+# probekit: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv on first use (CPU torch 2.13.0, then the package with dev extras).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/probekit demo
+
+test: $(STAMP)
+	$(PY) -m pytest -x
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out bench/bench.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check probekit tests analyses benchmarks
+
+clean:
+	rm -rf $(VENV) reports bench

@@ -1,0 +1,46 @@
+"""probekit: linear probes, activation patching and head attribution for small transformers.
+
+    model, task = probekit.load("sort-successor")
+    batch = task.sample(256, length=20, seed=0)
+
+Import is cheap: torch and transformer-lens are loaded only when a function needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "probekit.model",
+    "load_model": "probekit.model",
+    "save_model": "probekit.model",
+    "build_model": "probekit.model",
+    "ModelConfig": "probekit.model",
+    "shipped_models": "probekit.model",
+    "train": "probekit.train",
+    "TrainConfig": "probekit.train",
+    "evaluate": "probekit.evaluate",
+    "greedy_decode": "probekit.evaluate",
+    "EvalResult": "probekit.evaluate",
+    "Batch": "probekit.tasks",
+    "Task": "probekit.tasks",
+    "Mixture": "probekit.tasks",
+    "SortingTask": "probekit.tasks",
+    "MultiplicationTask": "probekit.tasks",
+    "ProbekitError": "probekit.tasks",
+    "task_from_spec": "probekit.tasks",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'probekit' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

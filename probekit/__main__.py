@@ -1,0 +1,3 @@
+from probekit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Greedy autoregressive evaluation by length (no teacher forcing).
+
+`greedy_decode` writes each predicted answer token from the model's own argmax, left to right;
+answer tokens that the task gives rather than asks for (the queries of the hint tasks) are kept.
+A forward pass goes through the bridge, so hooks active around the call (ablations) apply.
+
+`evaluate` reports, per length: exact match (every predicted token right), token accuracy,
+accuracy per answer position, and for multiplication exact match by number of carries and by
+longest carry cascade. Intervals are 95 % Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from probekit.tasks import Batch, ProbekitError, Task
+
+
+def check_fits(model, task: Task, length: int | None) -> None:
+    n_ctx = model.cfg.n_ctx
+    T = task.seq_len(length)
+    if T > n_ctx:
+        raise ProbekitError(f"length {length} makes sequences of {T} tokens but the model's n_ctx is {n_ctx}")
+    if task.d_vocab != model.cfg.d_vocab:
+        raise ProbekitError(f"task {task.name!r} has {task.d_vocab} tokens but the model's d_vocab is {model.cfg.d_vocab}")
+
+
+@torch.no_grad()
+def greedy_decode(model, batch: Batch, max_batch: int = 512) -> torch.Tensor:
+    """Tokens ``[batch, pos]`` with every predicted answer token replaced by the model's greedy choice."""
+    mask = batch.answer_mask
+    if not (mask == mask[:1]).all():
+        raise ProbekitError("greedy_decode needs one answer layout per batch (same objective and length in every row)")
+    device = next(model.parameters()).device
+    steps = torch.nonzero(mask[0]).flatten().tolist()
+    out = batch.tokens.clone()
+    for start in range(0, batch.n, max_batch):
+        toks = out[start:start + max_batch].to(device)
+        for t in steps:
+            logits = model(toks[:, :t])  # batch pos d_vocab
+            toks[:, t] = logits[:, -1].argmax(-1)
+        out[start:start + max_batch] = toks.cpu()
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def score(batch: Batch, predicted: torch.Tensor) -> dict:
+    """Accuracy record for one batch, given decoded tokens."""
+    mask = batch.answer_mask
+    correct = (predicted == batch.tokens) | ~mask
+    exact = correct.all(dim=1)
+    pos = torch.nonzero(mask[0]).flatten()
+    per_pos = (predicted[:, pos] == batch.tokens[:, pos]).float().mean(0)
+    k = int(exact.sum())
+    rec = {
+        "length": batch.length,
+        "objective": batch.objective,
+        "n": batch.n,
+        "exact_match": k / batch.n,
+        "exact_match_ci95": list(wilson(k, batch.n)),
+        "token_acc": float((predicted[mask] == batch.tokens[mask]).float().mean()),
+        "per_position": [round(float(v), 4) for v in per_pos],
+    }
+    if "n_carries" in batch.meta:
+        for key, name in (("n_carries", "by_carries"), ("max_cascade", "by_cascade")):
+            groups = {}
+            vals = batch.meta[key]
+            for v in sorted(set(vals.tolist())):
+                sel = vals == v
+                groups[str(v)] = {"n": int(sel.sum()), "exact_match": float(exact[sel].float().mean())}
+            rec[name] = groups
+        di = batch.features["digit_index"]
+        pm = batch.pred_mask
+        k_of_step = di[0][pm[0]].tolist()
+        rec["per_digit"] = {str(k): rec["per_position"][i] for i, k in enumerate(k_of_step)}
+    return rec
+
+
+@dataclass
+class EvalResult:
+    """Greedy-decoding accuracy by length. ``records``: one dict per length (see `score`)."""
+
+    model: str
+    task: dict
+    seed: int
+    records: list[dict] = field(default_factory=list)
+
+    def to_frame(self):
+        import pandas as pd
+
+        rows = [{k: v for k, v in r.items() if not isinstance(v, dict | list)} | {
+            "ci_low": r["exact_match_ci95"][0], "ci_high": r["exact_match_ci95"][1]} for r in self.records]
+        return pd.DataFrame(rows)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> EvalResult:
+        return cls(**json.loads(s))
+
+    def exact_match(self, length: int) -> float:
+        for r in self.records:
+            if r["length"] == length:
+                return r["exact_match"]
+        raise ProbekitError(f"no record for length {length}; have {[r['length'] for r in self.records]}")
+
+
+def evaluate(model, task: Task, lengths: list[int] | tuple[int, ...], n: int = 500, seed: int = 0,
+             max_batch: int = 512, progress: bool = False, name: str | None = None) -> EvalResult:
+    """Exact match and per-position accuracy of greedy decoding, for each length."""
+    if n <= 0:
+        raise ProbekitError(f"n must be positive, got {n}")
+    if not lengths:
+        raise ProbekitError("lengths is empty; expected at least one length, e.g. [10, 20, 50]")
+    for L in lengths:
+        check_fits(model, task, L)
+    res = EvalResult(model=name or getattr(model, "probekit_name", "model"), task=task.spec(), seed=seed)
+    it = lengths
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(lengths, desc="eval", unit="length")
+    was_training = model.training
+    model.eval()
+    try:
+        for L in it:
+            batch = task.sample(n, length=L, seed=seed * 1000 + L)
+            res.records.append(score(batch, greedy_decode(model, batch, max_batch=max_batch)))
+    finally:
+        model.train(was_training)
+    return res

@@ -1,0 +1,160 @@
+"""The task contract: a `Task` samples `Batch`es that carry their own ground truth.
+
+Axis names used across probekit: ``batch`` (examples), ``pos`` (token positions).
+
+A `Batch` holds one token sequence per example (prompt + answer) and, per position, the latent
+variables a correct algorithm computes. Two masks say where the answer is:
+
+- ``answer_mask[b, t]`` is True where ``tokens[b, t]`` is an answer token the model predicts
+  (from the logits at ``t - 1``);
+- ``pred_mask[b, t] = answer_mask[b, t + 1]`` is True at the positions whose logits predict an
+  answer token. Features that describe an answer step (the target, the carry into digit k, ...)
+  live at these predicting positions, because that is where the model must compute them.
+
+Every feature is a LongTensor ``[batch, pos]`` holding -1 where it is undefined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+
+class ProbekitError(ValueError):
+    """Bad input: the message says what was found and what was expected (the CLI exits 2)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    tokens: Int[Tensor, "batch pos"]
+    answer_mask: Bool[Tensor, "batch pos"]
+    features: dict[str, Int[Tensor, "batch pos"]]
+    task: str
+    objective: str
+    length: int
+    prompt_len: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokens.shape != self.answer_mask.shape:
+            raise ProbekitError(f"answer_mask shape {tuple(self.answer_mask.shape)} != tokens shape {tuple(self.tokens.shape)}")
+        for name, f in self.features.items():
+            if f.shape != self.tokens.shape:
+                raise ProbekitError(f"feature {name!r} has shape {tuple(f.shape)}, expected {tuple(self.tokens.shape)}")
+
+    @property
+    def n(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def pred_mask(self) -> Bool[Tensor, "batch pos"]:
+        """True at positions whose logits predict an answer token."""
+        m = torch.zeros_like(self.answer_mask)
+        m[:, :-1] = self.answer_mask[:, 1:]
+        return m
+
+    @property
+    def answer_slice(self) -> slice:
+        return slice(self.prompt_len, self.seq_len)
+
+    def feature(self, name: str) -> Int[Tensor, "batch pos"]:
+        if name not in self.features:
+            raise ProbekitError(
+                f"feature {name!r} is not defined for task {self.task!r} (objective {self.objective!r}); "
+                f"expected one of {sorted(self.features)}"
+            )
+        return self.features[name]
+
+    def select(self, idx) -> Batch:
+        """A sub-batch (rows ``idx``), same length and objective."""
+        return replace(
+            self,
+            tokens=self.tokens[idx],
+            answer_mask=self.answer_mask[idx],
+            features={k: v[idx] for k, v in self.features.items()},
+            meta={k: (v[idx] if isinstance(v, Tensor) else v) for k, v in self.meta.items()},
+        )
+
+    def to(self, device) -> Batch:
+        return replace(
+            self,
+            tokens=self.tokens.to(device),
+            answer_mask=self.answer_mask.to(device),
+            features={k: v.to(device) for k, v in self.features.items()},
+        )
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What probekit needs from a task. See `probekit.tasks.sorting` for a worked example."""
+
+    name: str
+    objective: str
+    objectives: tuple[str, ...]
+    vocab: tuple[str, ...]
+
+    @property
+    def d_vocab(self) -> int: ...
+
+    def sample(self, n: int, length: int | None = None, seed: int = 0) -> Batch: ...
+
+    def seq_len(self, length: int | None = None) -> int: ...
+
+    def decode(self, tokens) -> str | list[str]: ...
+
+    def solve(self, inputs) -> list: ...
+
+    def with_objective(self, objective: str) -> Task: ...
+
+    def spec(self) -> dict: ...
+
+
+def check_n(n: int) -> None:
+    if not isinstance(n, int | np.integer) or n <= 0:
+        raise ProbekitError(f"n must be a positive integer, got {n!r}")
+
+
+def rng_for(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+class Mixture:
+    """A weighted mixture of objectives of one task; each call samples a whole batch from one objective.
+
+    Used for multi-task (hint) training: ``Mixture(task, {"sort": 1, "successor": 1})``.
+    Deterministic given ``seed``: the objective and the batch are both drawn from it.
+    """
+
+    def __init__(self, task: Task, weights: dict[str, float]):
+        if not weights:
+            raise ProbekitError("objective weights are empty; expected e.g. {'sort': 1.0}")
+        for name, w in weights.items():
+            if name not in task.objectives:
+                raise ProbekitError(f"unknown objective {name!r} for task {task.name!r}; expected one of {list(task.objectives)}")
+            if not (w >= 0):
+                raise ProbekitError(f"objective weight for {name!r} must be >= 0, got {w!r}")
+        total = float(sum(weights.values()))
+        if total <= 0:
+            raise ProbekitError(f"objective weights sum to {total}; expected a positive sum")
+        self.task = task
+        self.names = list(weights)
+        self.probs = np.array([weights[k] / total for k in self.names])
+        self.components = {k: task.with_objective(k) for k in self.names}
+        self.name = task.name
+
+    def sample(self, n: int, length: int | None = None, seed: int = 0) -> Batch:
+        rng = rng_for(seed)
+        name = self.names[int(rng.choice(len(self.names), p=self.probs))]
+        return self.components[name].sample(n, length=length, seed=int(rng.integers(2**31)))
+
+    def seq_len(self, length: int | None = None) -> int:
+        return max(t.seq_len(length) for t in self.components.values())

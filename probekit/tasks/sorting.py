@@ -1,0 +1,201 @@
+"""Sorting, and the hint tasks that share its vocabulary.
+
+Worked example (values 0..63, length 4, repeats allowed), one sequence per objective::
+
+    sort        SORT 5 3 9 3 | 3 3 5 9
+    successor   SUCC 5 3 9 3 | 5 9 3 3 9 _ 3 5
+    predecessor PRED 5 3 9 3 | 5 3 3 _ 9 5 3 3
+
+A task token selects the objective. ``|`` separates prompt and answer. ``sort`` answers with the
+list in ascending order. The hints answer with pairs ``x_i s_i`` in input order: the query ``x_i``
+is given (not predicted) and the model predicts ``s_i``, the element that follows (``successor``)
+or precedes (``predecessor``) the i-th input element in the *stable* sorted order (equal values
+keep their input order). ``_`` marks "none" (the last element has no successor, the first no
+predecessor). The successor hint trains exactly the lookup a sort step needs: given the previous
+output, find the next element in sorted order.
+
+Features (LongTensor [batch, pos], -1 where undefined; ``*_pos`` are token positions):
+
+- at input positions: ``value``, ``rank`` (index in the stable sorted order), ``successor_value``,
+  ``successor_pos``, ``predecessor_pos``;
+- at predicting positions (whose logits give an answer token): ``step`` (answer index),
+  ``prev_output`` (the previous output for sort, the query for hints), ``target`` (the token to
+  predict), ``target_src_pos`` (the input position that holds the target in the stable order),
+  ``copies_left`` (sort: copies of the target value still to be written, the target included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from probekit.tasks.base import Batch, ProbekitError, check_n, rng_for
+
+OBJECTIVES = ("sort", "successor", "predecessor")
+_OBJ_TOKEN = {"sort": "SORT", "successor": "SUCC", "predecessor": "PRED"}
+
+
+@dataclass(frozen=True)
+class SortingTask:
+    """Sort a list of values ``0..n_values-1``; or answer a hint about it (see module docstring)."""
+
+    n_values: int = 64
+    repeats: bool = True
+    objective: str = "sort"
+    default_length: int = 20
+    name: str = "sorting"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ProbekitError(f"unknown objective {self.objective!r} for task 'sorting'; expected one of {list(OBJECTIVES)}")
+        if not (2 <= self.n_values <= 1000):
+            raise ProbekitError(f"n_values must be in 2..1000, got {self.n_values}")
+
+    # vocabulary: values, then separator, none, objective tokens
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return OBJECTIVES
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        return tuple(str(v) for v in range(self.n_values)) + ("|", "_") + tuple(_OBJ_TOKEN[o] for o in OBJECTIVES)
+
+    @property
+    def d_vocab(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def SEP(self) -> int:
+        return self.n_values
+
+    @property
+    def NONE(self) -> int:
+        return self.n_values + 1
+
+    def objective_token(self, objective: str | None = None) -> int:
+        return self.n_values + 2 + OBJECTIVES.index(objective or self.objective)
+
+    def with_objective(self, objective: str) -> SortingTask:
+        return replace(self, objective=objective)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "n_values": self.n_values, "repeats": self.repeats,
+                "objective": self.objective, "default_length": self.default_length}
+
+    def seq_len(self, length: int | None = None) -> int:
+        L = self.default_length if length is None else length
+        return 2 + L + (L if self.objective == "sort" else 2 * L)
+
+    # ------------------------------------------------------------------ oracle
+    def solve(self, inputs: list[int]) -> list[int | None]:
+        """Pure-Python answer for one list: sorted values, or per-element successor/predecessor (None: none)."""
+        xs = list(inputs)
+        if self.objective == "sort":
+            return sorted(xs)
+        order = sorted(range(len(xs)), key=lambda i: (xs[i], i))  # stable sorted order
+        rank = {i: r for r, i in enumerate(order)}
+        step = 1 if self.objective == "successor" else -1
+        out: list[int | None] = []
+        for i in range(len(xs)):
+            r = rank[i] + step
+            out.append(xs[order[r]] if 0 <= r < len(xs) else None)
+        return out
+
+    def decode(self, tokens) -> str | list[str]:
+        t = torch.as_tensor(tokens)
+        if t.ndim == 2:
+            return [self.decode(row) for row in t]
+        return " ".join(self.vocab[i] if 0 <= i < self.d_vocab else f"<{i}>" for i in t.tolist())
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int, length: int | None = None, seed: int = 0) -> Batch:
+        check_n(n)
+        L = self.default_length if length is None else int(length)
+        if L < 1:
+            raise ProbekitError(f"sorting length must be >= 1, got {L}")
+        if not self.repeats and L > self.n_values:
+            raise ProbekitError(f"length {L} needs {L} distinct values but the range has {self.n_values}; allow repeats or shorten")
+        rng = rng_for(seed)
+        if self.repeats:
+            x = rng.integers(0, self.n_values, size=(n, L))
+        else:
+            x = np.argsort(rng.random((n, self.n_values)), axis=1)[:, :L]
+        return self.batch_from_inputs(x)
+
+    def batch_from_inputs(self, x) -> Batch:
+        """Build a Batch (tokens + features) from an integer array of lists ``[batch, length]``."""
+        x = np.asarray(x, dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ProbekitError(f"expected inputs of shape [batch, length>=1], got {x.shape}")
+        if x.min() < 0 or x.max() >= self.n_values:
+            raise ProbekitError(f"input values must be in 0..{self.n_values - 1}, got range {x.min()}..{x.max()}")
+        n, L = x.shape
+        rows = np.arange(n)[:, None]
+        order = np.argsort(x, axis=1, kind="stable")  # [n, L]: input index of the r-th sorted element
+        rank = np.empty_like(order)
+        rank[rows, order] = np.arange(L)[None, :]
+        ys = x[rows, order]  # sorted values
+        inp0 = 1  # token position of input element 0
+        sep = 1 + L
+        T = self.seq_len(L)
+        tokens = np.full((n, T), -1, dtype=np.int64)
+        tokens[:, 0] = self.objective_token()
+        tokens[:, inp0:inp0 + L] = x
+        tokens[:, sep] = self.SEP
+        answer_mask = np.zeros((n, T), dtype=bool)
+        feats = {k: np.full((n, T), -1, dtype=np.int64) for k in
+                 ("value", "rank", "successor_value", "successor_pos", "predecessor_pos",
+                  "step", "prev_output", "target", "target_src_pos", "copies_left")}
+
+        # input-position features
+        succ_idx = np.full((n, L), -1)
+        succ_idx[rows, order[:, :-1]] = order[:, 1:]
+        pred_idx = np.full((n, L), -1)
+        pred_idx[rows, order[:, 1:]] = order[:, :-1]
+        feats["value"][:, inp0:inp0 + L] = x
+        feats["rank"][:, inp0:inp0 + L] = rank
+        has_succ = succ_idx >= 0
+        feats["successor_pos"][:, inp0:inp0 + L] = np.where(has_succ, succ_idx + inp0, -1)
+        feats["successor_value"][:, inp0:inp0 + L] = np.where(has_succ, x[rows, np.maximum(succ_idx, 0)], -1)
+        feats["predecessor_pos"][:, inp0:inp0 + L] = np.where(pred_idx >= 0, pred_idx + inp0, -1)
+
+        steps = np.arange(L)
+        if self.objective == "sort":
+            ans = sep + 1 + steps  # token positions of the answer
+            tokens[:, ans] = ys
+            answer_mask[:, ans] = True
+            pp = ans - 1  # predicting positions
+            feats["step"][:, pp] = steps
+            feats["target"][:, pp] = ys
+            feats["target_src_pos"][:, pp] = order + inp0
+            feats["prev_output"][:, pp[1:]] = ys[:, :-1]
+            # copies of ys[r] among ys[r:], i.e. still to write (the target included)
+            left = np.zeros((n, L), dtype=np.int64)
+            for r in range(L):
+                left[:, r] = (ys[:, r:] == ys[:, r:r + 1]).sum(axis=1)
+            feats["copies_left"][:, pp] = left
+        else:
+            other = succ_idx if self.objective == "successor" else pred_idx
+            has = other >= 0
+            s = np.where(has, x[rows, np.maximum(other, 0)], self.NONE)
+            q_pos = sep + 1 + 2 * steps
+            tokens[:, q_pos] = x
+            tokens[:, q_pos + 1] = s
+            answer_mask[:, q_pos + 1] = True
+            feats["step"][:, q_pos] = steps
+            feats["prev_output"][:, q_pos] = x
+            feats["target"][:, q_pos] = s
+            feats["target_src_pos"][:, q_pos] = np.where(has, other + inp0, -1)
+        assert (tokens >= 0).all()
+        return Batch(
+            tokens=torch.from_numpy(tokens),
+            answer_mask=torch.from_numpy(answer_mask),
+            features={k: torch.from_numpy(v) for k, v in feats.items()},
+            task=self.name,
+            objective=self.objective,
+            length=L,
+            prompt_len=sep + 1,
+            meta={"inputs": torch.from_numpy(x)},
+        )
