@@ -1,0 +1,109 @@
+"""`Result`: what every instrument returns. A tensor, the name and labels of each axis, and the settings.
+
+    res.values            # Tensor, one dimension per entry of res.axes
+    res.axes              # e.g. ("layer", "pos", "head")
+    res.labels["pos"]     # e.g. ["SORT", "5", "3", "|", ...] (strings, one per index)
+    res.settings          # everything needed to rerun it (model, task, corruption, metric, seed, ...)
+    res.to_frame()        # long form: one column per axis (index and label) + "value"
+    Result.from_json(res.to_json()) == res
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from probekit.tasks import ProbekitError
+
+
+@dataclass
+class Result:
+    kind: str
+    values: Tensor
+    axes: tuple[str, ...]
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # other named tensors of the same result (e.g. stderr)
+
+    def __post_init__(self):
+        self.values = torch.as_tensor(self.values).detach().cpu()
+        self.axes = tuple(self.axes)
+        if self.values.ndim != len(self.axes):
+            raise ProbekitError(f"result has {self.values.ndim} dimensions but {len(self.axes)} axis names {self.axes}")
+        for ax, lab in self.labels.items():
+            if ax not in self.axes:
+                raise ProbekitError(f"labels for unknown axis {ax!r}; axes are {self.axes}")
+            n = self.values.shape[self.axes.index(ax)]
+            if len(lab) != n:
+                raise ProbekitError(f"axis {ax!r} has {n} entries but {len(lab)} labels")
+        self.extra = {k: torch.as_tensor(v).detach().cpu() for k, v in self.extra.items()}
+
+    def label(self, axis: str, i: int) -> str:
+        lab = self.labels.get(axis)
+        return str(lab[i]) if lab else str(i)
+
+    def to_frame(self):
+        import pandas as pd
+
+        idx = torch.cartesian_prod(*[torch.arange(s) for s in self.values.shape]) if self.values.ndim > 1 \
+            else torch.arange(self.values.numel())[:, None]
+        flat = self.values.reshape(-1)
+        data = {}
+        for j, ax in enumerate(self.axes):
+            data[ax] = idx[:, j].numpy()
+            if ax in self.labels:
+                data[f"{ax}_label"] = [str(self.labels[ax][i]) for i in idx[:, j].tolist()]
+        data["value"] = flat.numpy()
+        for k, v in self.extra.items():
+            if v.shape == self.values.shape:
+                data[k] = v.reshape(-1).numpy()
+        return pd.DataFrame(data)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "axes": list(self.axes), "shape": list(self.values.shape),
+                "values": self.values.tolist(), "labels": self.labels, "settings": self.settings,
+                "extra": {k: v.tolist() for k, v in self.extra.items()}}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        s = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(s)
+        return s
+
+    @classmethod
+    def from_json(cls, s: str | Path) -> Result:
+        if isinstance(s, Path):
+            s = s.read_text()
+        try:
+            d = json.loads(s)
+            return cls(kind=d["kind"], values=torch.tensor(d["values"], dtype=torch.float32).reshape(d["shape"]),
+                       axes=tuple(d["axes"]), labels=d.get("labels", {}), settings=d.get("settings", {}),
+                       extra={k: torch.tensor(v) for k, v in d.get("extra", {}).items()})
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+            raise ProbekitError(f"not a probekit result JSON ({type(e).__name__}: {e})") from None
+
+    def top(self, k: int = 10, by_abs: bool = True) -> list[tuple[dict, float]]:
+        """The ``k`` largest entries (by absolute value): ``[({axis: label}, value), ...]``."""
+        flat = self.values.reshape(-1)
+        key = flat.abs() if by_abs else flat
+        key = torch.nan_to_num(key, nan=float("-inf"))
+        order = torch.argsort(key, descending=True)[:k]
+        out = []
+        for i in order.tolist():
+            coords = []
+            rem = i
+            for s in reversed(self.values.shape):
+                coords.append(rem % s)
+                rem //= s
+            coords = coords[::-1]
+            out.append(({ax: self.label(ax, c) for ax, c in zip(self.axes, coords, strict=True)}, float(flat[i])))
+        return out
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Result) and self.kind == other.kind and self.axes == other.axes
+                and self.values.shape == other.values.shape and torch.allclose(self.values.float(), other.values.float(), equal_nan=True)
+                and self.labels == other.labels and self.settings == other.settings)
