@@ -1,0 +1,95 @@
+"""CLI: train and eval end to end; every bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from probekit.cli import main
+
+TINY = {
+    "name": "cli-tiny",
+    "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "n_ctx": 40, "positional": "none"},
+    "task": {"name": "sorting", "n_values": 10},
+    "train": {"steps": 20, "batch_size": 16, "lengths": [2, 6], "warmup_steps": 4},
+}
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg = write(d / "cfg.json", TINY)
+    assert main(["train", "--config", cfg, "--out", str(d / "run")]) == 0
+    return d
+
+
+def test_train_then_eval_json(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--model", str(trained / "run"), "--lengths", "3,5", "--n", "8", "--seed", "1", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["length"] for r in records] == [3, 5] and all(r["n"] == 8 for r in records)
+    # a model's own config.json retrains it
+    assert main(["train", "--config", str(trained / "run" / "config.json"), "--out", str(trained / "again")]) == 0
+    assert (trained / "again" / "model.safetensors").exists()
+
+
+def test_save_metrics(trained):
+    assert main(["eval", "--model", str(trained / "run"), "--lengths", "3", "--n", "4", "--save-metrics"]) == 0
+    metrics = json.loads((trained / "run" / "metrics.json").read_text())
+    assert metrics["records"][0]["length"] == 3 and "probekit eval" in metrics["command"]
+
+
+def _bad(argv, capsys, expect):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expect in err, err
+
+
+def test_bad_inputs(trained, tmp_path, capsys):
+    run = str(trained / "run")
+    _bad(["eval", "--model", run, "--n", "0"], capsys, "--n must be positive")
+    _bad(["eval", "--model", run, "--lengths", "100", "--n", "2"], capsys, "n_ctx is 40")
+    _bad(["eval", "--model", run, "--lengths", "ten", "--n", "2"], capsys, "comma-separated integers")
+    _bad(["eval", "--model", str(tmp_path / "missing"), "--n", "2"], capsys, "no model folder")
+    bad_task = write(tmp_path / "t.json", {**TINY, "task": {"name": "addition"}})
+    _bad(["train", "--config", bad_task, "--out", str(tmp_path / "o1")], capsys, "unknown task 'addition'")
+    bad_obj = write(tmp_path / "o.json", {**TINY, "train": {**TINY["train"], "objectives": {"reverse": 1}}})
+    _bad(["train", "--config", bad_obj, "--out", str(tmp_path / "o2")], capsys, "unknown objective 'reverse'")
+    missing = write(tmp_path / "m.json", {"model": TINY["model"], "task": TINY["task"]})
+    _bad(["train", "--config", missing, "--out", str(tmp_path / "o3")], capsys, "missing field(s) ['train']")
+    unknown = write(tmp_path / "u.json", {**TINY, "optimizer": "sgd"})
+    _bad(["train", "--config", unknown, "--out", str(tmp_path / "o4")], capsys, "unknown field(s) ['optimizer']")
+    vocab = write(tmp_path / "v.json", {**TINY, "model": {**TINY["model"], "d_vocab": 7}})
+    _bad(["train", "--config", vocab, "--out", str(tmp_path / "o5")], capsys, "must match")
+    long = write(tmp_path / "l.json", {**TINY, "train": {**TINY["train"], "lengths": [1, 50]}})
+    _bad(["train", "--config", long, "--out", str(tmp_path / "o6")], capsys, "n_ctx is 40")
+    # a non-empty --out is refused and left as it was
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    cfg = write(tmp_path / "ok.json", TINY)
+    _bad(["train", "--config", cfg, "--out", str(keep)], capsys, "is not empty")
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+
+
+def test_corrupted_weights_via_cli(trained, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "run", broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    _bad(["eval", "--model", str(broken), "--n", "2", "--lengths", "3"], capsys, "truncated or corrupted")
+
+
+def test_help_has_examples(capsys):
+    assert main(["eval", "--help"]) == 0
+    assert "Example: probekit eval" in capsys.readouterr().out

@@ -1,0 +1,69 @@
+"""Greedy evaluation: really autoregressive, scored against the task oracle, grouped by carries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probekit.evaluate import EvalResult, evaluate, greedy_decode, score, wilson
+from probekit.tasks import MultiplicationTask, ProbekitError
+
+
+def test_greedy_decode_matches_a_step_by_step_loop(tiny_sort):
+    model, task = tiny_sort
+    batch = task.sample(16, length=12, seed=5)  # longer than trained: some mistakes to propagate
+    got = greedy_decode(model, batch, max_batch=5)
+    ref = batch.tokens.clone()
+    with torch.no_grad():
+        for t in torch.nonzero(batch.answer_mask[0]).flatten().tolist():
+            ref[:, t] = model(ref[:, :t])[:, -1].argmax(-1)
+    assert torch.equal(got, ref)
+    # decoded answers are judged by the oracle: sorted(inputs)
+    exact = [got[i, batch.answer_mask[i]].tolist() == task.solve(batch.meta["inputs"][i].tolist()) for i in range(16)]
+    assert score(batch, got)["exact_match"] == sum(exact) / 16
+
+
+def test_hint_queries_are_given_not_decoded(tiny_sort):
+    model, task = tiny_sort
+    b = task.with_objective("successor").sample(4, length=5, seed=0)
+    got = greedy_decode(model, b)
+    given = b.pred_mask  # query positions hold the given x_i
+    assert torch.equal(got[given], b.tokens[given])
+
+
+def test_mult_records_by_carries(tiny_mult):
+    model, task = tiny_mult
+    res = evaluate(model, task, [2], n=300, seed=1)
+    rec = res.records[0]
+    assert rec["exact_match"] > 0.9
+    assert sum(g["n"] for g in rec["by_carries"].values()) == 300
+    assert sum(g["n"] for g in rec["by_cascade"].values()) == 300
+    assert sorted(rec["per_digit"]) == ["0", "1", "2"]
+    again = EvalResult.from_json(res.to_json())
+    assert again == res
+    assert list(res.to_frame()["length"]) == [2]
+
+
+def test_wilson_interval():
+    lo, hi = wilson(50, 100)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.19, abs=0.01)
+    assert wilson(0, 10)[0] == 0.0
+
+
+def test_evaluate_bad_input(tiny_mult):
+    model, task = tiny_mult
+    with pytest.raises(ProbekitError, match="n_ctx is 16"):
+        evaluate(model, task, [8], n=10)
+    with pytest.raises(ProbekitError, match="n must be positive"):
+        evaluate(model, task, [2], n=0)
+    with pytest.raises(ProbekitError, match="d_vocab"):
+        evaluate(model, _OtherVocab(digits=1, b_digits=1), [1], n=2)
+
+
+class _OtherVocab(MultiplicationTask):
+    @property
+    def d_vocab(self) -> int:
+        return 99
+
+    def seq_len(self, length=None) -> int:
+        return 4

@@ -1,0 +1,75 @@
+"""Training: answer-only loss, schedule, determinism, resume after a kill, and that it learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from probekit.evaluate import evaluate
+from probekit.model import ModelConfig
+from probekit.tasks import ProbekitError, SortingTask
+from probekit.train import TrainConfig, answer_loss, lr_at, train
+
+TASK = SortingTask(n_values=10)
+CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=40, d_vocab=TASK.d_vocab, seed=0)
+
+
+def test_loss_reads_answer_tokens_only():
+    b = TASK.sample(4, length=5, seed=0)
+    logits = torch.randn(4, b.seq_len, TASK.d_vocab)
+    loss, _ = answer_loss(logits, b.tokens, b.answer_mask)
+    noisy = logits.clone()
+    noisy[~b.pred_mask] += 100 * torch.randn_like(noisy[~b.pred_mask])  # positions that predict no answer
+    assert torch.allclose(loss, answer_loss(noisy, b.tokens, b.answer_mask)[0])
+    moved = logits.clone()
+    moved[b.pred_mask] += torch.randn_like(moved[b.pred_mask])
+    assert not torch.allclose(loss, answer_loss(moved, b.tokens, b.answer_mask)[0])
+
+
+def test_warmup_then_cosine():
+    c = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_same_seed_same_weights_and_resume_equals_unbroken(tmp_path):
+    tc = TrainConfig(steps=24, batch_size=16, lengths=(2, 6), warmup_steps=4, checkpoint_every=8, log_every=4,
+                     objectives={"sort": 1.0, "successor": 1.0})
+    a = train(CFG, TASK, tc, out=tmp_path / "a", progress=False)
+    b = train(CFG, TASK, tc, out=tmp_path / "b", progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # killed after 10 steps (checkpoint written), resumed to the end
+    train(CFG, TASK, tc, out=tmp_path / "c", progress=False, stop_after=10)
+    assert json.loads((tmp_path / "c" / "checkpoint.json").read_text())["step"] == 10
+    assert not (tmp_path / "c" / "model.safetensors").exists()
+    c = train(CFG, TASK, tc, out=tmp_path / "c", progress=False)
+    sc = c.state_dict()
+    assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
+    assert not (tmp_path / "c" / "checkpoint.json").exists()
+    log = [json.loads(line) for line in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
+    conf = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert conf["train"]["objectives"] == {"sort": 1.0, "successor": 1.0}
+    assert conf["train"]["extra"]["train_seconds"] > 0
+
+
+def test_refuses_non_empty_out_and_too_long_lengths(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ProbekitError, match="is not empty"):
+        train(CFG, TASK, TrainConfig(steps=2, lengths=(1, 5)), out=tmp_path, progress=False)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    with pytest.raises(ProbekitError, match="n_ctx is 40"):
+        train(CFG, TASK, TrainConfig(steps=2, lengths=(1, 30)), progress=False)
+    with pytest.raises(ProbekitError, match="unknown objective 'count'"):
+        train(CFG, TASK, TrainConfig(steps=2, lengths=(1, 5), objectives={"count": 1.0}), progress=False)
+
+
+def test_tiny_sorting_model_learns(tiny_sort):
+    model, task = tiny_sort
+    res = evaluate(model, task, [6, 8], n=200, seed=11)
+    assert res.exact_match(8) > 0.9
