@@ -67,3 +67,22 @@ class _OtherVocab(MultiplicationTask):
 
     def seq_len(self, length=None) -> int:
         return 4
+
+
+@pytest.mark.parametrize("positional, temperature", [("none", None), ("learned", "log"), ("rotary", None)])
+def test_cached_decoding_equals_full_forward(positional, temperature):
+    from probekit.model import ModelConfig
+    from probekit.tasks import SortingTask
+    from probekit.train import TrainConfig, train
+
+    task = SortingTask(n_values=12)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64, d_vocab=task.d_vocab, positional=positional,
+                      length_temperature=temperature, seed=1)
+    model = train(cfg, task, TrainConfig(steps=60, batch_size=32, lengths=(2, 6), lr=3e-3,
+                                         objectives={"sort": 1, "successor": 1}), progress=False)
+    for objective in ("sort", "successor"):
+        b = task.with_objective(objective).sample(24, length=9, seed=2)
+        fast = greedy_decode(model, b, use_cache=True)
+        slow = greedy_decode(model, b, use_cache=False)
+        assert torch.equal(fast, slow)
+        assert not torch.equal(fast[b.answer_mask], b.tokens[b.answer_mask])  # a 60-step model makes mistakes

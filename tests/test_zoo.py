@@ -1,0 +1,58 @@
+"""Shipped models: each loads, its config validates, and a fresh greedy evaluation (new seed, small n)
+agrees with the headline accuracy in its metrics.json (and so its card) within sampling error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from probekit.evaluate import evaluate
+from probekit.model import MODELS_DIR, load_model, shipped_models
+from probekit.train import load_run_config
+
+NAMES = shipped_models()
+N_FRESH = 120
+
+
+def headline(metrics: dict) -> dict:
+    """The record a card leads with: the longest length for sorting, the trained length for multiplication."""
+    return metrics["records"][-1]
+
+
+def agree(p_card: float, n_card: int, p_new: float, n_new: int) -> bool:
+    p = (p_card * n_card + p_new * n_new) / (n_card + n_new)
+    sd = math.sqrt(max(p * (1 - p), 0.0025) * (1 / n_card + 1 / n_new))
+    return abs(p_card - p_new) <= 4 * sd
+
+
+def test_zoo_is_shipped():
+    assert {"sort-baseline", "sort-successor", "mult-5x1"} <= set(NAMES), NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_loads_and_matches_its_card(name):
+    folder = MODELS_DIR / name
+    load_run_config(folder / "config.json")  # the config validates as a training config
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 20 * 2**20
+    model, task, _ = load_model(name)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    card = (folder / "card.md").read_text()
+    rec = headline(metrics)
+    assert f"{100 * rec['exact_match']:.1f} %" in card  # the card shows the metrics it was written from
+    res = evaluate(model, task, [rec["length"]], n=N_FRESH, seed=12345)
+    new = res.records[0]["exact_match"]
+    assert agree(rec["exact_match"], rec["n"], new, N_FRESH), (name, rec["exact_match"], new)
+
+
+def _em(name: str, length: int) -> float:
+    metrics = json.loads((MODELS_DIR / name / "metrics.json").read_text())
+    return next(r["exact_match"] for r in metrics["records"] if r["length"] == length)
+
+
+def test_learned_positions_fail_past_training_length():
+    if "sort-learned-pos" not in NAMES:
+        pytest.skip("sort-learned-pos is not shipped")
+    assert _em("sort-learned-pos", 20) > 0.5
+    assert _em("sort-learned-pos", 50) < 0.05 and _em("sort-learned-pos", 100) < 0.05
