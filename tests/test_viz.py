@@ -1,0 +1,194 @@
+"""Figures from results (PNG/SVG, token labels, wrong-kind errors) and the offline attention HTML, opened
+by a real headless Chromium with the network off."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from probekit import viz
+from probekit.evaluate import EvalResult, wilson
+from probekit.groundtruth import build_sort_lookup_model
+from probekit.results import Result
+from probekit.tasks import ProbekitError
+
+POS = ["6 |", "7 ·", "8 ·"]
+
+
+def _dla_heads() -> Result:
+    g = torch.Generator().manual_seed(0)
+    return Result("dla_head", torch.randn(3, 2, 4, generator=g), ("pos", "layer", "head"),
+                  {"pos": POS, "layer": ["0", "1"], "head": ["0", "1", "2", "3"]})
+
+
+def _sweep() -> Result:
+    return Result("head_ablation_sweep", torch.arange(8.0).reshape(2, 4), ("layer", "head"))
+
+
+def _ticks(ax, which: str) -> list[str]:
+    return [t.get_text() for t in (ax.get_xticklabels() if which == "x" else ax.get_yticklabels())]
+
+
+def test_heatmap_keeps_its_signature_and_writes_png_and_svg(tmp_path):
+    fig = viz.heatmap(_sweep(), tmp_path / "a.png", rows="layer", cols="head", facet=None, title="t",
+                      cmap="RdBu_r", symmetric=True)
+    assert fig is not None and (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    viz.heatmap(_dla_heads(), tmp_path / "b.svg")  # 3-D: one panel per head
+    assert "<svg" in (tmp_path / "b.svg").read_text()[:2000]
+    viz.heatmap(_sweep(), tmp_path / "both")
+    assert (tmp_path / "both.png").exists() and (tmp_path / "both.svg").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    with pytest.raises(ProbekitError, match="suffix '.pdf'"):
+        viz.heatmap(_sweep(), tmp_path / "c.pdf")
+    with pytest.raises(ProbekitError, match="1-, 2- or 3-D"):
+        viz.heatmap(Result("x", torch.zeros(1, 1, 1, 1), ("a", "b", "c", "d")))
+
+
+def test_layer_pos_and_layer_head_heatmaps(tmp_path):
+    r = _dla_heads()
+    fig = viz.layer_pos_heatmap(r, tmp_path / "lp.png")
+    ax = fig.axes[0]
+    assert _ticks(ax, "x") == POS
+    assert _ticks(ax, "y") == [f"L{L}H{h}" for L in range(2) for h in range(4)]
+    img = torch.tensor(ax.images[0].get_array().data)
+    torch.testing.assert_close(img, r.values.flatten(1).T.float())
+    fig = viz.layer_head_heatmap(r, tmp_path / "lh.svg")
+    img = torch.tensor(fig.axes[0].images[0].get_array().data)
+    torch.testing.assert_close(img, r.values.mean(0).float())
+    comp = Result("dla_layer", torch.ones(3, 4), ("pos", "component"),
+                  {"pos": POS, "component": ["embed", "attn0", "mlp0", "const"]})
+    fig = viz.layer_pos_heatmap(comp)
+    assert _ticks(fig.axes[0], "y") == ["embed", "attn0", "mlp0", "const"]
+    fig = viz.plot(Result("attrib_patch_mlp", torch.ones(2, 3), ("layer", "pos"), {"pos": POS}), "layer-pos")
+    assert _ticks(fig.axes[0], "x") == POS
+
+
+def test_wrong_kind_of_result_is_refused():
+    with pytest.raises(ProbekitError, match="'head_ablation_sweep' result .* expected a 'pos' axis"):
+        viz.layer_pos_heatmap(_sweep())
+    with pytest.raises(ProbekitError, match="expected 'layer' and 'head'"):
+        viz.layer_head_heatmap(Result("dla_layer", torch.ones(3, 2), ("pos", "component")))
+    with pytest.raises(ProbekitError, match="expected 'layer' and 'length'"):
+        viz.probe_accuracy(_dla_heads())
+    with pytest.raises(ProbekitError, match="is a Result of kind 'dla_head'"):
+        viz.accuracy_vs_length([_dla_heads()])
+    with pytest.raises(ProbekitError, match="unknown plot"):
+        viz.plot(_sweep(), "sankey")
+    with pytest.raises(ProbekitError, match="needs a probekit Result"):
+        viz.layer_head_heatmap({"layer": 1})
+
+
+def test_probe_accuracy_and_accuracy_vs_length(tmp_path):
+    acc = Result("probe_accuracy", torch.tensor([[0.5, 0.4], [0.9, 0.7], [1.0, 0.8]]), ("layer", "length"),
+                 {"length": ["10", "50"]}, {"chance": 0.25})
+    fig = viz.probe_accuracy(acc, tmp_path / "probe")
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("length")]
+    assert [ln.get_label() for ln in lines] == ["length 10", "length 50"]
+    assert list(lines[1].get_ydata()) == pytest.approx([0.4, 0.7, 0.8])
+    assert (tmp_path / "probe.png").exists() and (tmp_path / "probe.svg").exists()
+
+    def rec(L, k, n=100):
+        return {"length": L, "n": n, "exact_match": k / n, "exact_match_ci95": list(wilson(k, n))}
+
+    a = EvalResult(model="sort-a", task={}, seed=0, records=[rec(20, 99), rec(10, 100), rec(50, 2)])
+    b = EvalResult(model="sort-b", task={}, seed=0, records=[rec(10, 100), rec(20, 83)])
+    fig = viz.accuracy_vs_length({"baseline": a, "hint": b}, tmp_path / "acc.svg", train_lengths=(1, 20))
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["baseline"].get_xdata()) == [10, 20, 50]
+    assert list(lines["baseline"].get_ydata()) == pytest.approx([1.0, 0.99, 0.02])
+    assert len(ax.collections) >= 2  # the confidence bands
+    assert viz.accuracy_vs_length(a).axes[0].get_lines()[0].get_label() == "sort-a"
+
+
+# ---------------------------------------------------------------------------- attention HTML
+
+
+@pytest.fixture(scope="module")
+def gt_model():
+    return build_sort_lookup_model(head=(1, 2))
+
+
+def test_attention_html_is_standalone(gt_model, tmp_path):
+    model, task = gt_model
+    batch = task.sample(2, length=5, seed=0)
+    page = viz.attention_html(model, batch, task=task, example=1, path=tmp_path / "att.html")
+    assert (tmp_path / "att.html").read_text(encoding="utf-8") == page
+    # nothing is loaded from the network: no CDN import, no external script or stylesheet
+    assert "unpkg.com" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?:|from\s*["']https?:|import\(\s*["']https?:""", page)
+    assert "CircuitsVis.render" in page and len(page) > 500_000  # the bundle is inlined
+    tokens = task.decode(batch.tokens[1]).split()
+    assert '"tokens": ' + str(tokens).replace("'", '"') in page
+    assert '"L1H2"' in page
+    with pytest.raises(ProbekitError, match="head 7 is out of range"):
+        viz.attention_html(model, batch, heads=[(0, 7)])
+    with pytest.raises(ProbekitError, match="example 5"):
+        viz.attention_html(model, batch, example=5)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         # network off: every request goes to a dead proxy and every host name fails to resolve
+         "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000", "--window-size=1000,900",
+         "--enable-logging=stderr", "--v=0"]
+
+
+def _own_netns() -> list[str]:
+    """``unshare --net`` (an empty network namespace) where permitted; the flags above cut the network anyway."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "--net"]
+    return []
+
+
+def _chromium(tmp_path, *args) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{uuid.uuid4().hex[:8]}"
+    profile.mkdir()
+    cmd = [*_own_netns(), CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def _render(tmp_path, html_path):
+    """(DOM after scripts ran, colourful-pixel fraction of a screenshot, console lines)."""
+    dom = _chromium(tmp_path, "--dump-dom", html_path.as_uri())
+    shot = tmp_path / f"{html_path.stem}.png"
+    run = _chromium(tmp_path, f"--screenshot={shot}", html_path.as_uri())
+    assert shot.exists(), run.stderr[-2000:]
+    from PIL import Image
+
+    img = torch.from_numpy(np.asarray(Image.open(shot).convert("RGB")).astype(np.float32))  # h w rgb
+    colourful = float(((img.amax(-1) - img.amin(-1)) > 60).float().mean())
+    # console messages of our page (Chromium's own chrome:// pages log too; those are not ours)
+    page = html_path.as_uri()
+    console = [ln for ln in (dom.stderr + run.stderr).splitlines() if "CONSOLE" in ln and page in ln]
+    return dom.stdout, colourful, console
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
+def test_attention_html_renders_offline_in_headless_chromium(gt_model, tmp_path):
+    import circuitsvis.attention as cva
+
+    model, task = gt_model
+    batch = task.sample(1, length=6, seed=0)
+    local = tmp_path / "attention.html"
+    viz.attention_html(model, batch, task=task, path=local)
+    dom, colourful, console = _render(tmp_path, local)
+    assert "Head Selector" in dom and "L1H2" in dom  # the React view rendered its head selector
+    assert colourful > 0.02, f"screenshot is blank ({colourful:.4f} of pixels coloured)"
+    assert console == [], console
+    # negative control: the CDN page circuitsvis's str() gives cannot load its script with the network off,
+    # so it must not render -- this is what proves the network was off and the check can fail.
+    view = cva.attention_heads(attention=torch.rand(2, 4, 4).tril(), tokens=list("abcd"),
+                               attention_head_names=["L0H0", "L1H2"])
+    cdn = tmp_path / "cdn.html"
+    cdn.write_text(f"<!doctype html><html><body>{view}</body></html>", encoding="utf-8")
+    dom, colourful, _ = _render(tmp_path, cdn)
+    assert "Head Selector" not in dom and colourful < 0.001
