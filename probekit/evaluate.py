@@ -21,6 +21,7 @@ from probekit.tasks import Batch, ProbekitError, Task
 
 
 def check_fits(model, task: Task, length: int | None) -> None:
+    """Refuse a length whose sequences exceed the model's n_ctx, or a task of another vocabulary."""
     n_ctx = model.cfg.n_ctx
     T = task.seq_len(length)
     if T > n_ctx:
@@ -112,6 +113,7 @@ def _cached_decode(model, toks: torch.Tensor, answer_mask: torch.Tensor) -> None
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n`` (95 % by default)."""
     if n == 0:
         return (0.0, 1.0)
     p = k / n

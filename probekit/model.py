@@ -146,6 +146,7 @@ def to_device(model, device: str | torch.device):
 
 
 def model_config_of(model) -> ModelConfig:
+    """The `ModelConfig` a probekit model was built from (refuses models built elsewhere)."""
     cfg = getattr(model, "probekit_config", None)
     if cfg is None:
         raise ProbekitError("this model was not built by probekit (no probekit_config); expected probekit.build_model/load")
@@ -193,6 +194,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A model folder: the path itself, or ``models/<name>`` for a shipped model."""
     p = Path(name_or_path)
     if p.is_dir():
         return p
@@ -204,6 +206,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 
 def read_config(folder: str | Path) -> dict:
+    """A model folder's config.json, checked for missing/unknown fields and a compatible version."""
     path = Path(folder) / "config.json"
     if not path.exists():
         raise ProbekitError(f"{path} not found; expected a model folder with config.json and model.safetensors")
@@ -266,6 +269,7 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu"):
 
 
 def shipped_models() -> list[str]:
+    """Names of the models shipped in ``models/``."""
     if not MODELS_DIR.is_dir():
         return []
     return sorted(d.name for d in MODELS_DIR.iterdir() if (d / "config.json").exists())

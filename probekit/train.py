@@ -70,6 +70,7 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -88,10 +89,12 @@ def answer_loss(logits: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.T
 
 
 def batch_seed(seed: int, step: int) -> int:
+    """The seed of the batch drawn at ``step`` (independent streams per step, so resuming is exact)."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def step_length(cfg: TrainConfig, step: int) -> int:
+    """The length drawn for ``step``, uniform over ``cfg.lengths``."""
     lo, hi = cfg.lengths
     return int(np.random.default_rng([cfg.seed, step, 7]).integers(lo, hi + 1))
 

@@ -119,11 +119,13 @@ class Task(Protocol):
 
 
 def check_n(n: int) -> None:
+    """Refuse a sample size that is not a positive integer."""
     if not isinstance(n, int | np.integer) or n <= 0:
         raise ProbekitError(f"n must be a positive integer, got {n!r}")
 
 
 def rng_for(seed: int) -> np.random.Generator:
+    """The numpy generator every task samples from (deterministic given ``seed``)."""
     return np.random.default_rng(seed)
 
 
