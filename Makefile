@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/probekit demo
+	$(VENV)/bin/probekit report --out reports/latest
 
 test: $(STAMP)
 	$(PY) -m pytest -x

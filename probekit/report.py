@@ -1,48 +1,155 @@
-"""The main job: evaluate the shipped models by length (`probekit demo`, `make demo`)."""
+"""`probekit report`: run the studies on the shipped models and write one self-contained HTML page.
+
+Figures are inlined as PNG (base64), the attention views as circuitsvis HTML with the JavaScript bundle
+inlined (each in an ``<iframe srcdoc>``), so the page needs no network. Each study's results are also
+written as JSON next to the page.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import time
 from pathlib import Path
 
-from probekit.model import ensure_empty_dir, load_model, shipped_models
+from probekit.model import ensure_empty_dir, shipped_models
+from probekit.tasks import ProbekitError
+
+STUDIES = ("overview", "hint", "carry")
 
 
-def run_demo(out: str | Path, overwrite: bool = True, n: int = 200, seed: int = 0) -> Path:
-    """Evaluate every shipped model on its lengths; write ``eval_<name>.json`` and print a table.
+def _fig_html(fig) -> str:
+    import matplotlib.pyplot as plt
 
-    With no shipped model, trains a tiny sorting model first (about a minute on 2 cores).
-    """
-    from probekit.evaluate import evaluate
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
-    out = Path(out)
-    ensure_empty_dir(out, overwrite=overwrite)
-    names = shipped_models()
-    if not names:
-        from probekit.model import ModelConfig
-        from probekit.tasks import SortingTask
-        from probekit.train import TrainConfig, train
 
-        task = SortingTask(n_values=32)
-        model = train(ModelConfig(d_model=64, n_ctx=128, d_vocab=task.d_vocab), task,
-                      TrainConfig(steps=600, batch_size=64, lengths=(1, 10), lr=3e-3), out / "tiny-sort",
-                      name="tiny-sort", overwrite=True)
-        runs = [("tiny-sort", model, task, [5, 10, 20, 30])]
-    else:
-        runs = []
-        for name in names:
-            model, task, conf = load_model(name)
-            runs.append((name, model, task, _demo_lengths(task, conf)))
-    for name, model, task, lengths in runs:
-        res = evaluate(model, task, lengths, n=n, seed=seed, progress=True, name=name)
-        (out / f"eval_{name}.json").write_text(res.to_json())
-        print(f"\n{name}: exact match by length (greedy, n={n}, seed={seed})")
-        print(res.to_frame()[["length", "exact_match", "ci_low", "ci_high"]].to_string(index=False))
-    print(f"\nresults in {out}")
+def _table_html(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _overview_figures(st) -> list[str]:
+    from probekit.evaluate import EvalResult
+    from probekit.studies import _metrics
+    from probekit.viz import accuracy_vs_length
+
+    out = []
+    for prefix in ("sort", "mult"):
+        res = {}
+        for name in shipped_models():
+            m = _metrics(name)
+            if name.startswith(prefix) and m:
+                res[name] = EvalResult(**{k: m[k] for k in ("model", "task", "seed", "records")})
+        if res:
+            out.append(_fig_html(accuracy_vs_length(res, title=f"{prefix}: exact match vs length (greedy)")))
     return out
 
 
-def _demo_lengths(task, conf) -> list[int]:
-    if task.name == "sorting":
-        return [10, 20, 30, 50, 100]
-    lo, hi = (conf.get("train") or {}).get("lengths", [task.digits, task.digits])
-    return sorted({hi, hi + 1, hi + 2}) if lo != hi else [hi]
+def _hint_figures(st) -> list[str]:
+    from probekit.viz import layer_head_heatmap, mechanism_vs_length
+
+    out = []
+    rows = st.tables.get("hint_by_length", [])
+    if rows:
+        out.append(_fig_html(mechanism_vs_length(
+            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)")))
+    for key, r in st.results.items():
+        if "/patch_z" in key:
+            out.append(_fig_html(layer_head_heatmap(r, title=f"{key}: normalised patching effect (1 = clean)")))
+    return out
+
+
+def _carry_figures(st) -> list[str]:
+    from probekit.viz import heatmap
+
+    out = []
+    for key, r in st.results.items():
+        if "/probe_" in key:
+            p_all = r.labels["position"].index("all")
+            sub = r.values[:, :, p_all, :]
+            from probekit.results import Result
+
+            flat = Result(kind=r.kind, values=sub.reshape(-1, sub.shape[-1]), axes=("hook/layer", "split"),
+                          labels={"hook/layer": [f"{h} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
+                                  "split": r.labels["split"]})
+            out.append(_fig_html(heatmap(flat, title=f"{key}: probe {r.settings.get('metric', '')} by layer and length",
+                                         cmap="viridis", symmetric=False)))
+        elif "/patch_z_digit" in key:
+            out.append(_fig_html(heatmap(r, title=f"{key}: normalised carry-flip patching (1 = clean)")))
+    return out
+
+
+def _attention_views(names: list[str]) -> list[str]:
+    from probekit.studies import _load
+    from probekit.viz import attention_html
+
+    views = []
+    for name in names:
+        model, task, _ = _load(name)
+        batch = task.sample(1, length=10 if task.name == "sorting" else None, seed=0)
+        page = attention_html(model, batch, task=task, title=f"{name}: attention patterns")
+        views.append(f"<h3>{html.escape(name)}</h3><iframe class='attn' srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
+    return views
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}
+img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}li{margin:.4em 0}
+iframe.attn{width:100%;height:560px;border:1px solid #ddd}.cmd{color:#555;font-size:.85em}"""
+
+
+def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = STUDIES, size: str = "default",
+               overwrite: bool = True, seed: int = 0, attention: bool = True) -> Path:
+    """Run ``studies`` and write ``report.html`` + one JSON per study to ``out``. Returns the HTML path."""
+    from probekit import studies as S
+
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        raise ProbekitError(f"unknown study {bad[0]!r}; expected one of {list(STUDIES)}")
+    if not shipped_models():
+        raise ProbekitError("no shipped models found in models/; expected the model zoo (see docs/model_sweep.md)")
+    out = Path(out)
+    ensure_empty_dir(out, overwrite=overwrite)
+    sections = []
+    figs = {"overview": _overview_figures, "hint": _hint_figures, "carry": _carry_figures}
+    for name in studies:
+        t0 = time.time()
+        print(f"[report] {name} study ...", flush=True)
+        st = S.overview() if name == "overview" else getattr(S, f"{name}_study")(size=size, seed=seed)
+        (out / f"{name}.json").write_text(st.to_json())
+        claims = "".join(f"<li>{html.escape(c['text'])}<br><span class='cmd'>regenerate: <code>{html.escape(c['command'])}"
+                         f"</code></span></li>" for c in st.claims)
+        tables = "".join(f"<h3>{html.escape(k)}</h3>{_table_html(v)}" for k, v in st.tables.items())
+        notes = "".join(f"<p><em>{html.escape(n)}</em></p>" for n in st.notes)
+        sections.append(f"<h2>{html.escape(st.title)}</h2><ul>{claims}</ul>{notes}{''.join(figs[name](st))}{tables}")
+        print(f"[report] {name} done in {time.time() - t0:.0f} s", flush=True)
+    if attention:
+        names = [n for n in ("sort-successor", "sort-baseline", "mult-5x1") if n in shipped_models()]
+        sections.append("<h2>Attention patterns (one example each)</h2>" + "".join(_attention_views(names)))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>probekit report</title><style>{STYLE}</style>"
+            f"</head><body><h1>probekit report</h1><p>Studies on the shipped models (size <code>{size}</code>, "
+            f"seed {seed}). Every claim lists the command that regenerates its numbers.</p>{''.join(sections)}"
+            "</body></html>")
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(path)
+    print(f"[report] wrote {path}")
+    return path

@@ -343,3 +343,32 @@ def attention_html(model, batch: Batch | torch.Tensor, task=None, example: int =
         p = Path(path)
         _atomic_write(p, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return page
+
+
+def mechanism_vs_length(rows: list[dict], metric: str, accuracy: str = "exact_match", path: str | Path | None = None,
+                        title: str | None = None):
+    """One line per model: a mechanism metric (solid) and accuracy (dashed) against length, on one axis.
+
+    ``rows``: dicts with ``model``, ``length``, ``metric`` and ``accuracy`` keys (as in a study's table).
+    """
+    if not rows or any(k not in rows[0] for k in ("model", "length", metric)):
+        raise ProbekitError(f"mechanism_vs_length needs rows with 'model', 'length' and {metric!r}")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for i, m in enumerate(models):
+        rs = [r for r in rows if r["model"] == m]
+        xs = [r["length"] for r in rs]
+        color = f"C{i}"
+        ax.plot(xs, [r[metric] for r in rs], "-o", color=color, label=f"{m}: {metric}")
+        acc = [r.get(accuracy) for r in rs]
+        if any(a is not None for a in acc):
+            ax.plot([x for x, a in zip(xs, acc, strict=True) if a is not None], [a for a in acc if a is not None],
+                    "--s", color=color, alpha=0.6, label=f"{m}: {accuracy}")
+    ax.set_xlabel("length")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(title or f"{metric} vs length", fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)

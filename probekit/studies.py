@@ -1,0 +1,262 @@
+"""The mechanism studies: each combines the three instruments on shipped models and states claims with numbers.
+
+- `hint_study`: the successor lookup in sorting models (baseline vs hinted), by length.
+- `carry_study`: where carries are represented, used and routed in multiplication models, and what breaks
+  on longer operands than trained.
+- `overview`: accuracy vs length for every shipped model, next to the mechanism metrics.
+
+Each returns a `Study`: claims (text with the numbers in it, and the command that regenerates them),
+and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
+for `probekit report`, "full" for the analyses scripts).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from probekit.results import Result
+from probekit.tasks import Batch, ProbekitError
+
+SIZES = {"quick": {"n": 48, "n_probe": 256, "n_patch": 32}, "default": {"n": 200, "n_probe": 1000, "n_patch": 128},
+         "full": {"n": 500, "n_probe": 4000, "n_patch": 256}}
+
+
+@dataclass
+class Study:
+    """Claims (each ``{"text", "command"}``) and the results they were computed from."""
+
+    name: str
+    title: str
+    claims: list[dict] = field(default_factory=list)
+    results: dict[str, Result] = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def claim(self, text: str, command: str) -> None:
+        self.claims.append({"text": text, "command": command})
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "title": self.title, "claims": self.claims, "tables": self.tables,
+                           "notes": self.notes, "results": {k: r.to_dict() for k, r in self.results.items()}})
+
+
+def _size(size: str) -> dict:
+    if size not in SIZES:
+        raise ProbekitError(f"unknown size {size!r}; expected one of {list(SIZES)}")
+    return SIZES[size]
+
+
+def _metrics(name: str) -> dict | None:
+    from probekit.model import MODELS_DIR
+
+    p = MODELS_DIR / name / "metrics.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _load(name: str):
+    from probekit.model import load_model
+
+    model, task, conf = load_model(name)
+    model.probekit_name = name
+    return model, task, conf
+
+
+def value_mask(batch: Batch) -> torch.Tensor:
+    """[batch, pos, src]: at a predicting position, the input positions that hold the target *value*
+    (any copy): the keys a successor lookup may attend to."""
+    tgt = batch.features["target"]  # batch pos
+    inp = batch.features["value"] >= 0  # batch src: input positions
+    return (batch.tokens[:, None, :] == tgt[:, :, None]) & (tgt[:, :, None] >= 0) & inp[:, None, :]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+# ---------------------------------------------------------------------------------------------- hint study
+
+
+def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "sort-predecessor"),
+               lengths: tuple[int, ...] = (10, 20, 50, 100), size: str = "default", seed: int = 0) -> Study:
+    """Which head performs the successor lookup, how sharp it stays with length, whether the successor is
+    linearly readable before the last layer, and how much patching that head restores under
+    ``successor-change`` corruptions; for each sorting model."""
+    from probekit.attribution import head_attention_to
+    from probekit.corruptions import corrupt
+    from probekit.model import shipped_models
+    from probekit.patching import sweep
+    from probekit.probes import probe_sweep
+
+    sz = _size(size)
+    have = [m for m in models if m in shipped_models()]
+    st = Study("hint", "Hint mechanism: the successor lookup in sorting")
+    if not have:
+        st.notes.append(f"none of {list(models)} is shipped")
+        return st
+    cmd = f"probekit report --study hint --size {size}"
+    rows = []
+    for name in have:
+        model, task, _ = _load(name)
+        lengths_ok = [L for L in lengths if task.seq_len(L) <= model.cfg.n_ctx]
+        batches = {L: task.sample(sz["n"], length=L, seed=seed + L) for L in lengths_ok}
+        # head roles: attention to any copy of the target value, at each sort step
+        roles_t = torch.stack([head_attention_to(model, b, value_mask(b)).values for b in batches.values()])  # length head stat
+        heads = [f"L{L}H{h}" for L in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+        res = Result(kind="head_roles", values=roles_t, axes=("length", "head", "stat"),
+                     labels={"length": [str(L) for L in batches], "head": heads, "stat": ["mass", "top1", "chance"]},
+                     settings={"model": name, "target": "target value (any copy)", "n": sz["n"], "seed": seed})
+        st.results[f"{name}/head_roles"] = res
+        ref = list(batches).index(20) if 20 in batches else 0
+        best = int(roles_t[ref, :, 1].argmax())
+        # probe: is the next output linearly readable in the residual stream, and does it survive length?
+        train_b = task.sample(sz["n_probe"], length=20, seed=seed + 1000)
+        evals = {str(L): task.sample(max(64, sz["n_probe"] // 4), length=L, seed=seed + 2000 + L)
+                 for L in lengths_ok if L != 20}
+        sweep_p = probe_sweep(model, train_b, "target", hooks="resid_mid,resid_post", evals=evals,
+                              controls=["shuffle"], seed=seed)
+        st.results[f"{name}/probe_target"] = sweep_p
+        # patching the lookup: successor-change pairs, head outputs across positions
+        patch_rows = {}
+        for L in [L for L in (20, 50) if L in batches]:
+            pair = corrupt(task, task.sample(sz["n_patch"], length=L, seed=seed + 3000 + L), "successor-change",
+                           seed=seed)
+            r = sweep(model, pair, "z", by_pos=False, metric="logit-diff")
+            st.results[f"{name}/patch_z_len{L}"] = r
+            patch_rows[L] = float(r.values.reshape(-1)[best])
+        acc = _metrics(name)
+        em = {r["length"]: r["exact_match"] for r in acc["records"]} if acc else {}
+        for i, L in enumerate(batches):
+            rows.append({"model": name, "length": L, "exact_match": em.get(L),
+                         "lookup_head": heads[best], "lookup_top1": float(roles_t[i, best, 1]),
+                         "lookup_mass": float(roles_t[i, best, 0]), "chance": float(roles_t[i, best, 2]),
+                         "best_head_top1": float(roles_t[i, :, 1].max()),
+                         "patch_restored": patch_rows.get(L)})
+        top1 = {L: float(roles_t[i, best, 1]) for i, L in enumerate(batches)}
+        st.claim(f"{name}: head {heads[best]} is the lookup head (highest top-1 attention on a copy of the next "
+                 f"output at length 20). Its top-1 rate by length: "
+                 + ", ".join(f"{L}: {_pct(v)}" for L, v in top1.items())
+                 + f" (uniform attention would give {_pct(float(roles_t[ref, best, 2]))} at length 20).", cmd)
+        split_last = sweep_p.labels["split"]
+        bh, bv = sweep_p.best(split="train")
+        hi = sweep_p.labels["hook"].index(bh["hook"])
+        li = sweep_p.labels["layer"].index(bh["layer"])
+        p_all = sweep_p.labels["position"].index("all")
+        by_len = {s: float(sweep_p.values[hi, li, p_all, j]) for j, s in enumerate(split_last)}
+        st.claim(f"{name}: a linear probe for the next output at {bh['hook']} layer {bh['layer']} (trained at length 20) "
+                 f"scores " + ", ".join(f"{s}: {_pct(v)}" for s, v in by_len.items())
+                 + f"; shuffled-label control {_pct(float(sweep_p.extra['shuffled'][hi, li, p_all, 0]))}.", cmd)
+        if patch_rows:
+            st.claim(f"{name}: patching {heads[best]}'s output from the clean into the successor-changed run restores "
+                     + ", ".join(f"{_pct(v)} at length {L}" for L, v in patch_rows.items())
+                     + " of the clean-vs-corrupted logit difference (1 = fully clean).", cmd)
+        if em:
+            st.claim(f"{name}: greedy exact match " + ", ".join(f"{L}: {_pct(v)}" for L, v in em.items()) + ".",
+                     f"probekit eval --model {name} --lengths {','.join(map(str, em))} --n 500 --seed 0")
+    st.tables["hint_by_length"] = rows
+    return st
+
+
+# ---------------------------------------------------------------------------------------------- carry study
+
+
+def carry_study(models: tuple[str, ...] = ("mult-5x1", "mult-3x3", "mult-extrap"), size: str = "default",
+                seed: int = 0) -> Study:
+    """For each multiplication model: probes for carry_in / carry_out / column_sum by layer and answer digit,
+    carry-flip patching per answer digit, attention of heads to the column's operand digits; on
+    ``mult-extrap`` the same at the trained length and at longer operands."""
+    from probekit.attribution import head_roles
+    from probekit.corruptions import corrupt
+    from probekit.model import shipped_models
+    from probekit.patching import sweep
+    from probekit.probes import probe_sweep
+
+    sz = _size(size)
+    have = [m for m in models if m in shipped_models()]
+    st = Study("carry", "Carry mechanism: multiplication")
+    if not have:
+        st.notes.append(f"none of {list(models)} is shipped")
+        return st
+    cmd = f"probekit report --study carry --size {size}"
+    rows = []
+    for name in have:
+        model, task, conf = _load(name)
+        lo, hi = (conf.get("train") or {}).get("lengths", [task.digits, task.digits])
+        lengths = [hi] + [L for L in (hi + 1, hi + 2) if lo != hi and task.seq_len(L) <= model.cfg.n_ctx]
+        train_b = task.sample(sz["n_probe"], length=hi, seed=seed + 1)
+        evals = {str(L): task.sample(max(64, sz["n_probe"] // 4), length=L, seed=seed + 10 + L) for L in lengths[1:]}
+        for feat in ("carry_out", "column_sum"):
+            sw = probe_sweep(model, train_b, feat, hooks="resid_pre,resid_mid,resid_post", evals=evals,
+                             controls=["shuffle", "control_task"], seed=seed)
+            st.results[f"{name}/probe_{feat}"] = sw
+            (bh, bv) = sw.best(split="train")
+            hi_ = sw.labels["hook"].index(bh["hook"])
+            li = sw.labels["layer"].index(bh["layer"])
+            p_all = sw.labels["position"].index("all")
+            by_len = {s: float(sw.values[hi_, li, p_all, j]) for j, s in enumerate(sw.labels["split"])}
+            sel = float(sw.extra["selectivity"][hi_, li, p_all, 0])
+            metric = sw.settings.get("metric", "accuracy")
+            st.claim(f"{name}: {feat} is best read at {bh['hook']} layer {bh['layer']} ({metric} "
+                     + ", ".join(f"{s}: {v:.3f}" for s, v in by_len.items())
+                     + f"; selectivity over the control task {sel:.3f}).", cmd)
+            rows.append({"model": name, "what": f"probe {feat}", **{f"len {s}": v for s, v in by_len.items()}})
+        roles = head_roles(model, [task.sample(sz["n"], length=L, seed=seed + 20 + L) for L in lengths],
+                           target="column_operands")
+        st.results[f"{name}/head_roles"] = roles
+        mass = roles.values[0, :, 0]
+        top = int(mass.argmax())
+        st.claim(f"{name}: head {roles.labels['head'][top]} puts the most attention on the operand digits of the "
+                 f"column being written ({_pct(float(mass[top]))} of its attention at length {hi}"
+                 + "".join(f"; {_pct(float(roles.values[i, top, 0]))} at length {L}" for i, L in enumerate(lengths) if i)
+                 + f"; uniform {_pct(float(roles.values[0, top, 2]))}).", cmd)
+        # carry-flip patching, per answer digit k: which heads restore the clean digit?
+        P = len(task.sample(1, length=hi).features["digit_index"][0].ge(0).nonzero())
+        per_digit = []
+        for k in range(1, P):
+            try:
+                pair = corrupt(task, task.sample(sz["n_patch"], length=hi, seed=seed + 30 + k), "carry-flip",
+                               seed=seed, digit=k)
+            except ProbekitError as e:  # no carry change possible into this digit
+                st.notes.append(f"{name}: carry-flip into digit {k} skipped ({e})")
+                continue
+            r = sweep(model, pair, "z", by_pos=False, metric="logit-diff")
+            st.results[f"{name}/patch_z_digit{k}"] = r
+            flat = r.values.reshape(-1)
+            j = int(torch.nan_to_num(flat, nan=-1e9).argmax())
+            per_digit.append((k, r.labels["layer"][j // model.cfg.n_heads], r.labels["head"][j % model.cfg.n_heads],
+                              float(flat[j])))
+        if per_digit:
+            st.claim(f"{name}: under carry-flip corruptions, the head whose clean output restores most of digit k's "
+                     "logit difference: " + "; ".join(f"k={k}: L{L}H{h} ({v:.2f})" for k, L, h, v in per_digit) + ".", cmd)
+        acc = _metrics(name)
+        if acc:
+            st.claim(f"{name}: greedy exact match " + ", ".join(f"{r['length']} digits: {_pct(r['exact_match'])}"
+                                                                for r in acc["records"]) + ".", acc.get("command", ""))
+    st.tables["carry_probes"] = rows
+    return st
+
+
+# ---------------------------------------------------------------------------------------------- overview
+
+
+def overview() -> Study:
+    """Accuracy vs length of every shipped model (from its metrics.json, written by `probekit eval`)."""
+    from probekit.evaluate import EvalResult
+    from probekit.model import shipped_models
+
+    st = Study("overview", "Extrapolation overview")
+    rows = []
+    for name in shipped_models():
+        m = _metrics(name)
+        if m is None:
+            continue
+        res = EvalResult(**{k: m[k] for k in ("model", "task", "seed", "records")})
+        for r in res.records:
+            rows.append({"model": name, "length": r["length"], "exact_match": r["exact_match"],
+                         "ci_low": r["exact_match_ci95"][0], "ci_high": r["exact_match_ci95"][1]})
+        st.claim(f"{name}: " + ", ".join(f"{r['length']}: {_pct(r['exact_match'])}" for r in res.records) + ".",
+                 m.get("command", f"probekit eval --model {name}"))
+    st.tables["accuracy"] = rows
+    return st
