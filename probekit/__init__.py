@@ -31,6 +31,21 @@ _LAZY = {
     "MultiplicationTask": "probekit.tasks",
     "ProbekitError": "probekit.tasks",
     "task_from_spec": "probekit.tasks",
+    "Result": "probekit.results",
+    "collect": "probekit.activations",
+    "Probe": "probekit.probes",
+    "fit_probe": "probekit.probes",
+    "probe_sweep": "probekit.probes",
+    "corrupt": "probekit.corruptions",
+    "make_pair": "probekit.corruptions",
+    "sweep": "probekit.patching",
+    "patch": "probekit.patching",
+    "path_patch": "probekit.patching",
+    "direct_logit_attribution": "probekit.attribution",
+    "ablate_heads": "probekit.attribution",
+    "attribution_patching": "probekit.attribution",
+    "head_attention_to": "probekit.attribution",
+    "run_report": "probekit.report",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

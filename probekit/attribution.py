@@ -76,10 +76,12 @@ def _device(model, device) -> torch.device:
 
 
 def head_label(layer: int, head: int) -> str:
+    """``"L1H2"`` for layer 1, head 2."""
     return f"L{layer}H{head}"
 
 
 def all_heads(model) -> list[Head]:
+    """Every (layer, head) of the model, layer-major."""
     return [(L, h) for L in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
 
@@ -104,6 +106,7 @@ def parse_heads(spec: str | Sequence, model) -> list[Head]:
 
 
 def check_heads(model, heads: Sequence[Head]) -> None:
+    """Refuse a head or layer out of the model's range."""
     nL, nH = model.cfg.n_layers, model.cfg.n_heads
     for L, h in heads:
         if not 0 <= L < nL:
@@ -129,6 +132,7 @@ def answer_positions(batch: Batch) -> Int[Tensor, "k"]:
 
 
 def answer_targets(batch: Batch) -> Int[Tensor, "batch k"]:
+    """The answer token predicted at each predicting position (``answer_positions``)."""
     return batch.tokens[:, answer_positions(batch) + 1]
 
 

@@ -67,6 +67,7 @@ Direction = Literal["denoise", "noise"]
 
 
 def canonical_site(site: str) -> str:
+    """The site name for ``site`` or one of its aliases (``head`` -> ``z``); refuses an unknown site."""
     s = SITE_ALIASES.get(str(site), str(site))
     if s not in SITES:
         raise ProbekitError(f"unknown site {site!r}; expected one of {list(SITES)} or an alias {sorted(SITE_ALIASES)}")
