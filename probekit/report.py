@@ -58,7 +58,7 @@ def _overview_figures(st) -> list[str]:
             if name.startswith(prefix) and m:
                 res[name] = EvalResult(**{k: m[k] for k in ("model", "task", "seed", "records")})
         if res:
-            out.append(_fig_html(accuracy_vs_length(res, title=f"{prefix}: exact match vs length (greedy)")))
+            out.append(accuracy_vs_length(res, title=f"{prefix}: exact match vs length (greedy)"))
     return out
 
 
@@ -68,11 +68,11 @@ def _hint_figures(st) -> list[str]:
     out = []
     rows = st.tables.get("hint_by_length", [])
     if rows:
-        out.append(_fig_html(mechanism_vs_length(
-            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)")))
+        out.append(mechanism_vs_length(
+            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)"))
     for key, r in st.results.items():
         if "/patch_z" in key:
-            out.append(_fig_html(layer_head_heatmap(r, title=f"{key}: normalised patching effect (1 = clean)")))
+            out.append(layer_head_heatmap(r, title=f"{key}: normalised patching effect (1 = clean)"))
     return out
 
 
@@ -89,11 +89,41 @@ def _carry_figures(st) -> list[str]:
             flat = Result(kind=r.kind, values=sub.reshape(-1, sub.shape[-1]), axes=("hook/layer", "split"),
                           labels={"hook/layer": [f"{h} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
                                   "split": r.labels["split"]})
-            out.append(_fig_html(heatmap(flat, title=f"{key}: probe {r.settings.get('metric', '')} by layer and length",
-                                         cmap="viridis", symmetric=False)))
+            out.append(heatmap(flat, title=f"{key}: probe {r.settings.get('metric', '')} by layer and length",
+                               cmap="viridis", symmetric=False))
         elif "/patch_z_digit" in key:
-            out.append(_fig_html(heatmap(r, title=f"{key}: normalised carry-flip patching (1 = clean)")))
+            out.append(heatmap(r, title=f"{key}: normalised carry-flip patching (1 = clean)"))
     return out
+
+
+FIGURES = {"overview": _overview_figures, "hint": _hint_figures, "carry": _carry_figures}
+
+
+def run_study(name: str, size: str = "default", seed: int = 0):
+    """Run one study by name (``overview``, ``hint`` or ``carry``); returns a `probekit.studies.Study`."""
+    from probekit import studies as S
+
+    if name not in STUDIES:
+        raise ProbekitError(f"unknown study {name!r}; expected one of {list(STUDIES)}")
+    return S.overview() if name == "overview" else getattr(S, f"{name}_study")(size=size, seed=seed)
+
+
+def write_study(study, out: str | Path) -> list[Path]:
+    """Write ``<name>.json``, ``<name>_claims.md`` and one PNG per figure of ``study`` to ``out``."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{study.name}.json", out / f"{study.name}_claims.md"]
+    paths[0].write_text(study.to_json())
+    paths[1].write_text(f"# {study.title}\n\n" + "".join(f"- {c['text']}\n  `{c['command']}`\n" for c in study.claims)
+                        + "".join(f"\n_{n}_\n" for n in study.notes))
+    for i, fig in enumerate(FIGURES[study.name](study)):
+        p = out / f"{study.name}_fig{i}.png"
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
+    return paths
 
 
 def _attention_views(names: list[str]) -> list[str]:
@@ -118,8 +148,6 @@ iframe.attn{width:100%;height:560px;border:1px solid #ddd}.cmd{color:#555;font-s
 def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = STUDIES, size: str = "default",
                overwrite: bool = True, seed: int = 0, attention: bool = True) -> Path:
     """Run ``studies`` and write ``report.html`` + one JSON per study to ``out``. Returns the HTML path."""
-    from probekit import studies as S
-
     bad = [s for s in studies if s not in STUDIES]
     if bad:
         raise ProbekitError(f"unknown study {bad[0]!r}; expected one of {list(STUDIES)}")
@@ -128,17 +156,17 @@ def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = ST
     out = Path(out)
     ensure_empty_dir(out, overwrite=overwrite)
     sections = []
-    figs = {"overview": _overview_figures, "hint": _hint_figures, "carry": _carry_figures}
     for name in studies:
         t0 = time.time()
         print(f"[report] {name} study ...", flush=True)
-        st = S.overview() if name == "overview" else getattr(S, f"{name}_study")(size=size, seed=seed)
+        st = run_study(name, size=size, seed=seed)
         (out / f"{name}.json").write_text(st.to_json())
         claims = "".join(f"<li>{html.escape(c['text'])}<br><span class='cmd'>regenerate: <code>{html.escape(c['command'])}"
                          f"</code></span></li>" for c in st.claims)
         tables = "".join(f"<h3>{html.escape(k)}</h3>{_table_html(v)}" for k, v in st.tables.items())
         notes = "".join(f"<p><em>{html.escape(n)}</em></p>" for n in st.notes)
-        sections.append(f"<h2>{html.escape(st.title)}</h2><ul>{claims}</ul>{notes}{''.join(figs[name](st))}{tables}")
+        figures = "".join(_fig_html(f) for f in FIGURES[name](st))
+        sections.append(f"<h2>{html.escape(st.title)}</h2><ul>{claims}</ul>{notes}{figures}{tables}")
         print(f"[report] {name} done in {time.time() - t0:.0f} s", flush=True)
     if attention:
         names = [n for n in ("sort-successor", "sort-baseline", "mult-5x1") if n in shipped_models()]

@@ -139,15 +139,17 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
                  f"output at length 20). Its top-1 rate by length: "
                  + ", ".join(f"{L}: {_pct(v)}" for L, v in top1.items())
                  + f" (uniform attention would give {_pct(float(roles_t[ref, best, 2]))} at length 20).", cmd)
-        split_last = sweep_p.labels["split"]
-        bh, bv = sweep_p.best(split="train")
-        hi = sweep_p.labels["hook"].index(bh["hook"])
-        li = sweep_p.labels["layer"].index(bh["layer"])
         p_all = sweep_p.labels["position"].index("all")
-        by_len = {s: float(sweep_p.values[hi, li, p_all, j]) for j, s in enumerate(split_last)}
-        st.claim(f"{name}: a linear probe for the next output at {bh['hook']} layer {bh['layer']} (trained at length 20) "
-                 f"scores " + ", ".join(f"{s}: {_pct(v)}" for s, v in by_len.items())
-                 + f"; shuffled-label control {_pct(float(sweep_p.extra['shuffled'][hi, li, p_all, 0]))}.", cmd)
+        splits = sweep_p.labels["split"]
+        cells = []
+        for hi, hk in enumerate(sweep_p.labels["hook"]):
+            for li, lk in enumerate(sweep_p.labels["layer"]):
+                v = sweep_p.values[hi, li, p_all]
+                if not torch.isnan(v).all():
+                    cells.append(f"{hk.replace('hook_', '')} L{lk}: " + "/".join(_pct(float(x)) for x in v))
+        st.claim(f"{name}: linear probes for the next output (trained at length 20; scored at "
+                 + "/".join(splits) + "): " + "; ".join(cells)
+                 + f". Shuffled-label control: {_pct(float(sweep_p.extra['shuffled'][0, 0, p_all, 0]))}.", cmd)
         if patch_rows:
             st.claim(f"{name}: patching {heads[best]}'s output from the clean into the successor-changed run restores "
                      + ", ".join(f"{_pct(v)} at length {L}" for L, v in patch_rows.items())
