@@ -1,0 +1,1103 @@
+"""Linear probes: fit, score on other lengths, controls, interventions, save/load.
+
+    probe = fit_probe(model, train, "carry_out", "blocks.1.hook_resid_post")
+    probe.score(model, task.sample(500, length=7, seed=1)).value         # accuracy on longer inputs
+    sweep = probe_sweep(model, train, "carry_out", "resid_pre,resid_mid,resid_post",
+                        evals={"6": task.sample(500, length=6, seed=1)}, by_position=True)
+    sweep.to_frame()                                                       # one row per cell, controls as columns
+    with probe.intervene(model, mode="project_out"):
+        logits = model(tokens)                                             # the probe's direction removed
+
+Axis names: ``row`` (one (example, position) pair), ``d`` (the hook's activation, trailing dims
+flattened), ``k`` (a class of a categorical probe; 1 for a ridge probe), ``hook`` (a hook kind such as
+``hook_resid_pre``), ``layer`` (block index; ``-`` for hooks outside the blocks), ``position`` (``all``
+= every selected position pooled, else the slot k: the k-th selected position of an example, e.g.
+answer step k), ``split`` (``train``, then each evaluation batch).
+
+Probes: multinomial logistic regression (categorical features: digits, carries, ranks; metric
+accuracy) or ridge regression (numeric features such as ``column_sum``; metric R^2). Logistic probes
+minimise scikit-learn's ``LogisticRegression(C)`` objective (L2 penalty on the weights, not the bias),
+by full-batch L-BFGS in whitened coordinates on a stacked ``[probe, variant, d + 1, k]`` weight tensor:
+one optimisation fits every (hook, layer, position) at once. Ridge probes use scikit-learn's objective in closed form.
+
+Controls reported with every sweep (same shape as the values, columns of ``to_frame()``):
+
+- ``shuffled``: a probe fitted on train labels shuffled across rows; on ``train`` it is scored against
+  the same shuffled labels (how much the probe can memorise), on the other splits against their labels
+  shuffled too (chance: what a probe that learned nothing transferable scores);
+- ``control``: Hewitt & Liang's control task: each (token, position) type gets a random label drawn
+  from the train label distribution; ``selectivity = value - control``;
+- ``random_model``: the same probe on a randomly initialised model of the same config;
+- ``majority``: the constant predictor (most frequent train class; for ridge the train mean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from probekit.activations import Activations, collect, hook_kind, hook_layer, model_device, resolve_hooks
+from probekit.results import Result
+from probekit.tasks import Batch, ProbekitError
+
+NUMERIC_FEATURES = ("column_sum",)
+CONTROLS = ("shuffle", "control_task", "random_model")
+FORMAT = "probekit-probe"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "probe.safetensors"
+META_FILE = "probe.json"
+
+
+def probe_kind(feature: str, kind: str = "auto") -> str:
+    """``logistic`` or ``ridge``: ``auto`` picks ridge for numeric features (``column_sum``)."""
+    if kind == "auto":
+        return "ridge" if feature in NUMERIC_FEATURES else "logistic"
+    if kind not in ("logistic", "ridge"):
+        raise ProbekitError(f"unknown probe kind {kind!r}; expected 'auto', 'logistic' or 'ridge'")
+    return kind
+
+
+# ---------------------------------------------------------------------------- batched solvers
+
+
+def _preconditioner(X: Float[Tensor, "g n d"], w: Float[Tensor, "g n"], lam: Float[Tensor, " g"]):
+    """Weighted mean [g, d] and P [g, d, d] = U (S + lam)^(-1/2), where U S U^T is the weighted covariance.
+
+    With W = P @ Wz the data term of the loss has curvature about 1 in every direction of Wz, so L-BFGS
+    converges in tens of steps on residual-stream activations (which are far from isotropic).
+    """
+    ws = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    mean = torch.einsum("gn,gnd->gd", ws, X)
+    Xc = (X - mean[:, None]) * ws[..., None].sqrt()
+    cov = (Xc.transpose(1, 2) @ Xc).double()
+    ev, U = torch.linalg.eigh(cov)
+    P = U / (ev.clamp_min(0) + lam.double()[:, None]).sqrt()[:, None, :]
+    return mean, P.to(X.dtype)
+
+
+def fit_logistic(X: Float[Tensor, "g n d"], y: Int[Tensor, "g v n"], w: Float[Tensor, "g n"], n_classes: int,
+                 C: float = 1.0, max_iter: int = 100, tol: float = 1e-6):
+    """Multinomial logistic regressions, all at once: group g (its own rows), label variant v.
+
+    ``y`` holds class indices, -1 = ignore; ``w`` row weights (0 = padding). Minimises, per (g, v),
+    scikit-learn's objective divided by the number of rows: ``mean_w(cross-entropy) + ||W||^2 / (2 C n)``
+    (no penalty on the bias), by L-BFGS in preconditioned coordinates (see `_preconditioner`). Stops after
+    ``max_iter`` steps or when the summed loss changes by less than ``tol`` per problem.
+    Returns ``W [g, v, d, k]``, ``b [g, v, k]`` and the number of function evaluations.
+    """
+    if C <= 0:
+        raise ProbekitError(f"C must be positive, got {C}")
+    G, N, d = X.shape
+    V = y.shape[1]
+    X = X.float()
+    valid = (y >= 0).float() * w[:, None, :]  # g v n
+    n_eff = valid.sum(2).clamp_min(1.0)  # g v
+    lam = 1.0 / (C * n_eff)  # g v
+    mean, P = _preconditioner(X, w, lam.mean(1))
+    Z = torch.cat([(X - mean[:, None]) @ P, torch.ones(G, N, 1, dtype=X.dtype, device=X.device)], 2)  # g n d+1
+    wn = valid / n_eff[..., None]
+    yc = y.clamp_min(0)[..., None]
+    Wz = torch.zeros(G, V, d + 1, n_classes, dtype=X.dtype, device=X.device, requires_grad=True)
+    opt = torch.optim.LBFGS([Wz], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=tol * G * V)
+    evals = [0]
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.einsum("gnd,gvdk->gvnk", Z, Wz).log_softmax(-1)
+        nll = -logp.gather(-1, yc)[..., 0]  # g v n
+        Wo = torch.einsum("gde,gvek->gvdk", P, Wz[:, :, :d])  # weights in the original space
+        loss = (nll * wn).sum() + 0.5 * (lam[..., None, None] * Wo ** 2).sum()
+        loss.backward()
+        evals[0] += 1
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    Wz = Wz.detach()
+    W = torch.einsum("gde,gvek->gvdk", P, Wz[:, :, :d])
+    b = Wz[:, :, d] - torch.einsum("gd,gvdk->gvk", mean, W)
+    return W, b, evals[0]
+
+
+def fit_ridge(X: Float[Tensor, "g n d"], y: Float[Tensor, "g v n"], w: Float[Tensor, "g n"], alpha: float = 1.0):
+    """Ridge regressions in closed form (scikit-learn's ``Ridge(alpha)`` objective, weighted rows, intercept).
+
+    Returns ``W [g, v, d, 1]``, ``b [g, v, 1]``.
+    """
+    if alpha < 0:
+        raise ProbekitError(f"alpha must be >= 0, got {alpha}")
+    X = X.double()
+    y = y.double()
+    w = w.double()
+    ws = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    xm = torch.einsum("gn,gnd->gd", ws, X)
+    ym = torch.einsum("gn,gvn->gv", ws, y)
+    Xc = (X - xm[:, None]) * w[..., None].sqrt()
+    yc = (y - ym[..., None]) * w[:, None].sqrt()
+    A = Xc.transpose(1, 2) @ Xc + alpha * torch.eye(X.shape[2], dtype=X.dtype)  # g d d
+    B = torch.einsum("gnd,gvn->gdv", Xc, yc)
+    beta = torch.linalg.solve(A, B).transpose(1, 2)  # g v d
+    b = ym - torch.einsum("gd,gvd->gv", xm, beta)
+    return beta[..., None].float(), b[..., None].float()
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+@dataclass
+class ProbeScore:
+    """One probe scored on one batch. ``value`` is accuracy (logistic) or R^2 (ridge)."""
+
+    metric: str
+    value: float
+    n: int
+    majority: float  # accuracy of always predicting the most frequent train class (ridge: R^2 of the train mean)
+    classes: list[int] | None = None
+    confusion: list[list[int]] | None = None  # [true class, predicted class] counts, rows with seen labels
+    n_unseen: int = 0  # rows whose label is not among the probe's classes (always wrong)
+    nll: float | None = None  # mean negative log-likelihood (seen labels), with the probe's temperature
+    ece: float | None = None  # expected calibration error of the max probability, 15 bins
+    mse: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def expected_calibration_error(probs: Float[Tensor, "row k"], correct: Tensor, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width bins of the max probability, weighted by bin size."""
+    conf = probs.max(-1).values
+    idx = torch.clamp((conf * bins).long(), max=bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += float(sel.float().mean()) * abs(float(correct[sel].float().mean()) - float(conf[sel].mean()))
+    return total
+
+
+# ---------------------------------------------------------------------------- the probe
+
+
+@dataclass(eq=False)
+class Probe:
+    """A fitted linear probe on one hook. Apply it to activations, a batch, or edit a forward pass with it.
+
+    ``weight [d, k]`` and ``bias [k]`` act on the hook's activation flattened to ``d``; logits = x @ W + b.
+    """
+
+    hook: str
+    feature: str
+    kind: str
+    weight: Float[Tensor, "d k"]
+    bias: Float[Tensor, " k"]
+    mean: Float[Tensor, " d"]  # mean training activation (the point `project_out` moves to)
+    classes: list[int] | None = None
+    class_means: Float[Tensor, "k d"] | None = None  # mean training activation per class (steering targets)
+    act_shape: tuple[int, ...] = ()
+    position_rule: str = "feature"
+    slot: int | None = None  # None: every selected position; k: only the k-th selected position of each example
+    temperature: float = 1.0
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.act_shape = tuple(int(s) for s in self.act_shape) or (int(self.weight.shape[0]),)
+        if math.prod(self.act_shape) != self.weight.shape[0]:
+            raise ProbekitError(f"probe act_shape {self.act_shape} does not match weight of shape {tuple(self.weight.shape)}")
+
+    @property
+    def d(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.kind == "logistic" else "r2"
+
+    # ------------------------------------------------------------ applying
+    def _flat(self, acts) -> Tensor:
+        if isinstance(acts, Activations):
+            if self.hook not in acts.acts:
+                raise ProbekitError(f"activations hold {acts.hooks}, not this probe's hook {self.hook!r}")
+            acts = acts.acts[self.hook]
+        acts = torch.as_tensor(acts).float()
+        if acts.shape[-len(self.act_shape):] == self.act_shape and acts.ndim > len(self.act_shape):
+            acts = acts.reshape(*acts.shape[:acts.ndim - len(self.act_shape)], self.d)
+        if acts.shape[-1] != self.d:
+            raise ProbekitError(f"activations have shape {tuple(acts.shape)}; this probe expects [..., {self.d}] "
+                                f"(hook {self.hook}, shape {self.act_shape})")
+        return acts
+
+    def logits(self, acts) -> Float[Tensor, "row k"]:
+        """Raw scores (before temperature) for activations ``[..., d]`` or ``[..., *act_shape]``."""
+        x = self._flat(acts)
+        return x @ self.weight.to(x.device) + self.bias.to(x.device)
+
+    def predict(self, acts) -> Tensor:
+        """Predicted class values (logistic) or predicted feature values (ridge)."""
+        z = self.logits(acts)
+        if self.kind == "ridge":
+            return z[..., 0]
+        return torch.tensor(self.classes)[z.argmax(-1).cpu()]
+
+    def predict_proba(self, acts) -> Float[Tensor, "row k"]:
+        """Class probabilities ``softmax(logits / temperature)`` (see `calibrate`)."""
+        if self.kind != "logistic":
+            raise ProbekitError("predict_proba needs a logistic probe; this one is a ridge regression")
+        return (self.logits(acts) / self.temperature).softmax(-1)
+
+    def _class_index(self, labels: Tensor) -> Tensor:
+        cls = torch.tensor(self.classes)
+        pos = torch.searchsorted(cls, labels.clamp(min=int(cls[0])))
+        pos = pos.clamp(max=len(cls) - 1)
+        return torch.where(cls[pos] == labels, pos, torch.full_like(pos, -1))
+
+    def score_acts(self, acts, labels: Tensor) -> ProbeScore:
+        """Score on given activations and true feature values."""
+        labels = torch.as_tensor(labels).cpu()
+        z = self.logits(acts).cpu()
+        if labels.numel() == 0:
+            raise ProbekitError("no rows to score; expected at least one labelled position")
+        if self.kind == "ridge":
+            y = labels.double()
+            pred = z[:, 0].double()
+            tr_mean = float(self.meta.get("train_label_mean", float(y.mean())))
+            ss_tot = float(((y - y.mean()) ** 2).sum())
+            mse = float(((y - pred) ** 2).mean())
+            r2 = 1 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+            r2_mean = 1 - float(((y - tr_mean) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+            return ProbeScore(metric="r2", value=r2, n=len(y), majority=r2_mean, mse=mse)
+        idx = self._class_index(labels)
+        pred = z.argmax(-1)
+        correct = pred == idx
+        seen = idx >= 0
+        K = len(self.classes)
+        conf = torch.zeros(K, K, dtype=torch.long)
+        conf.index_put_((idx[seen], pred[seen]), torch.ones(int(seen.sum()), dtype=torch.long), accumulate=True)
+        probs = (z / self.temperature).softmax(-1)
+        nll = float(-probs[seen].clamp_min(1e-12).log().gather(1, idx[seen][:, None]).mean()) if seen.any() else None
+        maj = self.meta.get("majority_class", self.classes[int(conf.sum(1).argmax())])
+        return ProbeScore(metric="accuracy", value=float(correct.float().mean()), n=len(labels),
+                          majority=float((labels == maj).float().mean()), classes=list(self.classes),
+                          confusion=conf.tolist(), n_unseen=int((~seen).sum()), nll=nll,
+                          ece=expected_calibration_error(probs, correct))
+
+    def collect(self, model, batch: Batch, chunk_size: int = 256, device=None) -> Activations:
+        """This probe's hook at this probe's positions (its rule, and its slot if any) on ``batch``."""
+        self.check_model(model)
+        acts = collect(model, batch, [self.hook], feature=self.feature, positions=self.position_rule,
+                       chunk_size=chunk_size, device=device)
+        self.check_model(model, acts.shapes[self.hook])
+        if self.slot is not None:
+            keep = acts.slot == self.slot
+            if not keep.any():
+                raise ProbekitError(f"batch has no slot {self.slot} under rule {self.position_rule!r} "
+                                    f"(max slot {int(acts.slot.max())}); expected a batch with that position")
+            acts = _subset(acts, keep)
+        return acts
+
+    def score(self, model, batch: Batch, chunk_size: int = 256, device=None) -> ProbeScore:
+        """Accuracy / R^2, confusion and calibration on a batch (any length the model accepts)."""
+        acts = self.collect(model, batch, chunk_size=chunk_size, device=device)
+        return self.score_acts(acts, acts.labels)
+
+    def calibrate(self, model, batch: Batch, chunk_size: int = 256) -> Probe:
+        """A copy whose temperature minimises the log-loss on ``batch`` (use held-out data)."""
+        if self.kind != "logistic":
+            raise ProbekitError("calibrate needs a logistic probe; this one is a ridge regression")
+        acts = self.collect(model, batch, chunk_size=chunk_size)
+        z = self.logits(acts).detach()
+        idx = self._class_index(acts.labels)
+        keep = idx >= 0
+        if not keep.any():
+            raise ProbekitError("no calibration rows with a class seen in training")
+        z, idx = z[keep], idx[keep]
+        log_t = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(z / log_t.exp(), idx)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return replace(self, temperature=float(log_t.detach().exp()), meta=dict(self.meta))
+
+    # ------------------------------------------------------------ causal use
+    def basis(self) -> Float[Tensor, "d r"]:
+        """Orthonormal basis of the directions the probe reads (class weights minus their mean; ridge: w)."""
+        W = self.weight.double()
+        if self.kind == "logistic":
+            W = W - W.mean(1, keepdim=True)
+        U, S, _ = torch.linalg.svd(W, full_matrices=False)
+        r = int((S > 1e-6 * S.max().clamp_min(1e-30)).sum())
+        return U[:, :r].float()
+
+    def intervene(self, model, mode: str = "project_out", value=None, positions=None, scale: float = 1.0):
+        """Context manager: edit this probe's hook during forward passes of ``model``.
+
+        ``project_out``: the activation's component in the probe's subspace (`basis`) is replaced by the
+        mean training activation's, so the probe (and any reader of that subspace) sees no information.
+        ``steer``: that component is set to class ``value``'s mean training activation (logistic; ``scale``
+        multiplies its offset from the mean), or so that the ridge readout equals ``value``.
+        ``positions``: None (all), a list of positions, a bool ``[pos]`` or ``[batch, pos]`` mask.
+        """
+        if mode not in ("project_out", "steer"):
+            raise ProbekitError(f"unknown intervention mode {mode!r}; expected 'project_out' or 'steer'")
+        self.check_model(model)
+        dev = model_device(model)
+        Q = self.basis().to(dev)
+        mu = self.mean.float().to(dev)
+        target = torch.zeros(self.d, device=dev)  # offset from mu inside the subspace
+        if mode == "steer":
+            if value is None:
+                raise ProbekitError("steer needs value= (a class for a logistic probe, a number for ridge)")
+            if self.kind == "logistic":
+                if int(value) not in self.classes or self.class_means is None:
+                    raise ProbekitError(f"steer value {value!r} is not one of the probe's classes {self.classes}")
+                cm = self.class_means[self.classes.index(int(value))].float().to(dev)
+                target = scale * ((cm - mu) @ Q) @ Q.T
+            else:
+                w = self.weight[:, 0].float().to(dev)
+                r_mu = float(mu @ w + self.bias[0])
+                target = (float(value) - r_mu) * w / (w @ w).clamp_min(1e-12)
+        return _intervention(model, self.hook, Q, mu, target, positions, self.act_shape)
+
+    # ------------------------------------------------------------ compatibility, save / load
+    def check_model(self, model, shape: tuple[int, ...] | None = None) -> None:
+        """Refuse a model whose residual size or hook layout differs from the one this probe was fitted on.
+
+        ``shape``: the hook's per-position activation shape, when known (`Probe.load` gets it from a one-token
+        forward; `collect` and `intervene` check the activations they see).
+        """
+        d_model = self.meta.get("d_model")
+        if d_model is not None and int(model.cfg.d_model) != int(d_model):
+            raise ProbekitError(f"probe was fitted on a model with d_model={d_model}; this model has "
+                                f"d_model={model.cfg.d_model}")
+        if self.hook not in model.hook_dict:
+            from probekit.activations import valid_hook_names
+
+            raise ProbekitError(f"probe hook {self.hook!r} does not exist in this model "
+                                f"({model.cfg.n_layers} layers); hooks: {valid_hook_names(model)[:12]}...")
+        if shape is not None and tuple(shape) != self.act_shape:
+            raise ProbekitError(f"hook layout differs: probe expects {self.hook} of shape {list(self.act_shape)} "
+                                f"per position, this model gives {list(shape)}")
+
+    def to_meta(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "hook": self.hook, "feature": self.feature,
+                "kind": self.kind, "classes": self.classes, "act_shape": list(self.act_shape),
+                "position_rule": self.position_rule, "slot": self.slot, "temperature": self.temperature,
+                "d": self.d, "n_out": int(self.weight.shape[1]), "meta": self.meta}
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """``probe.safetensors`` (weight, bias, mean, class_means) + ``probe.json`` (metadata, scores, sha256)."""
+        from safetensors.torch import save_file
+
+        from probekit.model import ensure_empty_dir
+
+        folder = Path(folder)
+        ensure_empty_dir(folder, overwrite=overwrite)
+        tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean}
+        if self.class_means is not None:
+            tensors["class_means"] = self.class_means
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": self.hook})
+        sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, folder / WEIGHTS_FILE)
+        meta = self.to_meta() | {"weights_sha256": sha}
+        tmp = folder / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, folder / META_FILE)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model=None) -> Probe:
+        """Load a saved probe; with ``model``, refuse it unless d_model and the hook's layout match."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        mpath, wpath = folder / META_FILE, folder / WEIGHTS_FILE
+        for p in (mpath, wpath):
+            if not p.is_file():
+                raise ProbekitError(f"{p} not found; expected a probe folder with {META_FILE} and {WEIGHTS_FILE}")
+        try:
+            meta = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProbekitError(f"{mpath} is not valid JSON ({type(e).__name__}); the probe file is corrupted") from None
+        need = {"format", "hook", "feature", "kind", "classes", "act_shape", "position_rule", "d", "n_out",
+                "weights_sha256"}
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or need - set(meta):
+            missing = sorted(need - set(meta)) if isinstance(meta, dict) else sorted(need)
+            raise ProbekitError(f"{mpath} is not a probekit probe (missing {missing}); expected format {FORMAT!r}")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ProbekitError(f"{mpath} has format_version {meta['format_version']}; this probekit reads <= {FORMAT_VERSION}")
+        raw = wpath.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != meta["weights_sha256"]:
+            raise ProbekitError(f"{wpath} does not match the sha256 recorded in {META_FILE}; the probe file is corrupted or replaced")
+        try:
+            t = load_file(str(wpath))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ProbekitError(f"{wpath} is truncated or corrupted ({str(e).splitlines()[0]})") from None
+        d, k = int(meta["d"]), int(meta["n_out"])
+        expect = {"weight": (d, k), "bias": (k,), "mean": (d,)}
+        if meta["classes"] is not None:
+            expect["class_means"] = (k, d)
+        for name, shape in expect.items():
+            if name not in t or tuple(t[name].shape) != shape:
+                got = tuple(t[name].shape) if name in t else "missing"
+                raise ProbekitError(f"{wpath}: tensor {name!r} is {got}, {META_FILE} implies {shape}")
+        probe = cls(hook=meta["hook"], feature=meta["feature"], kind=meta["kind"], weight=t["weight"], bias=t["bias"],
+                    mean=t["mean"], classes=meta["classes"], class_means=t.get("class_means"),
+                    act_shape=tuple(meta["act_shape"]), position_rule=meta["position_rule"], slot=meta.get("slot"),
+                    temperature=float(meta.get("temperature", 1.0)), meta=meta.get("meta", {}))
+        if model is not None:
+            probe.check_model(model)
+            probe.check_model(model, hook_shape(model, probe.hook))
+        return probe
+
+
+def hook_shape(model, hook: str) -> tuple[int, ...]:
+    """The trailing (per-position) shape of ``hook``'s activation, from a one-token forward.
+
+    Hooks already attached to the model run during that forward too.
+    """
+    got = {}
+
+    def grab(x, hook):
+        got["shape"] = tuple(x.shape[2:])
+
+    with torch.no_grad():
+        model.run_with_hooks(torch.zeros(1, 1, dtype=torch.long, device=model_device(model)),
+                             fwd_hooks=[(hook, grab)], return_type=None)
+    if "shape" not in got:
+        raise ProbekitError(f"hook {hook!r} did not fire in a forward pass; expected a per-position activation")
+    return got["shape"]
+
+
+@contextlib.contextmanager
+def _intervention(model, hook: str, Q: Tensor, mu: Tensor, target: Tensor, positions, act_shape):
+    def edit(x, hook):
+        shp = x.shape
+        if tuple(shp[2:]) != tuple(act_shape):
+            raise ProbekitError(f"hook layout differs: probe expects {hook.name} of shape {list(act_shape)} "
+                                f"per position, this model gives {list(shp[2:])}")
+        flat = x.reshape(shp[0], shp[1], -1)
+        new = flat - ((flat - mu) @ Q) @ Q.T + target
+        if positions is not None:
+            m = _pos_mask(positions, shp[0], shp[1], x.device)
+            new = torch.where(m[..., None], new, flat)
+        return new.reshape(shp)
+
+    with model.hooks(fwd_hooks=[(hook, edit)]):
+        yield model
+
+
+def _pos_mask(positions, n: int, T: int, device) -> Tensor:
+    p = torch.as_tensor(positions, device=device)
+    if p.dtype == torch.bool:
+        if p.shape == (T,):
+            return p[None].expand(n, T)
+        if p.shape == (n, T):
+            return p
+        raise ProbekitError(f"position mask has shape {tuple(p.shape)}; expected [{T}] or [{n}, {T}]")
+    m = torch.zeros(T, dtype=torch.bool, device=device)
+    p = p.long().flatten()
+    if p.numel() and (p.min() < -T or p.max() >= T):
+        raise ProbekitError(f"positions {p.tolist()} out of range for sequences of {T} tokens")
+    m[p] = True
+    return m[None].expand(n, T)
+
+
+def _subset(acts: Activations, keep: Tensor) -> Activations:
+    return replace(acts, acts={k: v[keep] for k, v in acts.acts.items()}, example=acts.example[keep],
+                   pos=acts.pos[keep], slot=acts.slot[keep], token=acts.token[keep],
+                   labels=acts.labels[keep] if acts.labels is not None else None)
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+def _model_meta(model) -> dict:
+    cfg = getattr(model, "probekit_config", None)
+    return {"model": getattr(model, "probekit_name", None) or type(model).__name__,
+            "config_hash": cfg.hash() if cfg is not None and hasattr(cfg, "hash") else None,
+            "d_model": int(model.cfg.d_model), "n_layers": int(model.cfg.n_layers)}
+
+
+def _train_desc(batch: Batch, acts: Activations) -> dict:
+    return {"task": batch.task, "objective": batch.objective, "length": batch.length, "n": batch.n,
+            "rows": acts.n_rows, "seed": batch.meta.get("seed") if isinstance(batch.meta.get("seed"), int) else None}
+
+
+@dataclass
+class _Targets:
+    """What a set of probes is fitted to: classes (logistic) and the label of each variant on train rows."""
+
+    kind: str
+    classes: Tensor | None  # sorted class values (logistic)
+    train_mean: float
+    majority_class: int | None
+
+    def index(self, labels: Tensor) -> Tensor:
+        if self.kind == "ridge":
+            return labels.float()
+        cls = self.classes
+        pos = torch.searchsorted(cls, labels.clamp(min=int(cls[0]))).clamp(max=len(cls) - 1)
+        return torch.where(cls[pos] == labels, pos, torch.full_like(pos, -1))
+
+
+def _targets(labels: Tensor, kind: str, feature: str) -> _Targets:
+    if labels.numel() == 0:
+        raise ProbekitError(f"no training rows for feature {feature!r}; expected a non-empty position mask")
+    vals, counts = torch.unique(labels, return_counts=True)
+    if kind == "logistic" and len(vals) < 2:
+        raise ProbekitError(f"feature {feature!r} has a single class ({int(vals[0])}) on the training rows; "
+                            f"a classifier needs >= 2 classes (choose other positions, lengths or a larger n)")
+    if kind == "ridge" and len(vals) < 2:
+        raise ProbekitError(f"feature {feature!r} is constant ({int(vals[0])}) on the training rows; "
+                            f"a regression needs >= 2 distinct values")
+    return _Targets(kind=kind, classes=vals if kind == "logistic" else None, train_mean=float(labels.double().mean()),
+                    majority_class=int(vals[counts.argmax()]))
+
+
+def _fit(X: Tensor, Y: Tensor, w: Tensor, tg: _Targets, C: float, alpha: float, max_iter: int):
+    """X [g, n, d], Y [g, v, n] (class index / value), w [g, n] -> W [g, v, d, k], b [g, v, k]."""
+    if tg.kind == "logistic":
+        W, b, _ = fit_logistic(X, Y, w, len(tg.classes), C=C, max_iter=max_iter)
+    else:
+        W, b = fit_ridge(X, Y, w, alpha=alpha)
+    return W, b
+
+
+def _probe_from(hook: str, feature: str, tg: _Targets, W: Tensor, b: Tensor, X: Tensor, y_idx: Tensor,
+                w: Tensor, act_shape, rule: str, slot: int | None, meta: dict) -> Probe:
+    """A `Probe` from fitted weights, with the mean (and class means) of its training rows X [n, d].
+
+    ``y_idx``: class indices of the rows (logistic; -1 = unseen); ignored for ridge.
+    """
+    keep = w > 0
+    Xk = X[keep]
+    class_means = None
+    if tg.kind == "logistic":
+        yk = y_idx[keep]
+        K = len(tg.classes)
+        sums = torch.zeros(K, X.shape[1]).index_add_(0, yk.clamp_min(0), Xk * (yk >= 0)[:, None].float())
+        counts = torch.bincount(yk.clamp_min(0), weights=(yk >= 0).float(), minlength=K)[:, None]
+        class_means = torch.where(counts > 0, sums / counts.clamp_min(1), Xk.mean(0))
+    meta = dict(meta, majority_class=tg.majority_class, train_label_mean=tg.train_mean)
+    return Probe(hook=hook, feature=feature, kind=tg.kind, weight=W.contiguous(), bias=b.contiguous(),
+                 mean=Xk.mean(0), classes=tg.classes.tolist() if tg.classes is not None else None,
+                 class_means=class_means, act_shape=act_shape, position_rule=rule, slot=slot, meta=meta)
+
+
+def fit_probe(model, batch: Batch, feature: str, hook: str, positions: str | Tensor = "feature",
+              slot: int | None = None, kind: str = "auto", C: float = 1.0, alpha: float = 1.0,
+              max_iter: int = 100, chunk_size: int = 256, device=None) -> Probe:
+    """Fit one probe for ``feature`` at one hook (full name or a short name that names one hook).
+
+    ``slot``: fit only on the k-th selected position of each example (e.g. answer step k).
+    """
+    names = resolve_hooks(model, [hook])
+    if len(names) != 1:
+        raise ProbekitError(f"hook {hook!r} names {len(names)} hooks ({names[0]}, ...); give one, e.g. {names[0]!r}")
+    kind = probe_kind(feature, kind)
+    acts = collect(model, batch, names, feature=feature, positions=positions, chunk_size=chunk_size, device=device)
+    if slot is not None:
+        keep = acts.slot == slot
+        if not keep.any():
+            raise ProbekitError(f"empty position mask: no example has slot {slot} (max slot {int(acts.slot.max())})")
+        acts = _subset(acts, keep)
+    tg = _targets(acts.labels, kind, feature)
+    X = acts.acts[names[0]]
+    y = tg.index(acts.labels)
+    w = torch.ones(1, X.shape[0])
+    W, b = _fit(X[None], y[None, None], w, tg, C, alpha, max_iter)
+    meta = _model_meta(model) | {"train": _train_desc(batch, acts), "C": C if kind == "logistic" else None,
+                                 "alpha": alpha if kind == "ridge" else None}
+    probe = _probe_from(names[0], feature, tg, W[0, 0], b[0, 0], X, y, w[0], acts.shapes[names[0]],
+                        acts.position_rule, slot, meta)
+    probe.meta["scores"] = {"train": probe.score_acts(X, acts.labels).value}
+    return probe
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+@dataclass(eq=False)
+class ProbeSweep(Result):
+    """Probe metric (accuracy or R^2) with axes ``(hook, layer, position, split)``; controls in ``extra``.
+
+    ``extra``: ``shuffled``, ``control``, ``selectivity``, ``random_model``, ``majority``, ``n`` (rows scored),
+    each shaped like ``values`` (NaN where a cell does not exist). ``probes`` holds the fitted `Probe`
+    objects (not serialised; use ``sweep.probe(...).save(dir)``).
+    """
+
+    probes: dict = field(default_factory=dict, repr=False)
+
+    def probe(self, hook: str, layer: int | None = None, position: str | int = "all") -> Probe:
+        """The fitted probe at a full hook name, or at (hook kind such as ``resid_pre``, layer); position ``all`` or a slot."""
+        cands = [k for k in self.probes if k[1] == str(position) and (
+            k[0] == hook if layer is None else
+            hook_layer(k[0]) == layer and hook_kind(k[0]) in (hook, f"hook_{hook}", f"attn.{hook}", f"attn.hook_{hook}",
+                                                             f"mlp.{hook}", f"mlp.hook_{hook}"))]
+        if not cands:
+            have = sorted({k[0] for k in self.probes})
+            raise ProbekitError(f"no probe for hook {hook!r} (layer {layer}) at position {position!r}; fitted hooks: {have}")
+        return self.probes[cands[0]]
+
+    def best(self, split: str | None = None, position: str = "all") -> tuple[dict, float]:
+        """The (hook, layer) with the highest value on ``split`` (default: the last split)."""
+        s = self.labels["split"].index(split) if split is not None else len(self.labels["split"]) - 1
+        p = self.labels["position"].index(position)
+        v = self.values[:, :, p, s]
+        flat = torch.nan_to_num(v, nan=-float("inf")).reshape(-1)
+        i = int(flat.argmax())
+        h, L = divmod(i, v.shape[1])
+        return {"hook": self.labels["hook"][h], "layer": self.labels["layer"][L]}, float(flat[i])
+
+    def summary(self, position: str = "all") -> str:
+        """A small text table: one row per (hook, layer), metric per split, controls on the last split."""
+        p = self.labels["position"].index(position)
+        s_last = len(self.labels["split"]) - 1
+        last = self.labels["split"][s_last]
+        head = ["hook", "layer"] + [f"{self.settings.get('metric', 'value')}@{s}" for s in self.labels["split"]] + \
+            [f"{c}@{last}" for c in ("shuffled", "control", "selectivity", "random_model", "majority")]
+        lines = ["  ".join(f"{h:>14}" for h in head)]
+        for h, hk in enumerate(self.labels["hook"]):
+            for L, lk in enumerate(self.labels["layer"]):
+                vals = self.values[h, L, p]
+                if torch.isnan(vals).all():
+                    continue
+                row = [hk, lk] + [f"{float(v):.3f}" for v in vals]
+                row += [f"{float(self.extra[k][h, L, p, s_last]):.3f}" for k in
+                        ("shuffled", "control", "selectivity", "random_model", "majority")]
+                lines.append("  ".join(f"{c:>14}" for c in row))
+        return "\n".join(lines)
+
+
+def _split_labels(evals) -> dict[str, Batch]:
+    if evals is None:
+        return {}
+    if isinstance(evals, Batch):
+        evals = [evals]
+    if isinstance(evals, Mapping):
+        out = {str(k): v for k, v in evals.items()}
+    else:
+        out = {}
+        for b in evals:
+            lab = str(b.length)
+            while lab in out or lab == "train":
+                lab += "'"
+            out[lab] = b
+    if "train" in out:
+        raise ProbekitError("'train' is reserved for the training batch; name evaluation splits otherwise")
+    for k, b in out.items():
+        if not isinstance(b, Batch):
+            raise ProbekitError(f"evaluation split {k!r} is a {type(b).__name__}; expected a Batch")
+    return out
+
+
+def _control_map(tr: Activations, seed: int, n_types: int) -> Tensor:
+    """Hewitt-Liang control labels: one random label per (token, position) type, drawn from the train labels."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    pick = torch.randint(0, tr.n_rows, (n_types,), generator=g)
+    return tr.labels[pick]
+
+
+def _control_labels(acts: Activations, cmap: Tensor, T: int) -> Tensor:
+    return cmap[acts.token * T + acts.pos]
+
+
+def _gather_rows(slot: Tensor, n_slots: int):
+    """Row indices per slot, padded: idx [n_slots, m], valid [n_slots, m]."""
+    counts = torch.bincount(slot, minlength=n_slots)[:n_slots]
+    m = int(counts.max()) if counts.numel() else 0
+    idx = torch.zeros(n_slots, max(m, 1), dtype=torch.long)
+    valid = torch.zeros(n_slots, max(m, 1), dtype=torch.bool)
+    for j in range(n_slots):
+        r = torch.nonzero(slot == j).flatten()
+        idx[j, :len(r)] = r
+        valid[j, :len(r)] = True
+    return idx, valid
+
+
+def _row_stats(kind: str, out: Tensor, y: Tensor):
+    """Per-row sufficient statistics. out: [..., m, k] logits; y [..., m] index/value. -> [..., m, 4]."""
+    if kind == "logistic":
+        c = (out.argmax(-1) == y).float()
+        return torch.stack([c, torch.zeros_like(c), torch.zeros_like(c), torch.ones_like(c)], -1)
+    p = out[..., 0].double()
+    yy = y.double().expand_as(p)
+    return torch.stack([(yy - p) ** 2, yy, yy ** 2, torch.ones_like(p)], -1)
+
+
+def _metric(kind: str, s: Tensor) -> Tensor:
+    """From summed row statistics [..., 4] -> accuracy or R^2 (NaN where no rows)."""
+    n = s[..., 3]
+    if kind == "logistic":
+        return torch.where(n > 0, s[..., 0] / n.clamp_min(1), torch.full_like(n, float("nan")))
+    ss_tot = s[..., 2] - s[..., 1] ** 2 / n.clamp_min(1)
+    r2 = 1 - s[..., 0] / ss_tot
+    return torch.where((n > 1) & (ss_tot > 1e-12), r2, torch.full_like(n, float("nan")))
+
+
+def _by_slot(stats: Tensor, slot: Tensor, n_pos: int) -> Tensor:
+    """stats [..., m, 4], slot [m] -> [..., 1 + n_pos, 4]: all rows, then each slot."""
+    total = stats.sum(-2, keepdim=True)
+    per = torch.zeros(*stats.shape[:-2], n_pos, 4, dtype=stats.dtype)
+    keep = slot < n_pos
+    per.index_add_(-2, slot[keep], stats[..., keep, :])
+    return torch.cat([total, per], -2)
+
+
+def _fit_and_score(tr: Activations, evs: dict[str, Activations], names: list[str], tg: _Targets,
+                   y_tr: Tensor, y_ev: dict[str, Tensor], by_position: bool, n_pos: int, C: float, alpha: float, max_iter: int):
+    """Fit every hook's probes (variants v) pooled (and per slot) and score them on every split.
+
+    y_tr [v, n]: train targets per variant (class index / value). y_ev[split] [v, m]: what each variant
+    is scored against. Returns metric [hook, v, 1 + n_pos, split] and the fitted pooled/slot weights.
+    """
+    splits = list(evs)
+    V = y_tr.shape[0]
+    stats = torch.full((len(names), V, 1 + n_pos, len(splits), 4), 0.0, dtype=torch.float64)
+    have_slot_probe = torch.zeros(1 + n_pos, dtype=torch.bool)
+    have_slot_probe[0] = True
+    fits = {}
+    widths: dict[int, list[int]] = {}
+    for i, h in enumerate(names):
+        widths.setdefault(tr.acts[h].shape[1], []).append(i)
+    n_tr_slots = int(tr.slot.max()) + 1
+    for _, idxs in widths.items():
+        group = [names[i] for i in idxs]
+        X = torch.stack([tr.acts[h] for h in group])  # s n d
+        S = len(group)
+        W, b = _fit(X, y_tr[None].expand(S, -1, -1), torch.ones(S, X.shape[1]), tg, C, alpha, max_iter)
+        fits.update({(h, "all"): (W[j, 0], b[j, 0]) for j, h in enumerate(group)})
+        if by_position:
+            sidx, sval = _gather_rows(tr.slot, n_tr_slots)  # j m
+            Xs = X[:, sidx].reshape(S * n_tr_slots, sidx.shape[1], -1)  # (s j) m d
+            Ys = y_tr[:, sidx].permute(1, 0, 2)[None].expand(S, -1, -1, -1).reshape(S * n_tr_slots, V, -1)
+            ws = sval.float()[None].expand(S, -1, -1).reshape(S * n_tr_slots, -1)
+            Wsl, bsl = _fit(Xs, Ys, ws, tg, C, alpha, max_iter)
+            Wsl = Wsl.reshape(S, n_tr_slots, V, *Wsl.shape[2:])
+            bsl = bsl.reshape(S, n_tr_slots, V, -1)
+            for j, h in enumerate(group):
+                for k in range(min(n_tr_slots, n_pos)):
+                    fits[(h, str(k))] = (Wsl[j, k, 0], bsl[j, k, 0])
+            have_slot_probe[1:1 + min(n_tr_slots, n_pos)] = True
+        for e, sp in enumerate(splits):
+            ea = evs[sp]
+            Xe = torch.stack([ea.acts[h] for h in group])  # s m d
+            out = torch.einsum("smd,svdk->svmk", Xe, W) + b[:, :, None]
+            st = _row_stats(tg.kind, out, y_ev[sp][None])  # s v m 4
+            agg = _by_slot(st, ea.slot, n_pos)  # s v (1+p) 4
+            if by_position:
+                agg[:, :, 1:] = 0.0
+                for k in range(min(n_tr_slots, n_pos)):
+                    rows = torch.nonzero(ea.slot == k).flatten()
+                    if rows.numel() == 0:
+                        continue
+                    outs = torch.einsum("smd,svdk->svmk", Xe[:, rows], Wsl[:, k]) + bsl[:, k, :, None]
+                    agg[:, :, 1 + k] = _row_stats(tg.kind, outs, y_ev[sp][:, rows][None]).sum(-2)
+            for j, i in enumerate(idxs):
+                stats[i, :, :, e] = agg[j]
+    metric = _metric(tg.kind, stats)
+    if by_position:
+        metric[:, :, ~have_slot_probe] = float("nan")
+    return metric, stats[..., 3], fits
+
+
+def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = "resid_pre,resid_mid,resid_post",
+                evals: Mapping[str, Batch] | Sequence[Batch] | Batch | None = None,
+                positions: str | Tensor = "feature", by_position: bool = False, kind: str = "auto",
+                C: float = 1.0, alpha: float = 1.0, controls: Sequence[str] | bool = True, seed: int = 0,
+                max_iter: int = 100, chunk_size: int = 256, device=None, progress: bool = False) -> ProbeSweep:
+    """Probes for ``feature`` at every requested hook (every layer), fitted on ``train`` in one batched
+    optimisation and scored on ``train`` and each of ``evals`` (e.g. longer lengths), with controls.
+
+    ``by_position``: also fit one probe per slot (k-th selected position). Without it, the slot cells
+    hold the pooled probe's metric restricted to that slot (where on longer inputs it breaks).
+    ``controls``: True (all of ``shuffle``, ``control_task``, ``random_model``), False, or a subset.
+    """
+    controls = list(CONTROLS) if controls is True else [] if controls is False else list(controls)
+    bad = sorted(set(controls) - set(CONTROLS))
+    if bad:
+        raise ProbekitError(f"unknown control(s) {bad}; expected a subset of {list(CONTROLS)}")
+    kind = probe_kind(feature, kind)
+    names = resolve_hooks(model, hooks)
+    ev_batches = _split_labels(evals)
+    train.feature(feature)
+    for b in ev_batches.values():
+        b.feature(feature)
+
+    def gather(m):
+        kw = dict(feature=feature, positions=positions, chunk_size=chunk_size, device=device)
+        if isinstance(positions, Tensor) and ev_batches:
+            raise ProbekitError("a position mask only fits the training batch; use a rule ('feature', 'pred', ...) with evals")
+        tr_ = collect(m, train, names, progress=progress, **kw)
+        evs_ = {"train": tr_} | {k: collect(m, b, names, **kw) for k, b in ev_batches.items()}
+        return tr_, evs_
+
+    tr, evs = gather(model)
+    tg = _targets(tr.labels, kind, feature)
+    splits = list(evs)
+    n_pos = max(int(a.slot.max()) + 1 for a in evs.values())
+    T = max(b.seq_len for b in [train, *ev_batches.values()])
+    n_types = int(model.cfg.d_vocab) * T
+    # label variants: true; shuffled (fitted on train labels permuted across rows, scored against each split's
+    # labels permuted the same way on train and independently elsewhere); control task (control labels)
+    variants = ["true"]
+    y_tr = [tg.index(tr.labels)]
+    y_ev = {s: [tg.index(a.labels)] for s, a in evs.items()}
+    if "shuffle" in controls:
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(tr.n_rows, generator=g)
+        variants.append("shuffled")
+        y_tr.append(tg.index(tr.labels[perm]))
+        for s, a in evs.items():
+            p_s = perm if s == "train" else torch.randperm(a.n_rows, generator=g)
+            y_ev[s].append(tg.index(a.labels[p_s]))
+    if "control_task" in controls:
+        cmap = _control_map(tr, seed, n_types)
+        variants.append("control")
+        y_tr.append(tg.index(_control_labels(tr, cmap, T)))
+        for s, a in evs.items():
+            y_ev[s].append(tg.index(_control_labels(a, cmap, T)))
+    y_tr = torch.stack(y_tr)
+    y_ev = {s: torch.stack(v) for s, v in y_ev.items()}
+    metric, counts, fits = _fit_and_score(tr, evs, names, tg, y_tr, y_ev, by_position, n_pos, C, alpha, max_iter)
+
+    # constant predictor (majority class / train mean) per split and slot
+    maj = torch.full((1 + n_pos, len(splits)), float("nan"))
+    for e, s in enumerate(splits):
+        a = evs[s]
+        yv = tg.index(a.labels)
+        if kind == "logistic":
+            const = torch.zeros(len(yv), len(tg.classes))
+            const[:, int((tg.classes == tg.majority_class).nonzero())] = 1.0
+        else:
+            const = torch.full((len(yv), 1), tg.train_mean)
+        st = _row_stats(kind, const, yv)
+        maj[:, e] = _metric(kind, _by_slot(st, a.slot, n_pos)).float()
+
+    rnd = None
+    rnd_note = None
+    if "random_model" in controls:
+        rmodel, rnd_note = _random_model(model, seed)
+        if rmodel is not None:
+            rtr, revs = gather(rmodel)
+            rmetric, _, _ = _fit_and_score(rtr, revs, names, tg, tg.index(rtr.labels)[None],
+                                           {s: tg.index(a.labels)[None] for s, a in revs.items()},
+                                           by_position, n_pos, C, alpha, max_iter)
+            rnd = rmetric[:, 0]
+
+    # assemble [hook kind, layer, position, split]
+    kinds_ = list(dict.fromkeys(hook_kind(n) for n in names))
+    n_layers = int(model.cfg.n_layers)
+    layer_labels = [str(L) for L in range(n_layers)]
+    if any(hook_layer(n) is None for n in names):
+        layer_labels.append("-")
+    shape = (len(kinds_), len(layer_labels), 1 + n_pos, len(splits))
+    nan = lambda: torch.full(shape, float("nan"))  # noqa: E731
+    values, shuffled, control, random_model, n_rows = nan(), nan(), nan(), nan(), nan()
+    majority = nan()
+    for i, nm in enumerate(names):
+        h = kinds_.index(hook_kind(nm))
+        L = hook_layer(nm)
+        li = L if L is not None else len(layer_labels) - 1
+        values[h, li] = metric[i, 0].float()
+        n_rows[h, li] = counts[i, 0].float()
+        majority[h, li] = maj
+        if "shuffled" in variants:
+            shuffled[h, li] = metric[i, variants.index("shuffled")].float()
+        if "control" in variants:
+            control[h, li] = metric[i, variants.index("control")].float()
+        if rnd is not None:
+            random_model[h, li] = rnd[i].float()
+    extra = {"shuffled": shuffled, "control": control, "selectivity": values - control,
+             "random_model": random_model, "majority": majority, "n": n_rows}
+
+    slot_pos = {s: a.pos[a.example == a.example[0]].tolist() for s, a in evs.items()}
+    settings = _model_meta(model) | {
+        "feature": feature, "kind": kind, "metric": "accuracy" if kind == "logistic" else "r2",
+        "hooks": names, "position_rule": tr.position_rule, "by_position": by_position,
+        "position_probes": "per_position" if by_position else "pooled",
+        "slot_meaning": f"slot k = k-th position selected by rule {tr.position_rule!r} in an example; "
+                        f"token positions per split in slot_pos",
+        "slot_pos": slot_pos, "C": C if kind == "logistic" else None, "alpha": alpha if kind == "ridge" else None,
+        "controls": controls, "control_task": "label drawn at random per (token, position) type",
+        "random_model": rnd_note, "seed": seed, "classes": tg.classes.tolist() if tg.classes is not None else None,
+        "splits": {s: {"length": (train if s == "train" else ev_batches[s]).length,
+                       "n": (train if s == "train" else ev_batches[s]).n, "rows": evs[s].n_rows,
+                       "objective": (train if s == "train" else ev_batches[s]).objective} for s in splits},
+    }
+    sweep = ProbeSweep(kind="probe_sweep", values=values, axes=("hook", "layer", "position", "split"),
+                       labels={"hook": kinds_, "layer": layer_labels,
+                               "position": ["all"] + [str(k) for k in range(n_pos)], "split": splits},
+                       settings=settings, extra=extra)
+    # fitted probes (true labels), with their training rows' means for interventions
+    y_true = tg.index(tr.labels)
+    base_meta = _model_meta(model) | {"train": _train_desc(train, tr), "C": settings["C"], "alpha": settings["alpha"]}
+    for (nm, pos), (W, b) in fits.items():
+        keep = torch.ones(tr.n_rows) if pos == "all" else (tr.slot == int(pos)).float()
+        h, L = kinds_.index(hook_kind(nm)), hook_layer(nm)
+        li = L if L is not None else len(layer_labels) - 1
+        p = 0 if pos == "all" else 1 + int(pos)
+        scores = {s: float(values[h, li, p, e]) for e, s in enumerate(splits)}
+        sweep.probes[(nm, pos)] = _probe_from(nm, feature, tg, W, b, tr.acts[nm], y_true, keep, tr.shapes[nm],
+                                              tr.position_rule, None if pos == "all" else int(pos),
+                                              base_meta | {"train": dict(base_meta["train"]), "scores": scores})
+    return sweep
+
+
+def _random_model(model, seed: int):
+    """A freshly initialised model of the same probekit config (another seed), or (None, reason)."""
+    cfg = getattr(model, "probekit_config", None)
+    if cfg is None:
+        return None, "unavailable: not a probekit model (no probekit_config)"
+    from probekit.model import build_model
+
+    new_seed = int(cfg.seed) + 1 + 1000 * (int(seed) + 1)
+    m = build_model(replace(cfg, seed=new_seed), device=model_device(model))
+    m.probekit_name = f"random-init(seed={new_seed})"
+    return m, f"build_model(same config, seed={new_seed})"
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[Path]:
+    """PNG heatmaps (layer x position, one panel per split) per hook kind, and metric vs split per (hook, layer).
+
+    Files are written to a temporary name and renamed, so no partial figure looks complete.
+    """
+    from probekit.viz import _plt
+
+    plt = _plt()
+    folder = Path(folder)
+    paths = []
+    metric = sweep.settings.get("metric", "value")
+    splits = sweep.labels["split"]
+    vals = sweep.values
+    vmin = 0.0  # R^2 below 0 (worse than the mean) saturates at the bottom of the scale
+    for h, hk in enumerate(sweep.labels["hook"]):
+        v = vals[h]  # layer position split
+        rows = [i for i in range(v.shape[0]) if not torch.isnan(v[i]).all()]
+        fig, axs = plt.subplots(1, len(splits), figsize=(min(24, (0.35 * v.shape[1] + 2) * len(splits)),
+                                                          max(2.5, 0.4 * len(rows) + 1.6)), squeeze=False)
+        for e, sp in enumerate(splits):
+            ax = axs[0, e]
+            im = ax.imshow(v[rows][:, :, e].numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=1.0)
+            ax.set_yticks(range(len(rows)), [sweep.labels["layer"][i] for i in rows], fontsize=7)
+            ax.set_xticks(range(v.shape[1]), sweep.labels["position"], fontsize=7, rotation=90)
+            ax.set_xlabel("position (slot)")
+            ax.set_ylabel("layer")
+            ax.set_title(f"{sp} (len {sweep.settings['splits'][sp]['length']})", fontsize=9)
+        fig.colorbar(im, ax=axs[0, -1], fraction=0.046, pad=0.04, label=metric)
+        fig.suptitle(f"{metric} of probes for {sweep.settings.get('feature')} at {hk} "
+                     f"({sweep.settings.get('position_probes')})", fontsize=10)
+        fig.tight_layout()
+        path = folder / f"{prefix}heatmap_{hk.replace('.', '_')}.png"
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for h, hk in enumerate(sweep.labels["hook"]):
+        for L, lk in enumerate(sweep.labels["layer"]):
+            v = sweep.values[h, L, 0]
+            if not torch.isnan(v).all():
+                ax.plot(range(len(splits)), v.numpy(), marker="o", label=f"{hk} L{lk}")
+    rm = sweep.extra.get("random_model")
+    if rm is not None and not torch.isnan(rm[:, :, 0]).all():
+        ax.plot(range(len(splits)), np.nanmax(rm[:, :, 0].reshape(-1, len(splits)).numpy(), axis=0), "k:",
+                label="random model (best)")
+    maj = sweep.extra["majority"][:, :, 0].reshape(-1, len(splits))
+    ax.plot(range(len(splits)), np.nanmax(maj.numpy(), axis=0), "k--", label="majority")
+    ax.set_xticks(range(len(splits)), [f"{s}\n(len {sweep.settings['splits'][s]['length']})" for s in splits])
+    ax.set_xlabel("split")
+    ax.set_ylabel(metric)
+    ax.set_title(f"probe {metric} vs length: {sweep.settings.get('feature')}", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = folder / f"{prefix}{metric}_vs_length.png"
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- length studies (the CLI's job)
+
+
+def probe_lengths(model, task, feature: str, hooks: str | Sequence[str], train_length: int,
+                  test_lengths: Sequence[int], n: int = 2000, n_test: int | None = None, seed: int = 0,
+                  **kwargs) -> ProbeSweep:
+    """Fit on ``n`` examples of ``train_length``; score on a fresh sample of each of ``test_lengths``.
+
+    Seeds: the training batch uses ``1000 * seed + train_length``, the test batch of length L uses
+    ``1000 * seed + 500 + L`` (so a test length equal to the training length is held-out data).
+    ``kwargs`` go to `probe_sweep` (``by_position``, ``positions``, ``controls``, ``kind``, ``C``, ...).
+    """
+    from probekit.evaluate import check_fits
+
+    if not isinstance(n, int) or n <= 0:
+        raise ProbekitError(f"n must be a positive integer, got {n!r}")
+    n_test = n_test if n_test is not None else max(1, n // 2)
+    if n_test <= 0:
+        raise ProbekitError(f"n_test must be positive, got {n_test}")
+    test_lengths = list(test_lengths)
+    if not test_lengths:
+        raise ProbekitError("test_lengths is empty; expected at least one length, e.g. [5, 6, 7]")
+    for L in [train_length, *test_lengths]:
+        check_fits(model, task, L)
+    train = task.sample(n, length=train_length, seed=1000 * seed + train_length)
+    evals = {str(L): task.sample(n_test, length=L, seed=1000 * seed + 500 + L) for L in dict.fromkeys(test_lengths)}
+    sweep = probe_sweep(model, train, feature, hooks, evals=evals, seed=seed, **kwargs)
+    for probe in sweep.probes.values():
+        probe.meta["train"]["seed"] = 1000 * seed + train_length
+    sweep.settings |= {"task": task.spec(), "train_length": train_length, "test_lengths": list(evals),
+                       "n": n, "n_test": n_test, "train_seed": 1000 * seed + train_length,
+                       "test_seeds": {L: 1000 * seed + 500 + int(L) for L in evals}}
+    return sweep
+
+
+def write_sweep(sweep: ProbeSweep, folder: str | Path, save_probes: bool = False) -> list[Path]:
+    """``sweep.json`` + ``sweep.csv`` + heatmap PNGs (+ ``probes/<hook>/`` for the pooled probes) into ``folder``.
+
+    Every file is written under a temporary name and renamed, so no partial file looks complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in (("sweep.json", sweep.to_json()), ("sweep.csv", sweep.to_frame().to_csv(index=False))):
+        tmp = folder / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
+        paths.append(folder / name)
+    paths += plot_sweep(sweep, folder)
+    if save_probes:
+        for (hook, pos), probe in sweep.probes.items():
+            if pos == "all":
+                paths.append(probe.save(folder / "probes" / hook, overwrite=True))
+    return paths

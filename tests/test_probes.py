@@ -1,0 +1,374 @@
+"""Linear probes: scikit-learn oracles, a planted feature, controls, interventions, save/load, the CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from probekit.activations import collect
+from probekit.model import ModelConfig, build_model, save_model
+from probekit.probes import Probe, ProbeSweep, fit_logistic, fit_probe, probe_sweep
+from probekit.tasks import MultiplicationTask, ProbekitError, SortingTask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two busy cores: one torch thread per process is several times faster than two (spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TASK = MultiplicationTask(digits=3, b_digits=3)
+
+
+def _model(d_model=32, n_layers=2, n_heads=4, seed=0):
+    return build_model(ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_vocab=TASK.d_vocab,
+                                   n_ctx=32, positional="learned", seed=seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = _model()
+    m.probekit_name = "rand-mult-3x3"
+    return m
+
+
+# ---------------------------------------------------------------------------- oracles
+
+
+def test_logistic_matches_sklearn_on_identical_splits():
+    """Same activations, same splits, same objective (C=1): test accuracy within 1 point of scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    task = SortingTask(n_values=16)
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_vocab=task.d_vocab, n_ctx=32, seed=0))
+    hooks = ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_post"]
+    for feature in ("rank", "target"):  # 8 and 16 classes
+        tr = collect(model, task.sample(250, length=8, seed=0), hooks, feature=feature)  # 2000 rows
+        te = collect(model, task.sample(125, length=8, seed=1), hooks, feature=feature)
+        X, Xt = tr.stacked(), te.stacked()
+        classes = torch.unique(tr.labels)
+        y = torch.searchsorted(classes, tr.labels)
+        W, b, _ = fit_logistic(X, y[None, None].expand(2, 1, -1), torch.ones(X.shape[:2]), len(classes))
+        majority = float((te.labels == torch.mode(tr.labels).values).float().mean())
+        for g in range(2):
+            ours = float((classes[(Xt[g] @ W[g, 0] + b[g, 0]).argmax(-1)] == te.labels).float().mean())
+            with threadpool_limits(1), warnings.catch_warnings():  # one BLAS thread: 2 busy cores
+                warnings.simplefilter("ignore")
+                clf = LogisticRegression(C=1.0, max_iter=5000).fit(X[g].numpy(), tr.labels.numpy())
+            assert clf.n_iter_[0] < 5000  # scikit-learn converged: both sides solve the same problem
+            theirs = clf.score(Xt[g].numpy(), te.labels.numpy())
+            assert abs(ours - theirs) <= 0.01, (feature, hooks[g], ours, theirs)
+            assert ours > majority + 0.1  # above chance: not a comparison of two constant predictors
+
+
+def test_ridge_matches_sklearn(model):
+    from sklearn.linear_model import Ridge
+
+    train, test = TASK.sample(120, seed=0), TASK.sample(80, seed=1)
+    probe = fit_probe(model, train, "column_sum", "blocks.1.hook_resid_mid")
+    assert probe.kind == "ridge"
+    tr = collect(model, train, probe.hook, feature="column_sum")
+    te = collect(model, test, probe.hook, feature="column_sum")
+    ref = Ridge(alpha=1.0).fit(tr.acts[probe.hook].numpy(), tr.labels.numpy())
+    ours = probe.score(model, test)
+    assert ours.metric == "r2"
+    assert ours.value == pytest.approx(ref.score(te.acts[probe.hook].numpy(), te.labels.numpy()), abs=1e-4)
+    torch.testing.assert_close(probe.predict(te), torch.tensor(ref.predict(te.acts[probe.hook].numpy())).float(),
+                               atol=1e-2, rtol=1e-4)
+
+
+def test_score_confusion_and_calibration(model):
+    probe = fit_probe(model, TASK.sample(200, seed=0), "carry_out", "blocks.1.hook_resid_post")
+    held = TASK.sample(100, seed=3)
+    s = probe.score(model, held)
+    conf = torch.tensor(s.confusion)
+    assert conf.shape == (len(probe.classes),) * 2
+    assert int(conf.sum()) == s.n - s.n_unseen
+    assert int(conf.diag().sum()) / s.n == pytest.approx(s.value)
+    acts = probe.collect(model, held)
+    p = probe.predict_proba(acts)
+    torch.testing.assert_close(p.sum(-1), torch.ones(len(p)))
+    cal = probe.calibrate(model, held)
+    assert cal.temperature != 1.0
+    assert cal.score(model, held).nll <= s.nll + 1e-6  # fitted to minimise it on this batch
+    assert cal.score(model, held).value == pytest.approx(s.value)  # temperature never changes the argmax
+
+
+# ---------------------------------------------------------------------------- a planted feature
+
+
+def _planted(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.where(batch.pred_mask, torch.randint(0, 2, batch.tokens.shape, generator=g),
+                      torch.full_like(batch.tokens, -1))
+    return replace(batch, features={**batch.features, "planted": lab})
+
+
+@pytest.fixture(scope="module")
+def planted(model):
+    """A random binary label at every predicting position, added along a known direction v at blocks.0.hook_resid_pre.
+
+    Only v carries the label: it is independent of the tokens, so nothing else in the model can encode it.
+    """
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    v = v / v.norm()
+    train, test = _planted(TASK.sample(300, seed=0), 1), _planted(TASK.sample(200, seed=2), 3)
+    labels = {train.n: train.features["planted"], test.n: test.features["planted"]}
+
+    def plant(x, hook):
+        lab = labels[x.shape[0]]  # one chunk per batch (chunk_size >= n)
+        return x + 2.0 * torch.where(lab >= 0, 2.0 * lab - 1, 0.0)[..., None] * v
+
+    return v, train, test, [("blocks.0.hook_resid_pre", plant)]
+
+
+def test_planted_feature_recovered_with_controls(model, planted):
+    v, train, test, plant = planted
+    with model.hooks(fwd_hooks=plant):
+        sw = probe_sweep(model, train, "planted", "resid_pre,resid_post", evals={"test": test}, chunk_size=512)
+    assert sw.axes == ("hook", "layer", "position", "split")
+    assert sw.labels["split"] == ["train", "test"]
+    acc = sw.values[:, :, 0, 1]
+    assert (acc > 0.97).all()
+    # the probe's direction is the planted one
+    assert float((sw.probe("blocks.0.hook_resid_pre").basis()[:, 0] @ v).abs()) > 0.95
+    # controls: shuffled labels and the unplanted random model sit at chance; selectivity is reported
+    assert ((sw.extra["shuffled"][:, :, 0, 1] - 0.5).abs() < 0.08).all()
+    assert ((sw.extra["random_model"][:, :, 0, 1] - 0.5).abs() < 0.08).all()
+    assert ((sw.extra["majority"][:, :, 0, 1] - 0.5).abs() < 0.05).all()
+    sel = sw.extra["selectivity"][:, :, 0, 1]
+    torch.testing.assert_close(sel, acc - sw.extra["control"][:, :, 0, 1])
+    assert (sel > 0.1).all()
+    assert "random_model" in sw.settings["controls"] and sw.settings["random_model"].startswith("build_model")
+
+
+def test_project_out_destroys_downstream_readout(model, planted):
+    v, train, test, plant = planted
+    with model.hooks(fwd_hooks=plant):
+        early = fit_probe(model, train, "planted", "blocks.0.hook_resid_pre", chunk_size=512)
+        readout = fit_probe(model, train, "planted", "blocks.1.hook_resid_post", chunk_size=512)
+        assert readout.score(model, test, chunk_size=512).value > 0.97
+        with early.intervene(model, mode="project_out"):
+            assert abs(readout.score(model, test, chunk_size=512).value - 0.5) < 0.08
+        # removing a random direction instead leaves the readout intact
+        other = replace(early, weight=torch.randn(early.d, 2, generator=torch.Generator().manual_seed(5)))
+        with other.intervene(model, mode="project_out"):
+            assert readout.score(model, test, chunk_size=512).value > 0.95
+        for cls in (0, 1):
+            with early.intervene(model, mode="steer", value=cls):
+                acts = readout.collect(model, test, chunk_size=512)
+                assert float((readout.predict(acts) == cls).float().mean()) > 0.95
+        # only at the chosen positions: steering at position 0 alone changes nothing that is read
+        with early.intervene(model, mode="steer", value=1, positions=[0]):
+            assert readout.score(model, test, chunk_size=512).value > 0.95
+    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_by_position_and_lengths(model):
+    evals = {"3": TASK.sample(60, seed=1), "4": TASK.sample(60, length=4, seed=2)}
+    sw = probe_sweep(model, TASK.sample(150, seed=0), "carry_out", ["resid_post", "hook_embed"], evals=evals,
+                     by_position=True, controls=("shuffle",))
+    assert sw.labels["layer"] == ["0", "1", "-"]  # hook_embed is outside the blocks
+    assert sw.labels["position"] == ["all"] + [str(k) for k in range(7)]  # 4x3 digits: 7 answer steps
+    h = sw.labels["hook"].index("hook_resid_post")
+    assert torch.isnan(sw.values[h, 2]).all() and not torch.isnan(sw.values[h, 0, 0]).any()
+    assert torch.isnan(sw.values[h, 0, 7, 2])  # no per-position probe for step 6, never seen in training
+    assert not torch.isnan(sw.values[h, 0, 6, 1])  # step 5 exists at length 3
+    assert torch.isnan(sw.extra["random_model"]).all()  # not requested
+    # a per-position probe is trained only on its slot's rows
+    p = sw.probe("resid_post", 1, position=2)
+    assert p.slot == 2 and p.meta["train"]["rows"] == 900
+    frame = sw.to_frame()
+    assert {"value", "shuffled", "control", "selectivity", "random_model", "majority", "n"} <= set(frame.columns)
+    assert len(frame) == sw.values.numel()
+    back = ProbeSweep.from_json(sw.to_json())
+    assert isinstance(back, ProbeSweep) and back == sw
+    assert "hook_resid_post" in sw.summary()
+    where, best = sw.best(split="3")
+    assert best == pytest.approx(float(torch.nan_to_num(sw.values[:, :, 0, 1], nan=-1).max()))
+    assert sw.values[sw.labels["hook"].index(where["hook"]), sw.labels["layer"].index(where["layer"]), 0, 1] == best
+
+
+def test_sweep_probe_equals_single_fit(model):
+    train = TASK.sample(100, seed=0)
+    sw = probe_sweep(model, train, "carry_out", "resid_mid", controls=False)
+    for L in range(2):
+        single = fit_probe(model, train, "carry_out", f"blocks.{L}.hook_resid_mid")
+        batched = sw.probe("resid_mid", L)
+        test = TASK.sample(60, seed=9)
+        assert abs(single.score(model, test).value - batched.score(model, test).value) <= 0.01
+
+
+def test_bad_inputs(model):
+    train = TASK.sample(40, seed=0)
+    with pytest.raises(ProbekitError, match="unknown hook 'resid'.*hook_resid_pre"):
+        probe_sweep(model, train, "carry_out", "resid")
+    with pytest.raises(ProbekitError, match="feature 'rank' is not defined"):
+        probe_sweep(model, train, "rank", "resid_pre")
+    with pytest.raises(ProbekitError, match="empty position mask"):
+        fit_probe(model, train, "operand_digit", "blocks.0.hook_resid_pre", positions="pred")
+    one = replace(train, features={**train.features, "one": torch.where(train.pred_mask, 3, -1)})
+    with pytest.raises(ProbekitError, match="single class \\(3\\)"):
+        fit_probe(model, one, "one", "blocks.0.hook_resid_pre")
+    with pytest.raises(ProbekitError, match="names 2 hooks"):
+        fit_probe(model, train, "carry_out", "resid_pre")
+    with pytest.raises(ProbekitError, match="unknown control"):
+        probe_sweep(model, train, "carry_out", "resid_pre", controls=("shuffle", "permute"))
+    with pytest.raises(ProbekitError, match="unknown probe kind"):
+        fit_probe(model, train, "carry_out", "blocks.0.hook_resid_pre", kind="svm")
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    probe = fit_probe(model, TASK.sample(150, seed=0), "carry_out", "blocks.1.hook_resid_post")
+    folder = probe.save(tmp_path_factory.mktemp("probe") / "carry")
+    return probe, folder
+
+
+def test_save_load_roundtrip_and_metadata(model, saved):
+    probe, folder = saved
+    back = Probe.load(folder, model=model)
+    acts = collect(model, TASK.sample(30, seed=4), probe.hook, feature="carry_out")
+    torch.testing.assert_close(back.logits(acts), probe.logits(acts))
+    meta = json.loads((folder / "probe.json").read_text())
+    assert meta["hook"] == "blocks.1.hook_resid_post" and meta["feature"] == "carry_out"
+    assert meta["position_rule"] == "feature" and meta["classes"] == probe.classes
+    assert meta["meta"]["model"] == "rand-mult-3x3"
+    assert meta["meta"]["config_hash"] == model.probekit_config.hash()
+    assert meta["meta"]["train"] == {"task": "multiplication", "objective": "product", "length": 3, "n": 150,
+                                     "rows": 900, "seed": None}
+    assert 0 < meta["meta"]["scores"]["train"] <= 1
+
+
+def test_saved_probe_works_on_a_bridge_built_elsewhere(model, saved):
+    """A plain TransformerLens bridge (no probekit) with the same weights gives the same predictions."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    probe, folder = saved
+    c = model.cfg
+    cfg = TransformerBridgeConfig(d_model=c.d_model, d_head=c.d_head, n_layers=c.n_layers, n_ctx=c.n_ctx,
+                                  n_heads=c.n_heads, d_vocab=c.d_vocab, d_mlp=c.d_mlp, act_fn="relu",
+                                  normalization_type="LN", positional_embedding_type="standard", seed=123)
+    other = TransformerBridge.boot_native(cfg)
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    assert getattr(other, "probekit_config", None) is None
+    loaded = Probe.load(folder, model=other)
+    batch = TASK.sample(50, seed=7)
+    assert loaded.score(other, batch).value == pytest.approx(probe.score(model, batch).value)
+
+
+def test_load_refuses_mismatched_models(saved):
+    _, folder = saved
+    with pytest.raises(ProbekitError, match="d_model=32; this model has d_model=48"):
+        Probe.load(folder, model=_model(d_model=48))
+    with pytest.raises(ProbekitError, match="does not exist in this model \\(1 layers\\)"):
+        Probe.load(folder, model=_model(n_layers=1))
+
+
+def test_hook_layout_mismatch(model, tmp_path):
+    z = fit_probe(model, TASK.sample(60, seed=0), "carry_out", "blocks.0.attn.hook_z")
+    assert z.act_shape == (4, 8)
+    z.save(tmp_path / "z")
+    with pytest.raises(ProbekitError, match=r"hook layout differs.*\[4, 8\].*\[8, 4\]"):
+        Probe.load(tmp_path / "z", model=_model(n_heads=8))
+
+
+def test_corrupted_probe_files(saved, tmp_path):
+    import shutil
+
+    _, folder = saved
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(folder, dst)
+        return dst
+
+    bad = copy("truncated")
+    raw = (bad / "probe.safetensors").read_bytes()
+    (bad / "probe.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ProbekitError, match="corrupted") as e:
+        Probe.load(bad)
+    assert "\n" not in str(e.value)
+    bad = copy("badjson")
+    (bad / "probe.json").write_text("{not json")
+    with pytest.raises(ProbekitError, match="not valid JSON"):
+        Probe.load(bad)
+    bad = copy("missing")
+    (bad / "probe.safetensors").unlink()
+    with pytest.raises(ProbekitError, match="not found"):
+        Probe.load(bad)
+    bad = copy("shape")  # consistent sha but weights of another size
+    meta = json.loads((bad / "probe.json").read_text())
+    meta["d"] = 16
+    (bad / "probe.json").write_text(json.dumps(meta))
+    with pytest.raises(ProbekitError, match="tensor 'weight'"):
+        Probe.load(bad)
+    with pytest.raises(ProbekitError, match="not empty"):
+        Probe.save(Probe.load(folder), folder)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    return save_model(model, tmp_path_factory.mktemp("m") / "rand-mult", TASK, name="rand-mult")
+
+
+def test_cli_probe_writes_json_csv_png(model, model_dir, tmp_path, capsys):
+    from probekit.cli import main
+
+    out = tmp_path / "out"
+    args = ["probe", "--model", str(model_dir), "--feature", "carry_out", "--hooks", "resid_pre,resid_post",
+            "--train-length", "3", "--test-lengths", "3,4", "--n", "80", "--seed", "0", "--out", str(out),
+            "--save-probes"]
+    assert main(args) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"sweep.json", "sweep.csv", "heatmap_hook_resid_pre.png", "heatmap_hook_resid_post.png",
+            "accuracy_vs_length.png"} <= names
+    assert not any(n.endswith(".tmp") or ".tmp." in n for n in names)
+    sw = ProbeSweep.from_json((out / "sweep.json").read_text())
+    assert sw.labels["split"] == ["train", "3", "4"]
+    assert sw.settings["splits"]["4"]["length"] == 4 and sw.settings["command"]["n"] == 80
+    assert (out / "sweep.csv").read_text().count("\n") == sw.values.numel() + 1
+    saved = Probe.load(out / "probes" / "blocks.1.hook_resid_post", model=model)
+    assert saved.meta["train"]["seed"] == 3 and saved.meta["scores"]["4"] == pytest.approx(sw.values[1, 1, 0, 2].item())
+    assert main(args) == 2  # non-empty --out without --overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--hooks", "resid_typo"), "unknown hook 'resid_typo'"),
+    (("--feature", "rank"), "feature 'rank' is not defined"),
+    (("--feature", "operand_digit", "--positions", "pred"), "empty position mask"),
+    (("--test-lengths", "3,x"), "comma-separated integers"),
+    (("--test-lengths", "20"), "n_ctx"),
+    (("--n", "0"), "--n must be positive"),
+])
+def test_cli_bad_input_exits_2(model_dir, tmp_path, capsys, change, message):
+    from probekit.cli import main
+
+    args = {"--model": str(model_dir), "--feature": "carry_out", "--hooks": "resid_pre", "--train-length": "3",
+            "--test-lengths": "3", "--n": "20", "--out": str(tmp_path / "o")}
+    for k, v in zip(change[::2], change[1::2], strict=True):
+        args[k] = v
+    assert main(["probe", *[x for kv in args.items() for x in kv]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
