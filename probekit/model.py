@@ -205,23 +205,31 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     raise ProbekitError(f"no model folder or shipped model named {str(name_or_path)!r}; shipped models: {names}")
 
 
-def read_config(folder: str | Path) -> dict:
-    """A model folder's config.json, checked for missing/unknown fields and a compatible version."""
-    path = Path(folder) / "config.json"
+def read_json_config(path: str | Path, required: set[str], what: str) -> dict:
+    """A JSON object from ``path`` with the ``required`` keys and no keys outside `CONFIG_KEYS`."""
+    path = Path(path)
     if not path.exists():
-        raise ProbekitError(f"{path} not found; expected a model folder with config.json and model.safetensors")
+        raise ProbekitError(f"{path} not found; expected {what}")
     try:
         conf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ProbekitError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(conf, dict):
         raise ProbekitError(f"{path} must hold a JSON object, got {type(conf).__name__}")
-    missing = sorted({"model", "task", "probekit_version"} - set(conf))
+    missing = sorted(required - set(conf))
     unknown = sorted(set(conf) - CONFIG_KEYS)
     if missing:
-        raise ProbekitError(f"{path} is missing field(s) {missing}; expected {sorted(CONFIG_KEYS)}")
+        raise ProbekitError(f"{path} is missing field(s) {missing}; expected {sorted(required)}")
     if unknown:
         raise ProbekitError(f"{path} has unknown field(s) {unknown}; expected a subset of {sorted(CONFIG_KEYS)}")
+    return conf
+
+
+def read_config(folder: str | Path) -> dict:
+    """A model folder's config.json, checked for missing/unknown fields and a compatible version."""
+    path = Path(folder) / "config.json"
+    conf = read_json_config(path, {"model", "task", "probekit_version"},
+                            "a model folder with config.json and model.safetensors")
     major = str(conf["probekit_version"]).split(".")[0]
     if major != __version__.split(".")[0]:
         raise ProbekitError(f"{path} was written by probekit {conf['probekit_version']}; this is {__version__} (major versions differ)")

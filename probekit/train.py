@@ -27,6 +27,7 @@ from probekit.model import (
     _write_json,
     build_model,
     ensure_empty_dir,
+    read_json_config,
     save_model,
 )
 from probekit.tasks import Mixture, ProbekitError, Task, task_from_spec
@@ -102,23 +103,7 @@ def step_length(cfg: TrainConfig, step: int) -> int:
 def load_run_config(path: str | Path) -> tuple[ModelConfig, Task, TrainConfig, dict]:
     """Read a training config file: a JSON object with ``model``, ``task`` and ``train`` (a shipped
     model's config.json is one, so ``probekit train --config models/NAME/config.json`` retrains it)."""
-    from probekit.model import CONFIG_KEYS
-
-    path = Path(path)
-    if not path.exists():
-        raise ProbekitError(f"config file {path} not found")
-    try:
-        conf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ProbekitError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(conf, dict):
-        raise ProbekitError(f"{path} must hold a JSON object with 'model', 'task' and 'train'")
-    missing = sorted({"model", "task", "train"} - set(conf))
-    unknown = sorted(set(conf) - CONFIG_KEYS)
-    if missing:
-        raise ProbekitError(f"{path} is missing field(s) {missing}; expected 'model', 'task' and 'train'")
-    if unknown:
-        raise ProbekitError(f"{path} has unknown field(s) {unknown}; expected a subset of {sorted(CONFIG_KEYS)}")
+    conf = read_json_config(path, {"model", "task", "train"}, "a JSON config with 'model', 'task' and 'train'")
     task = task_from_spec(conf["task"])
     mdict = dict(conf["model"]) if isinstance(conf["model"], dict) else conf["model"]
     if isinstance(mdict, dict):

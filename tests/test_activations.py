@@ -10,15 +10,6 @@ from probekit.model import ModelConfig, build_model
 from probekit.tasks import MultiplicationTask, ProbekitError, SortingTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two busy cores: one torch thread per process is several times faster than two (spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mult():
     task = MultiplicationTask(digits=3, b_digits=2)

@@ -17,14 +17,6 @@ from probekit.tasks import MultiplicationTask, ProbekitError, SortingTask
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two busy cores are shared: one thread avoids OpenMP spin-waiting under load (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def mult_pair(tiny_mult):

@@ -14,16 +14,6 @@ from probekit.model import ModelConfig, build_model, save_model
 from probekit.probes import Probe, ProbeSweep, fit_logistic, fit_probe, probe_sweep
 from probekit.tasks import MultiplicationTask, ProbekitError, SortingTask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two busy cores: one torch thread per process is several times faster than two (spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TASK = MultiplicationTask(digits=3, b_digits=3)
 
 
