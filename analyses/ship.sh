@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Ship trained zoo models: copy runs/zoo/NAME into models/NAME, evaluate (metrics.json), write the card.
+#   bash analyses/ship.sh NAME ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PK=.venv/bin/probekit
+for name in "$@"; do
+  src=runs/zoo/$name
+  [ -f "$src/model.safetensors" ] || { echo "skip $name: not trained"; continue; }
+  mkdir -p models/$name
+  cp "$src/model.safetensors" "$src/config.json" "$src/train_log.jsonl" models/$name/
+  case $name in
+    sort-*) lengths=10,20,30,50,100 ;;
+    mult-extrap) lengths=1,2,3,4,5 ;;
+    *) lengths=$(.venv/bin/python -c "import json;print(json.load(open('models/$name/config.json'))['task']['digits'])") ;;
+  esac
+  $PK eval --model "$name" --lengths "$lengths" --n 500 --seed 0 --save-metrics
+done
+.venv/bin/python analyses/make_cards.py "$@"
