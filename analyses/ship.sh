@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Ship trained zoo models: copy runs/zoo/NAME into models/NAME, evaluate (metrics.json), write the card.
-#   bash analyses/ship.sh NAME ...
+# Ship trained zoo models: copy runs/zoo/RUN into models/NAME, evaluate (metrics.json), write the card.
+#   bash analyses/ship.sh NAME ...        (RUN = NAME)
+#   bash analyses/ship.sh RUN:NAME ...    (a run shipped under another name, e.g. mult-3x3-v2:mult-3x3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PK=.venv/bin/probekit
-for name in "$@"; do
-  src=runs/zoo/$name
+names=()
+for arg in "$@"; do
+  run=${arg%%:*}
+  name=${arg##*:}
+  names+=("$name")
+  src=runs/zoo/$run
   [ -f "$src/model.safetensors" ] || { echo "skip $name: not trained"; continue; }
   mkdir -p models/$name
   cp "$src/model.safetensors" "$src/config.json" "$src/train_log.jsonl" models/$name/
@@ -16,4 +21,4 @@ for name in "$@"; do
   esac
   $PK eval --model "$name" --lengths "$lengths" --n 500 --seed 0 --save-metrics
 done
-.venv/bin/python analyses/make_cards.py "$@"
+.venv/bin/python analyses/make_cards.py "${names[@]}"
