@@ -34,9 +34,8 @@ FORMATS = (".png", ".svg")
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """pyplot; with no display and no backend chosen (scripts, CI) matplotlib falls back to Agg by itself,
+    and a notebook keeps its inline backend."""
     import matplotlib.pyplot as plt
 
     return plt
