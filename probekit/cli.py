@@ -103,18 +103,12 @@ _ATTRIBUTE_AXES = {"dla": ("dla_head", ("pos", "layer", "head")), "ablate": ("he
                    "attrib-patch": ("attrib_patch_heads", ("layer", "pos", "head"))}
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    import os
-
-    os.replace(tmp, path)
-
-
 def _save_result(res, out: Path, stem: str, figure=None) -> list[str]:
     """``<stem>.json`` + ``<stem>.csv`` (+ ``<stem>.png`` drawn by ``figure``), each written atomically."""
-    _write_atomic(out / f"{stem}.json", lambda p: p.write_text(res.to_json()))
-    _write_atomic(out / f"{stem}.csv", lambda p: res.to_frame().to_csv(p, index=False))
+    from probekit.results import atomic_write
+
+    atomic_write(out / f"{stem}.json", lambda p: p.write_text(res.to_json()))
+    atomic_write(out / f"{stem}.csv", lambda p: res.to_frame().to_csv(p, index=False))
     names = [f"{stem}.json", f"{stem}.csv"]
     if figure is not None:
         figure(res, out / f"{stem}.png")
@@ -154,6 +148,7 @@ def attribute(
     from probekit import viz
     from probekit.evaluate import check_fits
     from probekit.model import ensure_empty_dir, load_model
+    from probekit.results import atomic_write
     from probekit.tasks import ProbekitError
 
     if method not in ATTRIBUTE_METHODS:
@@ -215,8 +210,8 @@ def attribute(
         for name, r in (("attrib_mlp", ap.mlp), ("exact_heads", ap.exact_heads), ("exact_mlp", ap.exact_mlp)):
             if r is not None:
                 written += _save_result(r, out, name, viz.layer_pos_heatmap)
-        _write_atomic(out / "agreement.json", lambda p: p.write_text(json.dumps(ap.agreement, indent=2) + "\n"))
-        _write_atomic(out / "attribution_patching.json", lambda p: p.write_text(ap.to_json()))
+        atomic_write(out / "agreement.json", lambda p: p.write_text(json.dumps(ap.agreement, indent=2) + "\n"))
+        atomic_write(out / "attribution_patching.json", lambda p: p.write_text(ap.to_json()))
         written += ["agreement.json", "attribution_patching.json"]
         for name, ag in ap.agreement.items():
             sp = "n/a" if ag["spearman"] is None else f"{ag['spearman']:.3f}"

@@ -188,9 +188,9 @@ def ensure_empty_dir(folder: Path, overwrite: bool = False, allow: set[str] | No
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    from probekit.results import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:

@@ -988,7 +988,7 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
 
     Files are written to a temporary name and renamed, so no partial figure looks complete.
     """
-    from probekit.viz import _plt
+    from probekit.viz import _plt, save_figure
 
     plt = _plt()
     folder = Path(folder)
@@ -1015,10 +1015,7 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
                      f"({sweep.settings.get('position_probes')})", fontsize=10)
         fig.tight_layout()
         path = folder / f"{prefix}heatmap_{hk.replace('.', '_')}.png"
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, path)
+        save_figure(fig, path)
         paths.append(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for h, hk in enumerate(sweep.labels["hook"]):
@@ -1039,10 +1036,7 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path = folder / f"{prefix}{metric}_vs_length.png"
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     paths.append(path)
     return paths
 

@@ -16,13 +16,11 @@ and files are written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import html as _html
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from probekit.results import Result
+from probekit.results import Result, atomic_write
 from probekit.tasks import Batch, ProbekitError
 
 STYLE = {
@@ -41,19 +39,6 @@ def _plt():
     return plt
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``, so no partial file looks complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_figure(fig, path: str | Path) -> list[Path]:
     """Save ``fig`` as PNG or SVG by suffix (no suffix: both); closes it. Returns the paths written."""
     plt = _plt()
@@ -66,7 +51,7 @@ def save_figure(fig, path: str | Path) -> list[Path]:
         raise ProbekitError(f"figure path {str(path)!r} has suffix {path.suffix!r}; expected .png, .svg or none (both)")
     with plt.rc_context(STYLE):
         for p in paths:
-            _atomic_write(p, lambda tmp, p=p: fig.savefig(tmp, format=p.suffix[1:].lower(), bbox_inches="tight"))
+            atomic_write(p, lambda tmp, p=p: fig.savefig(tmp, format=p.suffix[1:].lower(), bbox_inches="tight"))
     plt.close(fig)
     return paths
 
@@ -340,7 +325,7 @@ def attention_html(model, batch: Batch | torch.Tensor, task=None, example: int =
             f"{view.local_src}\n</body></html>\n")
     if path is not None:
         p = Path(path)
-        _atomic_write(p, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        atomic_write(p, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return page
 
 
