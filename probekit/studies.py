@@ -140,7 +140,7 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
                  + ", ".join(f"{L}: {_pct(v)}" for L, v in top1.items())
                  + f" (uniform attention would give {_pct(float(roles_t[ref, best, 2]))} at length 20).", cmd)
         p_all = sweep_p.labels["position"].index("all")
-        splits = sweep_p.labels["split"]
+        splits = ["20 (fit)" if s == "train" else s for s in sweep_p.labels["split"]]
         cells = []
         for hi, hk in enumerate(sweep_p.labels["hook"]):
             for li, lk in enumerate(sweep_p.labels["layer"]):
@@ -186,7 +186,8 @@ def carry_study(models: tuple[str, ...] = ("mult-5x1", "mult-3x3", "mult-extrap"
     for name in have:
         model, task, conf = _load(name)
         lo, hi = (conf.get("train") or {}).get("lengths", [task.digits, task.digits])
-        lengths = [hi] + [L for L in (hi + 1, hi + 2) if lo != hi and task.seq_len(L) <= model.cfg.n_ctx]
+        # trained length first, then (for a model trained on a range) the other trained and the longer lengths
+        lengths = [hi] + [L for L in [*range(lo, hi), hi + 1, hi + 2] if lo != hi and task.seq_len(L) <= model.cfg.n_ctx]
         train_b = task.sample(sz["n_probe"], length=hi, seed=seed + 1)
         evals = {str(L): task.sample(max(64, sz["n_probe"] // 4), length=L, seed=seed + 10 + L) for L in lengths[1:]}
         for feat in ("carry_out", "column_sum"):
@@ -197,7 +198,8 @@ def carry_study(models: tuple[str, ...] = ("mult-5x1", "mult-3x3", "mult-extrap"
             hi_ = sw.labels["hook"].index(bh["hook"])
             li = sw.labels["layer"].index(bh["layer"])
             p_all = sw.labels["position"].index("all")
-            by_len = {s: float(sw.values[hi_, li, p_all, j]) for j, s in enumerate(sw.labels["split"])}
+            by_len = {(f"{hi} (fit)" if s == "train" else s): float(sw.values[hi_, li, p_all, j])
+                      for j, s in enumerate(sw.labels["split"])}
             sel = float(sw.extra["selectivity"][hi_, li, p_all, 0])
             metric = sw.settings.get("metric", "accuracy")
             st.claim(f"{name}: {feat} is best read at {bh['hook']} layer {bh['layer']} ({metric} "
