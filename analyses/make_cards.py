@@ -99,7 +99,10 @@ def table(folders: list[Path]) -> str:
         m, t = conf["model"], conf["train"]
         em = ", ".join(f"{r['length']}: {pct(r['exact_match'])}" for r in metrics["records"])
         obj = "+".join(t["objectives"] or ["own"])
-        rows.append(f"| {folder.name} | {m['n_layers']} | {m['d_model']} | {m['n_heads']} | {m['positional']} | "
+        label = folder.name
+        if conf.get("name") not in (None, folder.name) and (MODELS / conf["name"]).is_dir():
+            label = f"{folder.name} (shipped as {conf['name']})"
+        rows.append(f"| {label} | {m['n_layers']} | {m['d_model']} | {m['n_heads']} | {m['positional']} | "
                     f"{m['length_temperature']} | {obj} | {t['steps']} | "
                     f"{t.get('extra', {}).get('train_seconds', 0) / 60:.1f} | {em} |")
     return "\n".join(rows) + "\n"
