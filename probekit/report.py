@@ -45,12 +45,11 @@ def _table_html(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _overview_figures(st) -> list[str]:
+def _overview_figures(st):
     from probekit.evaluate import EvalResult
     from probekit.studies import _metrics
     from probekit.viz import accuracy_vs_length
 
-    out = []
     for prefix in ("sort", "mult"):
         res = {}
         for name in shipped_models():
@@ -58,28 +57,24 @@ def _overview_figures(st) -> list[str]:
             if name.startswith(prefix) and m:
                 res[name] = EvalResult(**{k: m[k] for k in ("model", "task", "seed", "records")})
         if res:
-            out.append(accuracy_vs_length(res, title=f"{prefix}: exact match vs length (greedy)"))
-    return out
+            yield accuracy_vs_length(res, title=f"{prefix}: exact match vs length (greedy)")
 
 
-def _hint_figures(st) -> list[str]:
+def _hint_figures(st):
     from probekit.viz import layer_head_heatmap, mechanism_vs_length
 
-    out = []
     rows = st.tables.get("hint_by_length", [])
     if rows:
-        out.append(mechanism_vs_length(
-            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)"))
+        yield mechanism_vs_length(
+            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)")
     for key, r in st.results.items():
         if "/patch_z" in key:
-            out.append(layer_head_heatmap(r, title=f"{key}: normalised patching effect (1 = clean)"))
-    return out
+            yield layer_head_heatmap(r, title=f"{key}: normalised patching effect (1 = clean)")
 
 
-def _carry_figures(st) -> list[str]:
+def _carry_figures(st):
     from probekit.viz import heatmap
 
-    out = []
     for key, r in st.results.items():
         if "/probe_" in key:
             p_all = r.labels["position"].index("all")
@@ -89,11 +84,10 @@ def _carry_figures(st) -> list[str]:
             flat = Result(kind=r.kind, values=sub.reshape(-1, sub.shape[-1]), axes=("hook/layer", "split"),
                           labels={"hook/layer": [f"{h} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
                                   "split": r.labels["split"]})
-            out.append(heatmap(flat, title=f"{key}: probe {r.settings.get('metric', '')} by layer and length",
-                               cmap="viridis", symmetric=False))
+            yield heatmap(flat, title=f"{key}: probe {r.settings.get('metric', '')} by layer and length",
+                          cmap="viridis", symmetric=False)
         elif "/patch_z_digit" in key:
-            out.append(heatmap(r, title=f"{key}: normalised carry-flip patching (1 = clean)"))
-    return out
+            yield heatmap(r, title=f"{key}: normalised carry-flip patching (1 = clean)")
 
 
 FIGURES = {"overview": _overview_figures, "hint": _hint_figures, "carry": _carry_figures}
