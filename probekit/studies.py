@@ -158,7 +158,60 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
             st.claim(f"{name}: greedy exact match " + ", ".join(f"{L}: {_pct(v)}" for L, v in em.items()) + ".",
                      f"probekit eval --model {name} --lengths {','.join(map(str, em))} --n 500 --seed 0")
     st.tables["hint_by_length"] = rows
+    _hint_verdict(st, rows, cmd)
     return st
+
+
+def _last_attn_probe(sweep_p: Result) -> dict[str, float]:
+    """Probe accuracy by split at the last layer's resid_mid (after the last attention, before its MLP)."""
+    hooks = sweep_p.labels["hook"]
+    hi = next(i for i, h in enumerate(hooks) if "resid_mid" in h)
+    p_all = sweep_p.labels["position"].index("all")
+    col = sweep_p.values[hi, :, p_all]  # layer split
+    li = max(i for i in range(col.shape[0]) if not torch.isnan(col[i]).all())
+    return dict(zip(sweep_p.labels["split"], col[li].tolist(), strict=True))
+
+
+def _hint_verdict(st: Study, rows: list[dict], cmd: str) -> None:
+    """One claim per model comparing length 20 with the longest length, and one comparing the hinted
+    models with the baseline: does the hint create, sharpen or keep sharp the lookup, and does that track accuracy."""
+    by_model: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["length"]] = r
+    summary = {}
+    for name, rs in by_model.items():
+        if 20 not in rs or len(rs) < 2:
+            continue
+        long = max(rs)
+        probe = _last_attn_probe(st.results[f"{name}/probe_target"])
+        t20, tl = rs[20]["lookup_top1"], rs[long]["lookup_top1"]
+        p20, pl = probe.get("train", float("nan")), probe.get(str(long), float("nan"))
+        summary[name] = (t20, tl, p20, pl, rs[20]["exact_match"], rs[long]["exact_match"], long)
+        kept = "keeps" if tl >= 0.8 * t20 else "loses"
+        st.claim(f"{name}, length 20 -> {long}: the lookup head's top-1 rate {_pct(t20)} -> {_pct(tl)} (it {kept} "
+                 f"its sharpness), the next-output probe after the last attention layer {_pct(p20)} -> {_pct(pl)}, "
+                 f"exact match {_pct(rs[20]['exact_match'] or 0)} -> {_pct(rs[long]['exact_match'] or 0)}.", cmd)
+    base = summary.get("sort-baseline")
+    for name, (t20, tl, _p20, pl, _e20, el, long) in summary.items():
+        if name == "sort-baseline" or base is None:
+            continue
+        bt20, btl, bp20, bpl, be20, bel, _ = base
+        what = []
+        if t20 > bt20 + 0.05:
+            what.append("sharpens the lookup at the training length")
+        if tl / max(t20, 1e-9) > btl / max(bt20, 1e-9) + 0.1:
+            what.append("keeps the lookup sharper as length grows")
+        if not what:
+            what.append("neither sharpens the lookup nor keeps it sharper with length")
+        gap = (el or 0) - (bel or 0)
+        st.claim(f"Compared with sort-baseline, {name}'s hint " + " and ".join(what)
+                 + f" (top-1 {_pct(t20)} -> {_pct(tl)} vs {_pct(bt20)} -> {_pct(btl)}); the accuracy at length {long} "
+                 + (f"differs by {100 * gap:+.1f} points" if gap else "is the same")
+                 + f" ({_pct(el or 0)} vs {_pct(bel or 0)}), and the next-output probe at length {long} is "
+                 f"{_pct(pl)} vs {_pct(bpl)}: "
+                 + ("the lookup's sharpness does not account for the failure at long lengths."
+                    if (el or 0) < 0.05 and tl / max(t20, 1e-9) > btl / max(bt20, 1e-9) + 0.1
+                    else "the lookup's sharpness tracks the accuracy."), cmd)
 
 
 # ---------------------------------------------------------------------------------------------- carry study
@@ -206,6 +259,8 @@ def carry_study(models: tuple[str, ...] = ("mult-5x1", "mult-3x3", "mult-extrap"
                      + ", ".join(f"{s}: {v:.3f}" for s, v in by_len.items())
                      + f"; selectivity over the control task {sel:.3f}).", cmd)
             rows.append({"model": name, "what": f"probe {feat}", **{f"len {s}": v for s, v in by_len.items()}})
+            if feat == "carry_out":
+                rep = {int(str(k).split()[0]): v for k, v in by_len.items()}
         roles = head_roles(model, [task.sample(sz["n"], length=L, seed=seed + 20 + L) for L in lengths],
                            target="column_operands")
         st.results[f"{name}/head_roles"] = roles
@@ -238,6 +293,22 @@ def carry_study(models: tuple[str, ...] = ("mult-5x1", "mult-3x3", "mult-extrap"
         if acc:
             st.claim(f"{name}: greedy exact match " + ", ".join(f"{r['length']} digits: {_pct(r['exact_match'])}"
                                                                 for r in acc["records"]) + ".", acc.get("command", ""))
+        if len(lengths) > 1 and acc:
+            route = {L: float(roles.values[i, top, 0]) for i, L in enumerate(lengths)}
+            em = {r["length"]: r["exact_match"] for r in acc["records"]}
+            longer = [L for L in lengths if L > hi]
+            if longer:
+                L1 = min(longer)
+
+                drops = {what: (1 - d[L1] / d[hi] if d.get(hi) else float("nan")) for what, d in (
+                    ("the carry representation (carry_out probe)", rep),
+                    ("the routing (attention of the column head to the operand digits)", route))}
+                first = max(drops, key=lambda k: drops[k])
+                st.claim(f"{name}, {hi} -> {L1} digits (trained on {lo}..{hi}): carry_out probe accuracy "
+                         f"{rep[hi]:.3f} -> {rep[L1]:.3f}, {roles.labels['head'][top]}'s attention on the column's "
+                         f"operands {_pct(route[hi])} -> {_pct(route[L1])}, exact match {_pct(em.get(hi, 0))} -> "
+                         f"{_pct(em.get(L1, 0))}. Relative drops: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in drops.items())
+                         + f"; {first} breaks first.", cmd)
     st.tables["carry_probes"] = rows
     return st
 
