@@ -72,6 +72,17 @@ def value_mask(batch: Batch) -> torch.Tensor:
     return (batch.tokens[:, None, :] == tgt[:, :, None]) & (tgt[:, :, None] >= 0) & inp[:, None, :]
 
 
+def _begin(name: str, title: str, models: tuple[str, ...], size: str) -> tuple[Study, list[str], str]:
+    """A new study, the requested models that are shipped, and the command that reruns the study."""
+    from probekit.model import shipped_models
+
+    st = Study(name, title)
+    have = [m for m in models if m in shipped_models()]
+    if not have:
+        st.notes.append(f"none of {list(models)} is shipped")
+    return st, have, f"probekit report --study {name} --size {size}"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -86,17 +97,13 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
     ``successor-change`` corruptions; for each sorting model."""
     from probekit.attribution import head_attention_to
     from probekit.corruptions import corrupt
-    from probekit.model import shipped_models
     from probekit.patching import sweep
     from probekit.probes import probe_sweep
 
     sz = _size(size)
-    have = [m for m in models if m in shipped_models()]
-    st = Study("hint", "Hint mechanism: the successor lookup in sorting")
+    st, have, cmd = _begin("hint", "Hint mechanism: the successor lookup in sorting", models, size)
     if not have:
-        st.notes.append(f"none of {list(models)} is shipped")
         return st
-    cmd = f"probekit report --study hint --size {size}"
     rows = []
     for name in have:
         model, task, _ = _load(name)
@@ -224,17 +231,13 @@ def carry_study(models: tuple[str, ...] = ("mult-5x1", "mult-3x3", "mult-extrap"
     ``mult-extrap`` the same at the trained length and at longer operands."""
     from probekit.attribution import head_roles
     from probekit.corruptions import corrupt
-    from probekit.model import shipped_models
     from probekit.patching import sweep
     from probekit.probes import probe_sweep
 
     sz = _size(size)
-    have = [m for m in models if m in shipped_models()]
-    st = Study("carry", "Carry mechanism: multiplication")
+    st, have, cmd = _begin("carry", "Carry mechanism: multiplication", models, size)
     if not have:
-        st.notes.append(f"none of {list(models)} is shipped")
         return st
-    cmd = f"probekit report --study carry --size {size}"
     rows = []
     for name in have:
         model, task, conf = _load(name)
