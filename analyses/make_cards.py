@@ -25,7 +25,7 @@ PURPOSE = {
     "sort-successor-temp": "sort-successor with the length-dependent attention temperature (scores x ln(t + 2)).",
     "mult-5x1": "5-digit x 1-digit multiplication, reversed product, 1 layer, 3 heads: Qiu et al.'s smallest carry circuit.",
     "mult-3x3": "3 x 3-digit multiplication, reversed product, 4 layers, with 20 % simple samples.",
-    "mult-3x3-forward": "mult-3x3 with the product written most significant digit first, same budget, for contrast.",
+    "mult-3x3-forward": "3 x 3-digit multiplication with the product written most significant digit first, for contrast.",
     "mult-extrap": "Multiplication trained on operands of 1..3 digits (NoPE), evaluated on 4 and 5 digits: where the carry "
                    "mechanism works and where it breaks.",
 }
