@@ -208,8 +208,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 def read_json_config(path: str | Path, required: set[str], what: str) -> dict:
     """A JSON object from ``path`` with the ``required`` keys and no keys outside `CONFIG_KEYS`."""
     path = Path(path)
-    if not path.exists():
-        raise ProbekitError(f"{path} not found; expected {what}")
+    if not path.is_file():
+        raise ProbekitError(f"{path} {'is a directory' if path.is_dir() else 'not found'}; expected {what}")
     try:
         conf = json.loads(path.read_text())
     except json.JSONDecodeError as e:

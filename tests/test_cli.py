@@ -93,3 +93,7 @@ def test_corrupted_weights_via_cli(trained, tmp_path, capsys):
 def test_help_has_examples(capsys):
     assert main(["eval", "--help"]) == 0
     assert "Example: probekit eval" in capsys.readouterr().out
+
+
+def test_config_that_is_a_directory(tmp_path, capsys):
+    _bad(["train", "--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys, "is a directory")
