@@ -1,4 +1,9 @@
-"""The notebooks: committed without outputs, identical to what build_notebooks.py writes, and every one runs.
+"""The notebooks: jupytext percent-format sources (``notebooks/*.py``), each paired with the ``.ipynb`` that
+jupytext writes from it, committed without outputs; and every one runs.
+
+After editing a source, regenerate its notebook (``--update`` keeps the cell ids):
+
+    .venv/bin/jupytext --update --to ipynb notebooks/01_quickstart.py
 
 Each notebook is executed with nbclient at toy scale (``PROBEKIT_NB_SMALL=1``, one thread) in a kernel
 that runs this interpreter; any cell error fails the test. A notebook is skipped only when a shipped
@@ -7,7 +12,6 @@ model it needs is absent from the models folder (``models/``, or ``PROBEKIT_MODE
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,16 +34,25 @@ def _read(name: str) -> nbformat.NotebookNode:
     return nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _paired(name: str, source: str) -> str:
+    """The .ipynb text jupytext writes from ``source`` (a percent-format script), with the committed notebook's
+    cell ids (jupytext gives a new cell a random id; ``--update`` keeps the existing ones)."""
+    import jupytext
+
+    nb = jupytext.reads(source, fmt="py:percent")
+    ids = [c.id for c in _read(name).cells]
+    assert len(ids) == len(nb.cells), f"{name}.ipynb has {len(ids)} cells, its source {len(nb.cells)}; {_HINT}"
+    for cell, cell_id in zip(nb.cells, ids, strict=True):
+        cell.id = cell_id
+    return jupytext.writes(nb, fmt="ipynb").rstrip("\n")
+
+
+_HINT = "regenerate it: .venv/bin/jupytext --update --to ipynb notebooks/NAME.py"
 
 
 def test_every_notebook_is_listed():
     assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == sorted(NEEDS)
-    assert sorted(_builder().NOTEBOOKS) == sorted(NEEDS)
+    assert sorted(p.stem for p in NB_DIR.glob("*.py")) == sorted(NEEDS)
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS))
@@ -54,12 +67,18 @@ def test_committed_without_outputs(name):
     assert "PROBEKIT_NB_SMALL" in code[0].source, f"{name}: the first code cell must read the size knob"
 
 
-def test_build_script_regenerates_committed_notebooks():
-    b = _builder()
-    for name, nb in b.build().items():
-        assert b.render(nb) == (NB_DIR / f"{name}.ipynb").read_text(), \
-            f"{name}.ipynb differs from build_notebooks.py; run .venv/bin/python notebooks/build_notebooks.py"
-    assert b.main(["--check"]) == 0
+@pytest.mark.parametrize("name", sorted(NEEDS))
+def test_ipynb_is_what_jupytext_writes_from_its_source(name):
+    source = (NB_DIR / f"{name}.py").read_text()
+    committed = (NB_DIR / f"{name}.ipynb").read_text().rstrip("\n")
+    assert _paired(name, source) == committed, f"{name}.ipynb differs from {name}.py; {_HINT}"
+
+
+def test_pairing_check_catches_an_edited_source():
+    source = (NB_DIR / "01_quickstart.py").read_text()
+    edited = source.replace("N_EVAL = 32 if SMALL", "N_EVAL = 33 if SMALL", 1)
+    assert edited != source
+    assert _paired("01_quickstart", edited) != (NB_DIR / "01_quickstart.ipynb").read_text().rstrip("\n")
 
 
 @pytest.fixture(scope="module")
