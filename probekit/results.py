@@ -124,3 +124,26 @@ class Result:
         return (isinstance(other, Result) and self.kind == other.kind and self.axes == other.axes
                 and self.values.shape == other.values.shape and torch.allclose(self.values.float(), other.values.float(), equal_nan=True)
                 and self.labels == other.labels and self.settings == other.settings)
+
+
+def stack_results(results, axis: str, labels=None, kind: str | None = None) -> Result:
+    """Results of one shape and axes stacked along a new leading ``axis`` (e.g. one per length or per model).
+
+    ``results``: a list, or a dict whose keys become the labels of ``axis``; ``labels`` (strings, one per
+    result) name its entries otherwise. The labels and settings of the first result are kept.
+    """
+    if isinstance(results, dict):
+        labels, results = (list(results) if labels is None else labels), list(results.values())
+    results = list(results)
+    if not results or not all(isinstance(r, Result) for r in results):
+        raise ProbekitError(f"stack_results needs a non-empty list of Results, got {[type(r).__name__ for r in results]}")
+    first = results[0]
+    for r in results[1:]:
+        if r.axes != first.axes or r.values.shape != first.values.shape:
+            raise ProbekitError(f"cannot stack a result with axes {r.axes} and shape {tuple(r.values.shape)} onto "
+                                f"axes {first.axes} and shape {tuple(first.values.shape)}; expected the same for all")
+    if axis in first.axes:
+        raise ProbekitError(f"new axis {axis!r} is already one of the results' axes {first.axes}")
+    named = {axis: [str(x) for x in labels]} if labels is not None else {}
+    return Result(kind or first.kind, torch.stack([r.values for r in results]), (axis, *first.axes),
+                  {**named, **first.labels}, first.settings)

@@ -38,6 +38,11 @@ class Study:
     def claim(self, text: str, command: str) -> None:
         self.claims.append({"text": text, "command": command})
 
+    def summary(self) -> str:
+        """The claims as text, one ``- claim`` line each with its command below it, then the notes."""
+        return "\n".join([f"- {c['text']}\n    [{c['command']}]" for c in self.claims]
+                         + [f"note: {n}" for n in self.notes])
+
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "title": self.title, "claims": self.claims, "tables": self.tables,
                            "notes": self.notes, "results": {k: r.to_dict() for k, r in self.results.items()}})

@@ -11,6 +11,11 @@ and files are written atomically (temporary file, then rename).
 - `accuracy_vs_length`: exact match vs length with 95 % intervals, from `probekit.evaluate.EvalResult`\\ s.
 - `attention_html`: circuitsvis attention heads with the task's tokens as labels, the JavaScript bundle
   inlined (circuitsvis's ``str()`` loads it from a CDN, which fails offline; we use ``.local_src``).
+- `mechanism_vs_length`: a mechanism metric and accuracy against length, one line pair per model.
+
+Reshaping for the figures (no new numbers): `flatten_heads` (layer, head -> ``L<l>H<h>``),
+`probe_by_length` and `probe_by_site` (a probe sweep as the plots' axes), `probe_chance` (its
+majority-class baseline). In a notebook, `show` displays a figure inline and `show_html` a standalone page.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ def heatmap(result: Result, path: str | Path | None = None, rows: str | None = N
     return _finish(fig, path)
 
 
-def _flatten_heads(result: Result) -> Result:
+def flatten_heads(result: Result) -> Result:
     """Merge ``layer`` and ``head`` axes into one ``head`` axis labelled ``L<l>H<h>``."""
     ax = list(result.axes)
     li, hi = ax.index("layer"), ax.index("head")
@@ -190,7 +195,7 @@ def layer_pos_heatmap(result: Result, path: str | Path | None = None, title: str
     rows = next(a for a in ("component", "layer", "head") if a in result.axes)
     r = result
     if "layer" in r.axes and "head" in r.axes:
-        r = _flatten_heads(r)
+        r = flatten_heads(r)
         rows = "head"
     r = _mean_over(r, {"pos", rows})
     if r.values.ndim != 2:
@@ -204,10 +209,71 @@ PLOTS = {"layer-head": layer_head_heatmap, "layer-pos": layer_pos_heatmap}
 # ---------------------------------------------------------------------------- line plots
 
 
+PROBE_SWEEP_AXES = ("hook", "layer", "position", "split")
+
+
+def _is_probe_sweep(result: Result) -> bool:
+    return result.axes == PROBE_SWEEP_AXES and "splits" in result.settings
+
+
+def _check_probe_sweep(sweep, what: str) -> None:
+    if not isinstance(sweep, Result) or not _is_probe_sweep(sweep):
+        got = f"axes {sweep.axes}" if isinstance(sweep, Result) else type(sweep).__name__
+        raise ProbekitError(f"{what} needs a probe sweep (probe_sweep / probe_lengths) with axes {PROBE_SWEEP_AXES}, "
+                            f"got {got}")
+
+
+def probe_by_length(sweep: Result, position: str | int = "all") -> Result:
+    """A probe sweep's metric on its held-out splits at one ``position``, as a (hook, layer, length) Result."""
+    _check_probe_sweep(sweep, "probe_by_length")
+    if str(position) not in sweep.labels["position"]:
+        raise ProbekitError(f"position {position!r} is not in the sweep; expected one of {sweep.labels['position']}")
+    p = sweep.labels["position"].index(str(position))
+    splits = [s for s in sweep.labels["split"] if s != "train"]
+    cols = [sweep.labels["split"].index(s) for s in splits]
+    return Result(kind=f"probe for {sweep.settings.get('feature')}", values=sweep.values[:, :, p, cols],
+                  axes=("hook", "layer", "length"),
+                  labels={"hook": sweep.labels["hook"], "layer": sweep.labels["layer"],
+                          "length": [str(sweep.settings["splits"][s]["length"]) for s in splits]},
+                  settings=sweep.settings)
+
+
+def probe_by_site(sweep: Result, split: str) -> Result:
+    """A probe sweep on one ``split`` as a (site, position) Result: one row per (hook, layer) labelled like
+    ``resid_mid L1``, one column per position slot that has a value (the pooled ``all`` column dropped)."""
+    _check_probe_sweep(sweep, "probe_by_site")
+    if split not in sweep.labels["split"]:
+        raise ProbekitError(f"split {split!r} is not in the sweep; expected one of {sweep.labels['split']}")
+    s = sweep.labels["split"].index(split)
+    slots = [i for i, p in enumerate(sweep.labels["position"]) if p != "all"]
+    v = sweep.values[:, :, slots, s]  # hook layer slot
+    v = v.reshape(-1, v.shape[-1])
+    keep = ~torch.isnan(v).all(0)
+    sites = [f"{h.removeprefix('hook_')} L{L}" for h in sweep.labels["hook"] for L in sweep.labels["layer"]]
+    return Result(kind=f"probe for {sweep.settings.get('feature')} ({split})", values=v[:, keep],
+                  axes=("site", "position"),
+                  labels={"site": sites, "position": [sweep.labels["position"][i] for i, k in zip(slots, keep.tolist(),
+                                                                                                    strict=True) if k]},
+                  settings=sweep.settings)
+
+
+def probe_chance(sweep: Result) -> float:
+    """The majority-class baseline of a probe sweep (the best constant predictor, pooled positions, last split)."""
+    _check_probe_sweep(sweep, "probe_chance")
+    p = sweep.labels["position"].index("all")
+    return float(torch.nan_to_num(sweep.extra["majority"][:, :, p, -1], nan=0.0).max())
+
+
 def probe_accuracy(result: Result, path: str | Path | None = None, title: str | None = None,
                    chance: float | None = None):
-    """Probe accuracy by layer, one line per length; a third axis gives one panel per index."""
+    """Probe accuracy by layer, one line per length; a third axis gives one panel per index.
+
+    A `probekit.probes.ProbeSweep` is drawn as `probe_by_length` of it, with `probe_chance` as ``chance``.
+    """
     _check_result(result, "probe_accuracy")
+    if _is_probe_sweep(result):
+        chance = probe_chance(result) if chance is None else chance
+        result = probe_by_length(result)
     if "layer" not in result.axes or "length" not in result.axes or result.values.ndim not in (2, 3):
         raise ProbekitError(f"probe_accuracy got a {result.kind!r} result with axes {result.axes}; "
                             f"expected 'layer' and 'length' axes (and at most one more)")
@@ -356,3 +422,23 @@ def mechanism_vs_length(rows: list[dict], metric: str, accuracy: str = "exact_ma
     ax.set_title(title or f"{metric} vs length", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------- notebooks
+
+
+def show(fig) -> None:
+    """Display a matplotlib figure inline (in a notebook) and close it, so it is neither kept nor shown twice."""
+    from IPython.display import display
+
+    display(fig)
+    _plt().close(fig)
+
+
+def show_html(page: str, height: int = 560) -> None:
+    """Display a standalone HTML page (e.g. `attention_html`'s) inline, in an ``<iframe srcdoc>`` of ``height``
+    pixels, so that its scripts run isolated from the notebook's."""
+    from IPython.display import HTML, display
+
+    display(HTML(f'<div><iframe srcdoc="{_html.escape(page, quote=True)}" '
+                 f'style="width:100%;height:{int(height)}px;border:0"></iframe></div>'))
