@@ -7,7 +7,7 @@
 
 Each returns a `Study`: claims (text with the numbers in it, and the command that regenerates them),
 and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
-for `probekit report`, "full" for the analyses scripts).
+for `probekit report`, "full" for `analyses/run_study.py`).
 """
 
 from __future__ import annotations

@@ -209,17 +209,17 @@ PLOTS = {"layer-head": layer_head_heatmap, "layer-pos": layer_pos_heatmap}
 # ---------------------------------------------------------------------------- line plots
 
 
-PROBE_SWEEP_AXES = ("hook", "layer", "position", "split")
+_PROBE_SWEEP_AXES = ("hook", "layer", "position", "split")
 
 
 def _is_probe_sweep(result: Result) -> bool:
-    return result.axes == PROBE_SWEEP_AXES and "splits" in result.settings
+    return result.axes == _PROBE_SWEEP_AXES and "splits" in result.settings
 
 
 def _check_probe_sweep(sweep, what: str) -> None:
     if not isinstance(sweep, Result) or not _is_probe_sweep(sweep):
         got = f"axes {sweep.axes}" if isinstance(sweep, Result) else type(sweep).__name__
-        raise ProbekitError(f"{what} needs a probe sweep (probe_sweep / probe_lengths) with axes {PROBE_SWEEP_AXES}, "
+        raise ProbekitError(f"{what} needs a probe sweep (probe_sweep / probe_lengths) with axes {_PROBE_SWEEP_AXES}, "
                             f"got {got}")
 
 
