@@ -51,11 +51,13 @@ Scores (`copying_score`, `successor_score`) are defined on a square token x toke
 and columns list the same tokens, in order (`numeral_tokens` orders numerals by value, so "the next token"
 is the next larger value):
 
-- ``copy_top``: fraction of rows whose largest entry is strictly the diagonal one; ``copy_margin``: mean of
-  ``M[i, i]`` minus the mean of the row's other entries; ``copy_eigen`` (OV): the framework's eigenvalue
-  copying score ``Re(sum lambda) / sum |lambda|`` in [-1, 1] (1: every eigenvalue positive real).
-- ``succ_top``: fraction of rows i < n-1 whose largest entry is strictly ``M[i, i+1]``; ``succ_margin``: mean
-  of ``M[i, i+1]`` minus the mean of the row's other entries. For a sorting QK circuit ("attend to the next
+- ``copy_top``: fraction of rows whose largest entry is strictly the diagonal one; ``copy_auc``: mean over
+  rows of the fraction of the row's other entries that ``M[i, i]`` exceeds (ties 1/2; 0.5 is chance, 1 a
+  diagonal that beats its whole row); ``copy_margin``: mean of ``M[i, i]`` minus the mean of the row's
+  other entries (in the circuit's units); ``copy_eigen``: the framework's eigenvalue copying score
+  ``Re(sum lambda) / sum |lambda|`` in [-1, 1] (1: every eigenvalue positive real).
+- ``succ_top``, ``succ_auc``, ``succ_margin``: the same with target ``M[i, i+1]``, over rows i < n-1
+  (``succ_top``: the successor is the row's strict argmax). For a sorting QK circuit ("attend to the next
   larger value"): ``succ_above``, over rows i < n-1, the probability that a key above the query (j > i)
   outscores a key at or below it (k <= i), ties counting 1/2 (an AUC: 1 perfect, 0.5 chance); and
   ``succ_nearest``, over rows i < n-2, the probability that of two keys above the query the smaller one
@@ -82,8 +84,8 @@ from probekit.tasks import ProbekitError
 
 LN_MODES = ("embed", "fixed", "none")
 COMPOSITION_MODES = ("Q", "K", "V")
-QK_SCORES = ("succ_top", "succ_margin", "succ_above", "succ_nearest", "copy_top", "copy_margin")
-OV_SCORES = ("copy_top", "copy_margin", "copy_eigen", "succ_top", "succ_margin")
+QK_SCORES = ("succ_top", "succ_auc", "succ_margin", "succ_above", "succ_nearest", "copy_top", "copy_auc", "copy_margin")
+OV_SCORES = ("copy_top", "copy_auc", "copy_margin", "copy_eigen", "succ_top", "succ_auc", "succ_margin")
 SCORE_NAMES = tuple(f"qk_{s}" for s in QK_SCORES) + tuple(f"ov_{s}" for s in OV_SCORES)
 
 
@@ -271,8 +273,8 @@ def _square(M: Tensor) -> Tensor:
     return M
 
 
-def _target_scores(M: Tensor, offset: int) -> tuple[float, float]:
-    """(top, margin) for target column ``i + offset`` of each row i that has one."""
+def _target_scores(M: Tensor, offset: int) -> tuple[float, float, float]:
+    """(top, margin, auc) for target column ``i + offset`` of each row i that has one."""
     n = M.shape[0]
     rows = torch.arange(n - offset)
     tgt = M[rows, rows + offset]
@@ -281,7 +283,10 @@ def _target_scores(M: Tensor, offset: int) -> tuple[float, float]:
     top = (tgt > others.max(-1).values).float().mean()
     rest = M[rows].sum(-1) - tgt
     margin = (tgt - rest / (n - 1)).mean()
-    return float(top), float(margin)
+    d = tgt[:, None] - M[rows]  # row j
+    wins = (d > 0).float() + 0.5 * (d == 0).float()
+    auc = (wins.sum(-1) - 0.5) / (n - 1)  # the target's own column is a tie with itself
+    return float(top), float(margin), float(auc.mean())
 
 
 def _eigen_copying(M: Tensor) -> float:
@@ -291,10 +296,10 @@ def _eigen_copying(M: Tensor) -> float:
 
 
 def copying_score(M: Float[Tensor, "token token"]) -> dict[str, float]:
-    """``copy_top``, ``copy_margin``, ``copy_eigen`` of a square token x token circuit (module docstring)."""
+    """``copy_top``, ``copy_auc``, ``copy_margin``, ``copy_eigen`` of a square token x token circuit (module docstring)."""
     M = _square(M)
-    top, margin = _target_scores(M, 0)
-    return {"copy_top": top, "copy_margin": margin, "copy_eigen": _eigen_copying(M)}
+    top, margin, auc = _target_scores(M, 0)
+    return {"copy_top": top, "copy_auc": auc, "copy_margin": margin, "copy_eigen": _eigen_copying(M)}
 
 
 def _pair_order(row: Tensor, better: Tensor, worse: Tensor) -> float:
@@ -304,10 +309,10 @@ def _pair_order(row: Tensor, better: Tensor, worse: Tensor) -> float:
 
 
 def successor_score(M: Float[Tensor, "token token"]) -> dict[str, float]:
-    """``succ_top``, ``succ_margin``, ``succ_above``, ``succ_nearest`` of a square circuit (module docstring)."""
+    """``succ_top``, ``succ_auc``, ``succ_margin``, ``succ_above``, ``succ_nearest`` of a square circuit (module docstring)."""
     M = _square(M)
     n = M.shape[0]
-    top, margin = _target_scores(M, 1)
+    top, margin, auc = _target_scores(M, 1)
     idx = torch.arange(n)
     above = [_pair_order(M[i], idx[i + 1:], idx[:i + 1]) for i in range(n - 1)]
     nearest = []
@@ -315,7 +320,7 @@ def successor_score(M: Float[Tensor, "token token"]) -> dict[str, float]:
         j, k = torch.triu_indices(n - i - 1, n - i - 1, offset=1) + i + 1  # pairs i < j < k
         d = M[i, j] - M[i, k]
         nearest.append(float(((d > 0).float() + 0.5 * (d == 0).float()).mean()))
-    return {"succ_top": top, "succ_margin": margin, "succ_above": sum(above) / len(above),
+    return {"succ_top": top, "succ_auc": auc, "succ_margin": margin, "succ_above": sum(above) / len(above),
             "succ_nearest": sum(nearest) / len(nearest) if nearest else float("nan")}
 
 

@@ -61,7 +61,7 @@ def test_planted_head_has_successor_qk_and_copying_ov_distractors_do_not(planted
     assert rep.scores.labels["head"][6] == "L1H2" and rep.qk.settings["tokens"] == list(range(task.n_values))
     s = dict(zip(C.SCORE_NAMES, rep.scores.values[6].tolist(), strict=True))
     assert s["qk_succ_top"] == 1.0 and s["qk_succ_above"] == 1.0 and s["qk_succ_nearest"] == 1.0
-    assert s["ov_copy_top"] == 1.0 and s["ov_copy_eigen"] == pytest.approx(1.0, abs=1e-5)
+    assert s["ov_copy_top"] == s["ov_copy_auc"] == 1.0 and s["ov_copy_eigen"] == pytest.approx(1.0, abs=1e-5)
     assert s["ov_copy_margin"] == pytest.approx(10.0, rel=1e-4)  # the unembedding gain
     assert rep.top("qk_succ_top", 1)[0][0] == "L1H2" and rep.top("ov_copy_top", 1)[0][0] == "L1H2"
     others = torch.cat([rep.scores.values[:6], rep.scores.values[7:]])
@@ -200,10 +200,11 @@ def test_random_baseline_matches_theory_and_is_seeded():
 def test_scores_on_known_matrices():
     n = 8
     eye, shift = torch.eye(n), torch.diag(torch.ones(n - 1), 1)
-    assert C.copying_score(eye) == pytest.approx({"copy_top": 1.0, "copy_margin": 1.0, "copy_eigen": 1.0})
+    assert C.copying_score(eye) == pytest.approx({"copy_top": 1.0, "copy_auc": 1.0, "copy_margin": 1.0, "copy_eigen": 1.0})
+    assert C.copying_score(torch.zeros(n, n))["copy_auc"] == 0.5
     assert C.copying_score(-eye)["copy_top"] == 0.0 and C.copying_score(-eye)["copy_eigen"] == pytest.approx(-1.0)
     s = C.successor_score(shift)
-    assert s["succ_top"] == 1.0 and s["succ_margin"] == pytest.approx(1.0)  # target 1, every other entry 0
+    assert s["succ_top"] == s["succ_auc"] == 1.0 and s["succ_margin"] == pytest.approx(1.0)  # target 1, others 0
     assert C.copying_score(shift)["copy_top"] == 0.0
     # the sorting lookup: keys above the query score higher, smaller ones highest; its reverse fails "nearest"
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
