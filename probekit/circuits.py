@@ -514,7 +514,7 @@ def plot_circuit(result: Result, path=None, title: str | None = None, q: float =
             r, c = divmod(i, ncol)
             im = _panel(ax, v[i], result, rows if c == 0 else None, cols if i + ncol >= n else None, lim, heads[i])
         cb = fig.colorbar(im, ax=axs, fraction=0.03, pad=0.02)
-        cb.set_label(f"{result.settings.get('units', 'value')} (colour limit: {q:.0%} quantile of |value|)")
+        cb.set_label(f"{result.settings.get('units', 'value')}\n(colour limit: {q:.0%} quantile of |value|)")
         fig.suptitle(title or f"{what} ({result.settings.get('model') or 'model'}, LN: {result.settings.get('ln')})")
     if path is not None:
         save_figure(fig, path)

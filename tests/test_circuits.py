@@ -68,6 +68,7 @@ def test_planted_head_has_successor_qk_and_copying_ov_distractors_do_not(planted
     col = {n: others[:, i] for i, n in enumerate(C.SCORE_NAMES)}
     assert col["qk_succ_top"].max() <= 0.2 and col["ov_copy_top"].max() <= 0.3
     assert col["qk_succ_above"].max() < 0.9 and col["ov_copy_eigen"].abs().max() < 0.9
+    assert col["qk_succ_auc"].max() < 0.8 and col["ov_copy_auc"].max() < 0.8
 
 
 def test_planted_head_reads_nothing_the_distractors_write(planted):
