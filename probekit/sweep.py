@@ -146,7 +146,8 @@ class Grid:
                                     f"{list(self.configs)} or ids like {next(iter(sorted(ids)))!r}")
             every = [(c, s) for c, s in every if c in select or f"{c}/seed{s}" in select]
         cpus = self.num_cpus or os.cpu_count() or 1
-        return [Job(c, s, self.run_config(c, s), str(Path(out) / c / f"seed{s}"), self.lengths, self.n,
+        out = Path(out).resolve()  # workers may run elsewhere (another cwd, another node)
+        return [Job(c, s, self.run_config(c, s), str(out / c / f"seed{s}"), self.lengths, self.n,
                     self.eval_seed, cpus) for c, s in every]
 
     def to_dict(self) -> dict:
@@ -560,7 +561,8 @@ def summary_markdown(grid: Grid, rows: list[dict], level: int = 1) -> str:
             first = mine[grid.lengths[0]]
             seeds, mins = f"{first['seeds']}/{len(grid.seeds)}", f"{first['train_seconds_mean'] / 60:.1f}"
         lines.append(f"| {config} | {_changes(entry)} | {seeds} | {mins} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- `{c}`: {e['notes']}" for c, e in grid.configs.items() if e.get("notes")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def write_summary(grid: Grid, out: str | Path) -> list[Path]:

@@ -224,3 +224,22 @@ def test_tables_and_ship(swept, tmp_path, capsys):
     assert (dst / "model.safetensors").read_bytes() == (out / "a" / "seed1" / "model.safetensors").read_bytes()
     with pytest.raises(ProbekitError, match="already holds a model"):
         ship(out / "a" / "seed1", "tiny-shipped", models_dir=tmp_path / "models")
+
+
+def test_new_eval_settings_reevaluate_and_a_failed_job_does_not_stop_the_rest(swept, tmp_path, capsys):
+    grid, out, _ = swept
+    model = out / "a" / "seed0" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    broken = out / "b" / "seed1"
+    broken.mkdir(parents=True)
+    (broken / "checkpoint.json").write_text(json.dumps({"step": 10, "elapsed_s": 1.0}))
+    (broken / "checkpoint.safetensors").write_bytes(b"not a safetensors file")
+    d = json.loads(Path(grid).read_text())
+    changed = write_grid(tmp_path, eval={**d["eval"], "n": 20})
+    assert main(["sweep", str(changed), "--out", str(out), "--jobs", "a,b/seed1"]) == 1
+    text = capsys.readouterr().out
+    assert "a/seed0  ran (evaluate)" in text and "failed b/seed1: " in text
+    assert model.stat().st_mtime_ns == before  # evaluated again, not retrained
+    metrics = json.loads((out / "a" / "seed0" / "metrics.json").read_text())
+    assert all(r["n"] == 20 for r in metrics["records"])
+    assert "| a | (base) | 2/2 |" in (out / "summary.md").read_text()
