@@ -25,7 +25,9 @@ Folder layout of ``out``::
 Each job trains into its folder, resuming from the checkpoint a killed job left, then evaluates
 at the grid's lengths. A job whose model and metrics (at the grid's lengths, n and seed) exist is
 skipped; one with a model but other metrics is only evaluated again. A job whose run config differs
-from the one recorded in sweep.json is refused rather than resumed into a mixture.
+from the one recorded in sweep.json, or from its model's config.json, is refused rather than resumed
+into a mixture. A folder holding only this grid's configuration folders is adopted (model folders
+trained elsewhere, e.g. ``mv runs/zoo/sort-baseline runs/sweeps/sort-zoo/sort-baseline/seed0``).
 
 Jobs run as Ray tasks: without an address a local Ray instance is started for the call (every core,
 no dashboard, a 100 MB object store, logs in a temporary folder, usage statistics off) and shut down
@@ -442,14 +444,31 @@ def _prepare_out(grid: Grid, out: Path, jobs: list[Job], write: bool) -> None:
         if old["grid"]["name"] != grid.name:
             raise ProbekitError(f"{out} holds sweep {old['grid']['name']!r}, not {grid.name!r}; choose another --out")
         recorded = old["jobs"]
-    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
-        raise ProbekitError(f"{out} is not empty and holds no sweep.json; expected a new folder or an earlier sweep's")
+    elif out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not (p.is_dir() and p.name in grid.configs))
+        if foreign:
+            raise ProbekitError(f"{out} holds {foreign[:3]} and no sweep.json; expected a new folder, an earlier "
+                                "sweep's, or one holding only this grid's configuration folders")
     for job in jobs:
-        if job.id in recorded and recorded[job.id] != job.run and Path(job.dir).exists():
-            raise ProbekitError(f"job {job.id} in {out} was started from another run config; delete {job.dir} "
-                                f"to retrain it or use another --out")
+        started = job.id in recorded and recorded[job.id] != job.run and Path(job.dir).exists()
+        if started or not _trained_as(job):
+            raise ProbekitError(f"job {job.id} in {out} was {'started' if started else 'trained'} from another run "
+                                f"config; delete {job.dir} to retrain it or use another --out")
     if write:
         _write_json(record, {"grid": grid.to_dict(), "jobs": recorded | {j.id: j.run for j in jobs}})
+
+
+def _trained_as(job: Job) -> bool:
+    """False when the job's folder holds a model trained from another run config than the job's
+    (a model folder moved in from elsewhere is adopted only if it was trained as this job)."""
+    path = Path(job.dir) / "config.json"
+    if not path.exists():
+        return True
+    conf = json.loads(path.read_text())
+    mcfg, task, tcfg = parse_run(job.run)
+    saved = {k: v for k, v in (conf.get("train") or {}).items() if k != "extra"}
+    return (conf.get("model") == mcfg.to_dict() and conf.get("task") == task.spec()
+            and saved == {k: v for k, v in tcfg.to_dict().items() if k != "extra"})
 
 
 @contextlib.contextmanager

@@ -204,7 +204,7 @@ def test_other_run_configs_and_foreign_folders_are_refused(swept, tmp_path):
         run_sweep(changed, out, dry_run=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(ProbekitError, match="holds no sweep.json"):
+    with pytest.raises(ProbekitError, match=r"holds \[.notes.txt.\] and no sweep.json"):
         run_sweep(grid, tmp_path / "mine", dry_run=True)
 
 
@@ -224,6 +224,21 @@ def test_tables_and_ship(swept, tmp_path, capsys):
     assert (dst / "model.safetensors").read_bytes() == (out / "a" / "seed1" / "model.safetensors").read_bytes()
     with pytest.raises(ProbekitError, match="already holds a model"):
         ship(out / "a" / "seed1", "tiny-shipped", models_dir=tmp_path / "models")
+
+
+def test_a_folder_of_model_folders_is_adopted_if_trained_as_the_job(swept, tmp_path):
+    import shutil
+
+    grid, out, _ = swept
+    adopt = tmp_path / "adopt"
+    shutil.copytree(out / "a" / "seed0", adopt / "a" / "seed0")
+    run = run_sweep(grid, adopt, jobs=["a/seed0"], progress=False)
+    assert run.states == {"a/seed0": "done"} and run.ran == [] and (adopt / "sweep.json").exists()
+    assert "| a | (base) | 1/2 |" in (adopt / "summary.md").read_text()
+    shutil.copytree(out / "a" / "seed0", tmp_path / "other" / "a" / "seed0")
+    changed = write_grid(tmp_path, configs=[{"name": "a", "model": {"positional": "learned"}}])
+    with pytest.raises(ProbekitError, match="job a/seed0 .* was trained from another run config"):
+        run_sweep(changed, tmp_path / "other", dry_run=True)
 
 
 def test_new_eval_settings_reevaluate_and_a_failed_job_does_not_stop_the_rest(swept, tmp_path, capsys):
