@@ -451,24 +451,28 @@ def _prepare_out(grid: Grid, out: Path, jobs: list[Job], write: bool) -> None:
                                 "sweep's, or one holding only this grid's configuration folders")
     for job in jobs:
         started = job.id in recorded and recorded[job.id] != job.run and Path(job.dir).exists()
-        if started or not _trained_as(job):
+        if started or not trained_as(job):
             raise ProbekitError(f"job {job.id} in {out} was {'started' if started else 'trained'} from another run "
                                 f"config; delete {job.dir} to retrain it or use another --out")
     if write:
         _write_json(record, {"grid": grid.to_dict(), "jobs": recorded | {j.id: j.run for j in jobs}})
 
 
-def _trained_as(job: Job) -> bool:
+def trained_as(job: Job) -> bool:
     """False when the job's folder holds a model trained from another run config than the job's
     (a model folder moved in from elsewhere is adopted only if it was trained as this job)."""
     path = Path(job.dir) / "config.json"
     if not path.exists():
         return True
+    from dataclasses import replace
+
     conf = json.loads(path.read_text())
+    try:
+        saved = parse_run({"model": conf["model"], "task": conf["task"], "train": {**(conf["train"] or {}), "extra": {}}})
+    except (KeyError, TypeError, ProbekitError):
+        return False
     mcfg, task, tcfg = parse_run(job.run)
-    saved = {k: v for k, v in (conf.get("train") or {}).items() if k != "extra"}
-    return (conf.get("model") == mcfg.to_dict() and conf.get("task") == task.spec()
-            and saved == {k: v for k, v in tcfg.to_dict().items() if k != "extra"})
+    return saved == (mcfg, task, replace(tcfg, extra={}))
 
 
 @contextlib.contextmanager

@@ -131,6 +131,31 @@ def test_every_zoo_grid_validates(capsys):
     assert len(load_grid(ROOT / "analyses" / "zoo" / "sort-hint-grid.json").configs) <= 8
 
 
+SHIPPED_FROM = {("sort-zoo", c): c for c in ("sort-baseline", "sort-baseline-temp", "sort-learned-pos",
+                                              "sort-predecessor", "sort-successor")} | {
+    ("mult-3x3", "mult-3x3-v4"): "mult-3x3", ("mult-3x3", "mult-3x3-forward-v2"): "mult-3x3-forward",
+    ("mult-extrap", "mult-extrap-v3"): "mult-extrap", ("mult-5x1", "mult-5x1"): "mult-5x1"}
+
+
+@pytest.mark.parametrize("grid, config", sorted(SHIPPED_FROM))
+def test_zoo_grids_hold_the_shipped_recipes(grid, config):
+    """Seed 0 of the job a shipped model came from is that model's own run config (so a sweep
+    adopts the model folder as the finished job), and another configuration's is not."""
+    from dataclasses import replace
+
+    from probekit.model import MODELS_DIR
+    from probekit.sweep import trained_as
+
+    g = load_grid(ROOT / "analyses" / "zoo" / f"{grid}.json")
+    folder = MODELS_DIR / SHIPPED_FROM[grid, config]
+    if not folder.is_dir():
+        pytest.skip(f"{folder.name} is not shipped")
+    jobs = {j.config: j for j in g.jobs(ROOT / "runs", select=None) if j.seed == 0}
+    assert trained_as(replace(jobs[config], dir=str(folder)))
+    others = [c for c in jobs if c != config]
+    assert not any(trained_as(replace(jobs[c], dir=str(folder))) for c in others)
+
+
 def test_seed_interval_one_and_many():
     assert seed_interval([0.5], (0.3, 0.7)) == (0.5, 0.3, 0.7, "Wilson, 1 seed")
     mean, lo, hi, method = seed_interval([0.2, 0.4, 0.9])
@@ -226,7 +251,7 @@ def test_tables_and_ship(swept, tmp_path, capsys):
         ship(out / "a" / "seed1", "tiny-shipped", models_dir=tmp_path / "models")
 
 
-def test_a_folder_of_model_folders_is_adopted_if_trained_as_the_job(swept, tmp_path):
+def test_a_folder_of_model_folders_is_adopted_iftrained_as_the_job(swept, tmp_path):
     import shutil
 
     grid, out, _ = swept
