@@ -438,3 +438,34 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+@app.command("sweep")
+def sweep_cmd(
+    grid: Path = typer.Argument(..., help="Grid file (JSON), e.g. analyses/zoo/sort-extrap.json."),
+    out: Path = typer.Option(..., help="Sweep folder: <config>/seed<k>/ per job, summary.csv, summary.md (resumed)."),
+    address: str | None = typer.Option(None, help="Ray cluster address ('auto' or host:port); default: a local Ray."),
+    jobs: str | None = typer.Option(None, help="Comma-separated configurations or job ids (config/seedK) to run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their state; run nothing."),
+    tables: Path | None = typer.Option(None, help="Write the finished jobs' summary table into this Markdown file "
+                                                   "(e.g. docs/model_sweep.md); run nothing."),
+):
+    """Train and evaluate every (configuration, seed) job of a grid as Ray tasks; finished jobs are skipped.
+
+    Example: probekit sweep analyses/zoo/sort-extrap.json --out runs/sweeps/sort-extrap --dry-run
+    """
+    from probekit.sweep import load_grid, run_sweep, write_tables
+    from probekit.tasks import ProbekitError
+
+    selected = None if jobs is None else [s.strip() for s in jobs.split(",") if s.strip()]
+    if selected == []:
+        raise ProbekitError("--jobs is empty; expected configuration names or job ids, e.g. nope,learned-pos/seed0")
+    if tables is not None:
+        if dry_run or selected is not None:
+            raise ProbekitError("--tables only writes tables from the finished jobs; it takes no --dry-run or --jobs")
+        typer.echo(f"wrote {write_tables(out, tables, grid=load_grid(grid))}")
+        return
+    run = run_sweep(grid, out, address=address, jobs=selected, dry_run=dry_run, progress=True)
+    typer.echo(run.describe())
+    if run.failed:
+        raise SystemExit(1)
