@@ -10,7 +10,7 @@ import torch
 from probekit.evaluate import evaluate
 from probekit.model import ModelConfig
 from probekit.tasks import ProbekitError, SortingTask
-from probekit.train import TrainConfig, answer_loss, lr_at, train
+from probekit.train import TrainConfig, answer_loss, checkpoint_meta, lr_at, train
 
 TASK = SortingTask(n_values=10)
 CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=40, d_vocab=TASK.d_vocab, seed=0)
@@ -45,12 +45,12 @@ def test_same_seed_same_weights_and_resume_equals_unbroken(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # killed after 10 steps (checkpoint written), resumed to the end
     train(CFG, TASK, tc, out=tmp_path / "c", progress=False, stop_after=10)
-    assert json.loads((tmp_path / "c" / "checkpoint.json").read_text())["step"] == 10
+    assert checkpoint_meta(tmp_path / "c" / "checkpoint.safetensors")["step"] == 10
     assert not (tmp_path / "c" / "model.safetensors").exists()
     c = train(CFG, TASK, tc, out=tmp_path / "c", progress=False)
     sc = c.state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
-    assert not (tmp_path / "c" / "checkpoint.json").exists()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
     log = [json.loads(line) for line in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
     conf = json.loads((tmp_path / "c" / "config.json").read_text())
