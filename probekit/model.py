@@ -85,9 +85,11 @@ def model_bytes(cfg: ModelConfig) -> int:
     """Bytes a model of ``cfg`` holds: float32 parameters, plus per layer the ``n_ctx x n_ctx`` causal
     mask (bool) and, for rotary, the cos/sin tables. Training adds activations that grow with the batch."""
     d, h, dh, L = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_layers
+    norm = {"LN": 2 * d, "RMS": d}.get(cfg.normalization, 0)  # the Pre variants have no parameters
     attn = 4 * d * h * dh + 3 * h * dh + d
-    mlp = 0 if cfg.attn_only else 2 * d * cfg.mlp_dim + cfg.mlp_dim + d
-    params = 2 * cfg.d_vocab * d + cfg.d_vocab + cfg.n_ctx * d + L * (attn + mlp + 4 * d) + 2 * d
+    mlp = 0 if cfg.attn_only else 2 * d * cfg.mlp_dim + cfg.mlp_dim + d + norm
+    pos = 0 if cfg.positional == "rotary" else cfg.n_ctx * d
+    params = 2 * cfg.d_vocab * d + cfg.d_vocab + pos + L * (attn + norm + mlp) + norm
     rotary = 2 * cfg.n_ctx * dh * 4 if cfg.positional == "rotary" else 0
     return 4 * params + L * cfg.n_ctx * cfg.n_ctx + rotary
 
