@@ -309,12 +309,12 @@ def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path 
     without finishing (as a kill would, but with a checkpoint); a later call with the same ``out``
     resumes from the last checkpoint. Returns the trained model (eval mode).
     """
-    if cfg.warmup_steps >= cfg.steps:
-        warnings.warn(f"TrainConfig.warmup_steps = {cfg.warmup_steps} >= steps = {cfg.steps}: the learning rate "
-                      "never reaches lr", stacklevel=2)
     train_task = training_task(task, cfg)
     _check_fits(model_cfg, train_task, cfg)
     mixture = Mixture(train_task, cfg.objectives or {task.objective: 1.0})
+    if cfg.warmup_steps >= cfg.steps:
+        warnings.warn(f"TrainConfig.warmup_steps = {cfg.warmup_steps} >= steps = {cfg.steps}: the learning rate "
+                      "never reaches lr", stacklevel=2)
     model = build_model(model_cfg, device=device)
     native = model.original_model  # the plain torch module the bridge wraps: same parameters, no hooks
     opt, params = _optimizer(native, cfg)
