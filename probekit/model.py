@@ -2,7 +2,14 @@
 
 A model folder holds ``model.safetensors`` (the bridge's state dict, TransformerLens names) and
 ``config.json`` (model, task and training configs, probekit version). No pickles: loading never
-runs code from the folder.
+runs code from the folder. The weights' metadata holds ``config_hash``, the hash of the model config
+they were saved for: loading refuses a config.json whose model config hashes otherwise (two heads of
+48 dimensions fit the shapes of three of 32, but are another model), a tensor that is not floating
+point or not finite, and a missing, extra or wrongly shaped tensor.
+
+`ModelConfig` checks every field's type and range when it is made (`probekit.checks`), and refuses a
+config whose parameters and attention masks (`model_bytes`) would take more than `MAX_MODEL_BYTES`
+(4 GiB), before anything is allocated.
 
 Positional options: ``learned`` (absolute, trained), ``rotary``, ``none`` (NoPE: the native model's
 learned table, zeroed and frozen). ``length_temperature="log"`` multiplies the attention scores of
@@ -48,7 +55,7 @@ class ModelConfig:
     normalization: str | None = field(default="LN", metadata=bounds(choices=NORMALIZATION))
     positional: str = field(default="none", metadata=bounds(choices=POSITIONAL))
     length_temperature: str | None = field(default=None, metadata=bounds(choices=("log",)))  # None or "log"
-    seed: int = field(default=0, metadata=bounds(lo=0))
+    seed: int = field(default=0, metadata=bounds(lo=0, hi=2**63 - 1))
 
     def __post_init__(self):
         check_fields(self, "ModelConfig")

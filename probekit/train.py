@@ -23,6 +23,7 @@ checkpoint yet (killed early) is started again from step 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -209,6 +210,8 @@ def _prepare_out(out: Path, run: dict, overwrite: bool) -> bool:
                                 "that cannot be resumed; expected a checkpoint.safetensors with its step in its metadata "
                                 "(pass --overwrite to start again)")
         if (out / CHECKPOINT).exists():
+            for p in out.glob(f".{CHECKPOINT}.*"):  # temporary files of a write cut short by a kill
+                p.unlink()
             return True
         if any(out.iterdir()) and _own_partial_files(out):
             _refuse_other_run(out, json.loads((out / RUN_FILE).read_text()), run)
@@ -244,8 +247,9 @@ def _save_checkpoint(out: Path, model, opt, step: int, elapsed_s: float, run: di
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().clone().contiguous()
-    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed_s": repr(round(elapsed_s, 3)),
-            "run": json.dumps(run, sort_keys=True)}
+    run_json = json.dumps(run, sort_keys=True)
+    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed_s": repr(round(elapsed_s, 3)), "run": run_json,
+            "config_hash": hashlib.sha256(run_json.encode()).hexdigest()[:16]}
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
