@@ -210,8 +210,6 @@ def _prepare_out(out: Path, run: dict, overwrite: bool) -> bool:
                                 "that cannot be resumed; expected a checkpoint.safetensors with its step in its metadata "
                                 "(pass --overwrite to start again)")
         if (out / CHECKPOINT).exists():
-            for p in out.glob(f".{CHECKPOINT}.*"):  # temporary files of a write cut short by a kill
-                p.unlink()
             return True
         if any(out.iterdir()) and _own_partial_files(out):
             _refuse_other_run(out, json.loads((out / RUN_FILE).read_text()), run)
@@ -268,6 +266,8 @@ def _load_checkpoint(out: Path, model, opt, run: dict) -> tuple[int, float]:
             state["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(state)
     _trim_log(out / LOG_FILE, meta["step"])
+    for p in out.glob(f".{CHECKPOINT}.*"):  # temporary files of a write cut short by a kill
+        p.unlink()
     return meta["step"], meta["elapsed_s"]
 
 

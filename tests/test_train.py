@@ -184,9 +184,11 @@ def test_killed_after_a_checkpoint_resumes_with_each_step_logged_once(tmp_path, 
     assert _log_steps(out) == [4, 8, 12]
     with (out / "train_log.jsonl").open("a") as f:
         f.write('{"step": 16, "lo')  # a record torn by the kill
+    (out / ".checkpoint.safetensors.k9z.safetensors").write_bytes(b"half a checkpoint")  # a torn write
     model = train(CFG, TASK, RESUME, out=out, progress=False)
     assert _log_steps(out) == [4, 8, 12, 16, 20, 24]
     assert _same(unbroken, model.state_dict())
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
 
 
 def test_old_checkpoint_format_refused(tmp_path):
