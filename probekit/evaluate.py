@@ -21,9 +21,10 @@ from probekit.tasks import Batch, ProbekitError, Task
 
 
 def check_fits(model, task: Task, length: int | None) -> None:
-    """Refuse a length whose sequences exceed the model's n_ctx, or a task of another vocabulary."""
+    """Refuse a length outside the task's range or whose sequences exceed the model's n_ctx, or a task of
+    another vocabulary."""
     n_ctx = model.cfg.n_ctx
-    T = task.seq_len(length)
+    T = task.seq_len(length)  # the task refuses a length outside its range
     if T > n_ctx:
         raise ProbekitError(f"length {length} makes sequences of {T} tokens but the model's n_ctx is {n_ctx}")
     if task.d_vocab != model.cfg.d_vocab:
@@ -188,12 +189,18 @@ class EvalResult:
 def evaluate(model, task: Task, lengths: list[int] | tuple[int, ...], n: int = 500, seed: int = 0,
              max_batch: int = 512, progress: bool = False, name: str | None = None) -> EvalResult:
     """Exact match and per-position accuracy of greedy decoding, for each length."""
-    if n <= 0:
-        raise ProbekitError(f"n must be positive, got {n}")
+    from probekit.checks import check_value
+
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ProbekitError(f"n must be positive, got {n!r}; expected an integer >= 1")
+    check_value("evaluate seed", seed, int, lo=0)
+    check_value("evaluate max_batch", max_batch, int, lo=1)
     if not lengths:
         raise ProbekitError("lengths is empty; expected at least one length, e.g. [10, 20, 50]")
+    check_value("evaluate lengths", list(lengths), list[int], lo=1)
     for L in lengths:
         check_fits(model, task, L)
+        task.sample(1, length=L, seed=0)  # the task refuses a length outside its range
     res = EvalResult(model=name or getattr(model, "probekit_name", "model"), task=task.spec(), seed=seed)
     it = lengths
     if progress:

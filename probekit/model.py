@@ -2,7 +2,14 @@
 
 A model folder holds ``model.safetensors`` (the bridge's state dict, TransformerLens names) and
 ``config.json`` (model, task and training configs, probekit version). No pickles: loading never
-runs code from the folder.
+runs code from the folder. The weights' metadata holds ``config_hash``, the hash of the model config
+they were saved for: loading refuses a config.json whose model config hashes otherwise (two heads of
+48 dimensions fit the shapes of three of 32, but are another model), a tensor that is not floating
+point or not finite, and a missing, extra or wrongly shaped tensor.
+
+`ModelConfig` checks every field's type and range when it is made (`probekit.checks`), and refuses a
+config whose parameters and attention masks (`model_bytes`) would take more than `MAX_MODEL_BYTES`
+(4 GiB), before anything is allocated.
 
 Positional options: ``learned`` (absolute, trained), ``rotary``, ``none`` (NoPE: the native model's
 learned table, zeroed and frozen). ``length_temperature="log"`` multiplies the attention scores of
@@ -17,49 +24,50 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from probekit.checks import bounds, check_fields
 from probekit.tasks import ProbekitError, Task, task_from_spec
 
 __version__ = "0.1.0"
 POSITIONAL = ("learned", "rotary", "none")
 NORMALIZATION = ("LN", "LNPre", "RMS", "RMSPre", None)
+ACT_FNS = ("relu", "gelu", "gelu_new", "silu", "swish", "solu", "solu_ln")  # TransformerLens's native MLP
+MAX_MODEL_BYTES = 4 * 2**30  # a config may not ask for more memory than this (see `model_bytes`)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    d_head: int | None = None  # None: d_model // n_heads
-    d_mlp: int | None = None  # None: 4 * d_model
-    n_ctx: int = 320
-    d_vocab: int = 69
+    n_layers: int = field(default=2, metadata=bounds(lo=1))
+    d_model: int = field(default=128, metadata=bounds(lo=1))
+    n_heads: int = field(default=4, metadata=bounds(lo=1))
+    d_head: int | None = field(default=None, metadata=bounds(lo=1))  # None: d_model // n_heads
+    d_mlp: int | None = field(default=None, metadata=bounds(lo=1))  # None: 4 * d_model
+    n_ctx: int = field(default=320, metadata=bounds(lo=1))
+    d_vocab: int = field(default=69, metadata=bounds(lo=1))
     attn_only: bool = False
-    act_fn: str = "relu"
-    normalization: str | None = "LN"
-    positional: str = "none"
-    length_temperature: str | None = None  # None or "log"
-    seed: int = 0
+    act_fn: str = field(default="relu", metadata=bounds(choices=ACT_FNS))
+    normalization: str | None = field(default="LN", metadata=bounds(choices=NORMALIZATION))
+    positional: str = field(default="none", metadata=bounds(choices=POSITIONAL))
+    length_temperature: str | None = field(default=None, metadata=bounds(choices=("log",)))  # None or "log"
+    seed: int = field(default=0, metadata=bounds(lo=0, hi=2**63 - 1))
 
     def __post_init__(self):
-        for f in ("n_layers", "d_model", "n_heads", "n_ctx", "d_vocab"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ProbekitError(f"ModelConfig.{f} must be a positive integer, got {v!r}")
-        if self.positional not in POSITIONAL:
-            raise ProbekitError(f"ModelConfig.positional must be one of {list(POSITIONAL)}, got {self.positional!r}")
-        if self.normalization not in NORMALIZATION:
-            raise ProbekitError(f"ModelConfig.normalization must be one of {list(NORMALIZATION)}, got {self.normalization!r}")
-        if self.length_temperature not in (None, "log"):
-            raise ProbekitError(f"ModelConfig.length_temperature must be None or 'log', got {self.length_temperature!r}")
+        check_fields(self, "ModelConfig")
         if self.d_head is None and self.d_model % self.n_heads:
             raise ProbekitError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head")
+        if self.positional == "rotary" and self.head_dim % 2:
+            raise ProbekitError(f"ModelConfig.d_head = {self.head_dim} with positional='rotary'; expected an even d_head")
+        need = model_bytes(self)
+        if need > MAX_MODEL_BYTES:
+            raise ProbekitError(f"ModelConfig asks for about {need / 2**30:.1f} GiB (parameters + attention masks, "
+                                f"n_layers={self.n_layers}, d_model={self.d_model}, n_ctx={self.n_ctx}); "
+                                f"expected at most {MAX_MODEL_BYTES / 2**30:.0f} GiB")
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +86,19 @@ class ModelConfig:
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_bytes(cfg: ModelConfig) -> int:
+    """Bytes a model of ``cfg`` holds: float32 parameters, plus per layer the ``n_ctx x n_ctx`` causal
+    mask (bool) and, for rotary, the cos/sin tables. Training adds activations that grow with the batch."""
+    d, h, dh, L = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_layers
+    norm = {"LN": 2 * d, "RMS": d}.get(cfg.normalization, 0)  # the Pre variants have no parameters
+    attn = 4 * d * h * dh + 3 * h * dh + d
+    mlp = 0 if cfg.attn_only else 2 * d * cfg.mlp_dim + cfg.mlp_dim + d + norm
+    pos = 0 if cfg.positional == "rotary" else cfg.n_ctx * d
+    params = 2 * cfg.d_vocab * d + cfg.d_vocab + pos + L * (attn + norm + mlp) + norm
+    rotary = 2 * cfg.n_ctx * dh * 4 if cfg.positional == "rotary" else 0
+    return 4 * params + L * cfg.n_ctx * cfg.n_ctx + rotary
 
 
 def _checked_fields(cls, d: Any, what: str) -> dict:
@@ -236,11 +257,46 @@ def read_config(folder: str | Path) -> dict:
     return conf
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "cpu"):
-    """Load a model folder (or a shipped model by name). Returns ``(model, task, config_dict)``."""
-    from safetensors import SafetensorError
+def read_weights(path: Path, cfg: ModelConfig, what: str = "config.json") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file saved for ``cfg``: refuses a file that is not safetensors, whose
+    ``config_hash`` metadata is not ``cfg``'s, or that holds a non-float or non-finite tensor."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProbekitError(f"{path} is truncated or corrupted ({str(e).splitlines()[0]}); expected a safetensors file") from None
+    found = meta.get("config_hash")
+    if found != cfg.hash():
+        raise ProbekitError(f"{path} was saved for the model config with hash {found!r} but {what} describes hash "
+                            f"{cfg.hash()!r}; expected the config the weights were trained with")
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise ProbekitError(f"{path}: tensor {k} has dtype {v.dtype}; expected floating-point weights")
+        if not torch.isfinite(v).all():
+            raise ProbekitError(f"{path}: tensor {k} holds {int((~torch.isfinite(v)).sum())} NaN/inf value(s); "
+                                "expected finite weights")
+    return state
+
+
+def load_state_checked(model, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(state)`` after refusing missing, unexpected or wrongly shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ProbekitError(f"{path} does not match config.json: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ProbekitError(f"{path}: {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu"):
+    """Load a model folder (or a shipped model by name). Returns ``(model, task, config_dict)``."""
     folder = resolve_model_dir(name_or_path)
     conf = read_config(folder)
     cfg = ModelConfig.from_dict(conf["model"])
@@ -250,20 +306,9 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu"):
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise ProbekitError(f"{weights} not found; expected the model's weights next to config.json")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ProbekitError(f"{weights} is truncated or corrupted ({str(e).splitlines()[0]}); expected a safetensors file") from None
+    state = read_weights(weights, cfg)
     model = build_model(cfg, device="cpu")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ProbekitError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ProbekitError(f"{weights}: {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
+    load_state_checked(model, state, weights)
     model.probekit_name = conf.get("name") or folder.name
     to_device(model, device)
     model.eval()

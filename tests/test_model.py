@@ -19,7 +19,7 @@ def small(**kw) -> ModelConfig:
 
 
 def test_config_validation():
-    with pytest.raises(ProbekitError, match="positional must be one of"):
+    with pytest.raises(ProbekitError, match=r"ModelConfig.positional = 'alibi'; expected a string, one of \["):
         small(positional="alibi")
     with pytest.raises(ProbekitError, match="not divisible by n_heads"):
         small(d_model=30, n_heads=4)
@@ -44,7 +44,7 @@ def test_nope_positions_are_zero_and_stay_zero_through_training():
     model = train(cfg, TASK, TrainConfig(steps=30, batch_size=16, lengths=(2, 6), warmup_steps=5), progress=False)
     assert torch.count_nonzero(model.W_pos) == 0
     assert not model.original_model.pos.weight.requires_grad
-    learned = train(small(positional="learned"), TASK, TrainConfig(steps=5, batch_size=8, lengths=(2, 4)), progress=False)
+    learned = train(small(positional="learned"), TASK, TrainConfig(steps=5, batch_size=8, lengths=(2, 4), warmup_steps=1), progress=False)
     assert torch.count_nonzero(learned.W_pos) > 0
     # NoPE: permuting the prompt list leaves the logits of the separator position unchanged
     x = TASK.batch_from_inputs([[1, 5, 3, 7]]).tokens
@@ -101,7 +101,7 @@ def test_load_refuses_garbage_weights(saved):
     (lambda c: c.pop("model"), r"missing field\(s\) \['model'\]"),
     (lambda c: c.update(colour=1), r"unknown field\(s\) \['colour'\]"),
     (lambda c: c["model"].update(d_vocab=99), "vocabularies must match"),
-    (lambda c: c["model"].update(d_model=64), "does not match config.json|has shape"),
+    (lambda c: c["model"].update(d_model=64), "saved for the model config with hash"),
     (lambda c: c.update(probekit_version="9.0.0"), "major versions differ"),
     (lambda c: c["task"].update(name="addition"), "unknown task 'addition'"),
 ])

@@ -349,7 +349,7 @@ def test_cli_probe_writes_json_csv_png(model, model_dir, tmp_path, capsys):
     (("--feature", "rank"), "feature 'rank' is not defined"),
     (("--feature", "operand_digit", "--positions", "pred"), "empty position mask"),
     (("--test-lengths", "3,x"), "comma-separated integers"),
-    (("--test-lengths", "20"), "n_ctx"),
+    (("--test-lengths", "20"), "length (digits of a) = 20; expected an integer in 1..12"),
     (("--n", "0"), "--n must be positive"),
 ])
 def test_cli_bad_input_exits_2(model_dir, tmp_path, capsys, change, message):

@@ -10,7 +10,7 @@ import torch
 from probekit.evaluate import evaluate
 from probekit.model import ModelConfig
 from probekit.tasks import ProbekitError, SortingTask
-from probekit.train import TrainConfig, answer_loss, lr_at, train
+from probekit.train import TrainConfig, answer_loss, checkpoint_meta, lr_at, train
 
 TASK = SortingTask(n_values=10)
 CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=40, d_vocab=TASK.d_vocab, seed=0)
@@ -45,12 +45,12 @@ def test_same_seed_same_weights_and_resume_equals_unbroken(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # killed after 10 steps (checkpoint written), resumed to the end
     train(CFG, TASK, tc, out=tmp_path / "c", progress=False, stop_after=10)
-    assert json.loads((tmp_path / "c" / "checkpoint.json").read_text())["step"] == 10
+    assert checkpoint_meta(tmp_path / "c" / "checkpoint.safetensors")["step"] == 10
     assert not (tmp_path / "c" / "model.safetensors").exists()
     c = train(CFG, TASK, tc, out=tmp_path / "c", progress=False)
     sc = c.state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
-    assert not (tmp_path / "c" / "checkpoint.json").exists()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
     log = [json.loads(line) for line in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
     conf = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -102,3 +102,110 @@ def test_tiny_sorting_model_learns(tiny_sort):
     model, task = tiny_sort
     res = evaluate(model, task, [6, 8], n=200, seed=11)
     assert res.exact_match(8) > 0.9
+
+
+# ---------------------------------------------------------------------------- safe resume
+
+RESUME = TrainConfig(steps=24, batch_size=16, lengths=(2, 6), warmup_steps=4, checkpoint_every=8, log_every=4)
+
+
+@pytest.fixture(scope="module")
+def unbroken():
+    return train(CFG, TASK, RESUME, progress=False).state_dict()
+
+
+def _kill_at(monkeypatch, step: int):
+    """Make training die (as a kill would: no final checkpoint) when it reaches ``step``."""
+    import probekit.train as pt
+
+    real = pt.step_length
+
+    def dying(cfg, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(cfg, s)
+
+    monkeypatch.setattr(pt, "step_length", dying)
+
+
+def _log_steps(out):
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _same(a, b):
+    return all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_with_other_configs_is_refused(tmp_path):
+    import dataclasses
+
+    out = tmp_path / "run"
+    train(CFG, TASK, RESUME, out=out, progress=False, stop_after=10)
+    before = (out / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ProbekitError, match=r"train\.lr \(0\.001 -> 0\.002\); expected the same configs"):
+        train(CFG, TASK, dataclasses.replace(RESUME, lr=2e-3), out=out, progress=False)
+    with pytest.raises(ProbekitError, match=r"model\.seed \(0 -> 1\)"):
+        train(dataclasses.replace(CFG, seed=1), TASK, RESUME, out=out, progress=False)
+    with pytest.raises(ProbekitError, match=r"task\.default_length \(20 -> 6\)"):
+        train(CFG, SortingTask(n_values=10, default_length=6), RESUME, out=out, progress=False)
+    with pytest.raises(ProbekitError, match=r"train\.steps \(24 -> 30\), train\.warmup_steps \(4 -> 5\)"):
+        train(CFG, TASK, dataclasses.replace(RESUME, steps=30, warmup_steps=5), out=out, progress=False)
+    assert (out / "checkpoint.safetensors").read_bytes() == before  # nothing touched
+    # notes may differ; the run resumes
+    train(CFG, TASK, dataclasses.replace(RESUME, extra={"note": "resumed"}), out=out, progress=False)
+    assert (out / "model.safetensors").exists()
+
+
+def test_killed_before_first_checkpoint_restarts(tmp_path, monkeypatch, unbroken):
+    out = tmp_path / "run"
+    _kill_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(CFG, TASK, RESUME, out=out, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "train_log.jsonl"]
+    (out / ".checkpoint.safetensors.x1y2.safetensors").write_bytes(b"half a file")  # a torn write
+    import dataclasses
+
+    with pytest.raises(ProbekitError, match=r"train\.lr"):  # another run's early files are not cleared
+        train(CFG, TASK, dataclasses.replace(RESUME, lr=2e-3), out=out, progress=False)
+    model = train(CFG, TASK, RESUME, out=out, progress=False)  # the same command again
+    assert _same(unbroken, model.state_dict())
+    assert _log_steps(out) == [4, 8, 12, 16, 20, 24]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
+
+
+def test_killed_after_a_checkpoint_resumes_with_each_step_logged_once(tmp_path, monkeypatch, unbroken):
+    out = tmp_path / "run"
+    _kill_at(monkeypatch, 13)  # checkpoint at 8, log records 4, 8, 12 written
+    with pytest.raises(KeyboardInterrupt):
+        train(CFG, TASK, RESUME, out=out, progress=False)
+    monkeypatch.undo()
+    assert checkpoint_meta(out / "checkpoint.safetensors")["step"] == 8
+    assert _log_steps(out) == [4, 8, 12]
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write('{"step": 16, "lo')  # a record torn by the kill
+    (out / ".checkpoint.safetensors.k9z.safetensors").write_bytes(b"half a checkpoint")  # a torn write
+    model = train(CFG, TASK, RESUME, out=out, progress=False)
+    assert _log_steps(out) == [4, 8, 12, 16, 20, 24]
+    assert _same(unbroken, model.state_dict())
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
+
+
+def test_old_checkpoint_format_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"")
+    (out / "checkpoint.json").write_text('{"step": 8}')
+    with pytest.raises(ProbekitError, match="old format"):
+        train(CFG, TASK, RESUME, out=out, progress=False)
+    (out / "checkpoint.json").unlink()
+    from safetensors.torch import save_file
+
+    save_file({"model.x": torch.zeros(1)}, str(out / "checkpoint.safetensors"))
+    with pytest.raises(ProbekitError, match="has format None; expected a training checkpoint"):
+        train(CFG, TASK, RESUME, out=out, progress=False)
+
+
+def test_warmup_longer_than_run_warns():
+    with pytest.warns(UserWarning, match="warmup_steps = 10 >= steps = 3"):
+        train(CFG, TASK, TrainConfig(steps=3, batch_size=4, lengths=(2, 3), warmup_steps=10), progress=False)

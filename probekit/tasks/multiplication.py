@@ -32,10 +32,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from probekit.checks import check_fields
 from probekit.tasks.base import Batch, ProbekitError, check_n, rng_for
 
+MAX_DIGITS = 12  # widest operand; values stay exact in int64 (and in the meta "a", "b") up to 18 digits
 VOCAB = tuple(str(d) for d in range(10)) + ("*", "=")
 TIMES, EQUALS = 10, 11
+
+
+def check_length(length) -> int:
+    """A multiplication length (digits of a): an integer in 1..MAX_DIGITS."""
+    if isinstance(length, bool) or not isinstance(length, int | np.integer) or not 1 <= length <= MAX_DIGITS:
+        raise ProbekitError(f"multiplication length (digits of a) = {length!r}; expected an integer in 1..{MAX_DIGITS} "
+                            "(operand values stay exact in int64 up to 18 digits)")
+    return int(length)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class MultiplicationTask:
     name: str = "multiplication"
 
     def __post_init__(self):
+        check_fields(self, "MultiplicationTask")
         if self.objective != "product":
             raise ProbekitError(f"unknown objective {self.objective!r} for task 'multiplication'; expected one of ['product']")
         if not (1 <= self.digits <= 12):
@@ -57,6 +68,8 @@ class MultiplicationTask:
             raise ProbekitError(f"b_digits must be in 1..12, got {self.b_digits}")
         if not (0.0 <= self.simple_fraction <= 1.0):
             raise ProbekitError(f"simple_fraction must be in [0, 1], got {self.simple_fraction}")
+        if self.pad_to is not None and not (1 <= self.pad_to <= MAX_DIGITS):
+            raise ProbekitError(f"MultiplicationTask.pad_to = {self.pad_to}; expected null or an integer in 1..{MAX_DIGITS}")
 
     objectives: tuple[str, ...] = ("product",)
     vocab: tuple[str, ...] = VOCAB
@@ -73,9 +86,7 @@ class MultiplicationTask:
                 "reverse": self.reverse, "simple_fraction": self.simple_fraction}
 
     def widths(self, length: int | None = None) -> tuple[int, int]:
-        da = self.digits if length is None else int(length)
-        if da < 1:
-            raise ProbekitError(f"multiplication length (digits of a) must be >= 1, got {da}")
+        da = self.digits if length is None else check_length(length)
         db = self.b_digits if self.b_digits is not None else da
         pad = self.pad_to or 0
         return max(da, pad), max(db, pad if self.b_digits is None else 0)
@@ -98,8 +109,8 @@ class MultiplicationTask:
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, length: int | None = None, seed: int = 0) -> Batch:
         check_n(n)
-        da = self.digits if length is None else int(length)
         wa, wb = self.widths(length)
+        da = self.digits if length is None else int(length)
         db = self.b_digits if self.b_digits is not None else da
         rng = rng_for(seed)
         a = rng.integers(0, 10, size=(n, da))  # digits, units first
@@ -135,6 +146,9 @@ class MultiplicationTask:
         b_d = np.asarray(b_digits, dtype=np.int64)
         n, wa = a_d.shape
         wb = b_d.shape[1]
+        if max(wa, wb) > MAX_DIGITS:
+            raise ProbekitError(f"operands of {wa} and {wb} digits; expected at most {MAX_DIGITS} digits each "
+                                "(operand values must stay exact in int64)")
         P = wa + wb
         # column sums S_k = sum_{i+j=k} a_i b_j, then carries left to right
         S = np.zeros((n, P), dtype=np.int64)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from probekit.checks import check_fields
 from probekit.tasks.base import Batch, ProbekitError, check_n, rng_for
 
 OBJECTIVES = ("sort", "successor", "predecessor")
@@ -59,6 +60,9 @@ class SortingTask:
     name: str = "sorting"
 
     def __post_init__(self):
+        check_fields(self, "SortingTask")
+        if self.default_length < 1:
+            raise ProbekitError(f"SortingTask.default_length = {self.default_length}; expected an integer >= 1")
         if self.objective not in OBJECTIVES:
             raise ProbekitError(f"unknown objective {self.objective!r} for task 'sorting'; expected one of {list(OBJECTIVES)}")
         if not (2 <= self.n_values <= 1000):
@@ -106,8 +110,19 @@ class SortingTask:
             spec["value_windows"] = self.value_windows
         return spec
 
+    def check_length(self, length: int | None) -> int:
+        """The list length to use: ``default_length`` for None, else an integer >= 1 (<= n_values without repeats)."""
+        if length is None:
+            return self.default_length
+        if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 1:
+            raise ProbekitError(f"sorting length = {length!r}; expected an integer >= 1")
+        if not self.repeats and length > self.n_values:
+            raise ProbekitError(f"length {length} needs {length} distinct values but the range has {self.n_values}; "
+                                "allow repeats or shorten")
+        return int(length)
+
     def seq_len(self, length: int | None = None) -> int:
-        L = self.default_length if length is None else length
+        L = self.check_length(length)
         return 2 + L + (L if self.objective == "sort" else 2 * L)
 
     # ------------------------------------------------------------------ oracle
@@ -134,11 +149,7 @@ class SortingTask:
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, length: int | None = None, seed: int = 0) -> Batch:
         check_n(n)
-        L = self.default_length if length is None else int(length)
-        if L < 1:
-            raise ProbekitError(f"sorting length must be >= 1, got {L}")
-        if not self.repeats and L > self.n_values:
-            raise ProbekitError(f"length {L} needs {L} distinct values but the range has {self.n_values}; allow repeats or shorten")
+        L = self.check_length(length)
         rng = rng_for(seed)
         if self.repeats:
             x = rng.integers(0, self.n_values, size=(n, L))
