@@ -295,9 +295,14 @@ def job_state(job: Job) -> str:
     folder = Path(job.dir)
     if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
         return "done" if read_metrics(job) is not None else "evaluate"
-    ckpt = folder / "checkpoint.json"
+    from probekit.train import CHECKPOINT, checkpoint_meta
+
+    ckpt = folder / CHECKPOINT
     if ckpt.exists():
-        return f"resume at step {json.loads(ckpt.read_text())['step']}"
+        try:
+            return f"resume at step {checkpoint_meta(ckpt)['step']}"
+        except ProbekitError:
+            return "resume (checkpoint unreadable)"  # the job then fails with train's own one-line error
     return "new"
 
 

@@ -106,12 +106,17 @@ def test_good_configs_pass_the_same_checks(tmp_path):
 def test_zoo_configs_validate():
     from pathlib import Path
 
+    from probekit.sweep import load_grid, parse_run
     from probekit.train import load_run_config
 
-    paths = sorted((Path(__file__).parent.parent / "analyses" / "zoo").glob("*.json"))
-    assert paths
-    for p in paths:
+    zoo = Path(__file__).parent.parent / "analyses" / "zoo"
+    bases, grids = sorted((zoo / "base").glob("*.json")), sorted(zoo.glob("*.json"))
+    assert bases and grids
+    for p in bases:
         load_run_config(p)
+    for p in grids:  # every job of every grid parses into valid configs
+        for job in load_grid(p).jobs("unused"):
+            parse_run(job.run)
 
 
 @pytest.mark.parametrize("kw", [

@@ -202,15 +202,21 @@ def test_rerun_skips_finished_jobs(swept):
 
 def test_a_killed_job_resumes_from_its_checkpoint(swept, tmp_path):
     from probekit.model import load_model
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     from probekit.sweep import parse_run
-    from probekit.train import train
+    from probekit.train import CHECKPOINT, checkpoint_meta, train
 
     grid, out, _ = swept
     job = load_grid(grid).jobs(out, select=["b/seed0"])[0]
     mcfg, task, tcfg = parse_run(job.run)
     train(mcfg, task, tcfg, out=job.dir, progress=False, stop_after=10)  # as a kill after 10 steps would leave it
-    ckpt = Path(job.dir) / "checkpoint.json"
-    ckpt.write_text(json.dumps(json.loads(ckpt.read_text()) | {"elapsed_s": 1000.0}))  # marks the first part
+    ckpt = Path(job.dir) / CHECKPOINT
+    with safe_open(str(ckpt), framework="pt") as f:  # mark the first part: its recorded time is 1000 s
+        meta = f.metadata()
+    save_file(load_file(str(ckpt)), str(ckpt), metadata=meta | {"elapsed_s": "1000.0"})
+    assert checkpoint_meta(ckpt)["elapsed_s"] == 1000.0
     assert run_sweep(grid, out, jobs=["b/seed0"], dry_run=True).states == {"b/seed0": "resume at step 10"}
     run = run_sweep(grid, out, jobs=["b/seed0"], progress=False)
     assert run.ran[0]["state"] == "resume at step 10" and not ckpt.exists()
@@ -272,7 +278,6 @@ def test_new_eval_settings_reevaluate_and_a_failed_job_does_not_stop_the_rest(sw
     before = model.stat().st_mtime_ns
     broken = out / "b" / "seed1"
     broken.mkdir(parents=True)
-    (broken / "checkpoint.json").write_text(json.dumps({"step": 10, "elapsed_s": 1.0}))
     (broken / "checkpoint.safetensors").write_bytes(b"not a safetensors file")
     d = json.loads(Path(grid).read_text())
     changed = write_grid(tmp_path, eval={**d["eval"], "n": 20})
