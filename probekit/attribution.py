@@ -58,6 +58,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from probekit.metrics import (
+    GRADIENT_METRICS,
     METRICS,
     PAIR_METRICS,
     answer_layout,
@@ -584,7 +585,7 @@ def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "log
 
     ``steps``: the answer steps the metric reads (default all; a pair's ``answer_steps`` for its own steps).
     """
-    check_metric(metric, METRICS, "patching metric")
+    check_metric(metric, GRADIENT_METRICS, "attribution-patching metric (differentiable)")
     check_pair(clean, corrupt)
     if ig_steps < 1:
         raise ProbekitError(f"ig_steps must be >= 1, got {ig_steps}")

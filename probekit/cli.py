@@ -142,7 +142,8 @@ def attribute(
     seed: int = typer.Option(0),
     length: int | None = typer.Option(None, help="Input length (default: the task's default)."),
     metric: str | None = typer.Option(None, help="dla: logit|margin (logit); ablate: logit|logprob|prob|margin|acc|"
-                                                    "exact-match (logprob); attrib-patch: also logit-diff (logit-diff)."),
+                                                    "exact-match (logprob); attrib-patch: logit-diff|logit|logprob|prob|"
+                                                    "margin (logit-diff)."),
     ablation: str = typer.Option("zero", help="ablate: zero | mean | resample."),
     heads: str | None = typer.Option(None, help="ablate: also ablate this set together, e.g. L1H2,L0H3."),
     k: int = typer.Option(3, help="ablate: top-k heads (by single-head effect) vs k random heads."),
@@ -177,7 +178,7 @@ def attribute(
         raise ProbekitError(f"unknown ablation {ablation!r}; expected one of {list(A.ABLATIONS)}")
     if n <= 0:
         raise ProbekitError(f"--n must be positive, got {n}")
-    allowed = {"dla": A.DLA_METRICS, "ablate": A.ABLATION_METRICS, "attrib-patch": A.METRICS}[method]
+    allowed = {"dla": A.DLA_METRICS, "ablate": A.ABLATION_METRICS, "attrib-patch": A.GRADIENT_METRICS}[method]
     metric = check_metric(metric or {"dla": "logit", "ablate": "logprob", "attrib-patch": "logit-diff"}[method],
                           allowed, f"metric for --method {method}")
     if plot is not None:

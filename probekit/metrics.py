@@ -44,6 +44,7 @@ from probekit.tasks.base import Batch, ProbekitError
 
 METRICS = ("logit-diff", "logit", "logprob", "prob", "margin", "acc", "exact-match")
 PAIR_METRICS = ("logit-diff",)  # need a corrupted batch
+GRADIENT_METRICS = ("logit-diff", "logit", "logprob", "prob", "margin")  # differentiable in the logits
 SPELLINGS = {"logit_diff": "logit-diff", "logitdiff": "logit-diff", "token_acc": "acc", "token-acc": "acc",
              "accuracy": "acc", "exact_match": "exact-match", "log_prob": "logprob", "log-prob": "logprob",
              "probability": "prob"}
@@ -229,5 +230,5 @@ def metric_value(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch, metri
     return red if per_example else red.mean()
 
 
-__all__ = ["BoundMetric", "METRICS", "Metric", "PAIR_METRICS", "answer_layout", "answer_targets", "check_metric",
-           "check_pair", "digit_step", "metric_value", "position_labels"]
+__all__ = ["BoundMetric", "GRADIENT_METRICS", "METRICS", "Metric", "PAIR_METRICS", "answer_layout", "answer_targets",
+           "check_metric", "check_pair", "digit_step", "metric_value", "position_labels"]
