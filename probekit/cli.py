@@ -253,8 +253,8 @@ def _argsort_desc(table) -> list[int]:
 @app.command("patch")
 def patch_cmd(
     model: str = typer.Option(..., help="Shipped model name or model folder."),
-    corruption: str = typer.Option(..., help="multiplication: carry-flip | operand-digit | resample; "
-                                                "sorting: successor-change | swap | resample."),
+    corruption: str = typer.Option(..., help="multiplication: carry-flip | operand-digit | random-digit | resample; "
+                                                "sorting: successor-change | swap | replace | resample."),
     site: str = typer.Option("head", help="head (hook_z) | q | k | v | pattern | resid_pre | resid_mid | resid_post | "
                                           "attn_out | mlp_out."),
     by_pos: bool = typer.Option(True, "--by-pos/--all-pos", help="One patch per position, or across all positions."),

@@ -286,7 +286,9 @@ def test_replace_and_random_digit_change_one_input():
 
 def test_each_task_declares_its_kinds_and_options_are_checked():
     from probekit.corruptions import corruption_kinds
+    from probekit.tasks import TASKS
 
+    assert TASKS == {"multiplication": MultiplicationTask, "sorting": SortingTask}  # found in their files
     mult, sort = MultiplicationTask(digits=3), SortingTask(n_values=16)
     assert corruption_kinds(mult) == CORRUPTIONS["multiplication"] == ("carry-flip", "operand-digit", "random-digit",
                                                                        "resample")

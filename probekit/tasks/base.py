@@ -15,9 +15,12 @@ Every feature is a LongTensor ``[batch, pos]`` holding -1 where it is undefined.
 names each token position structurally, the same for every row (``x3``, ``|``, ``y0``; see
 `probekit.metrics.position_labels`).
 
-Adding a task means writing one file in ``probekit/tasks/``: a class that follows the `Task` protocol
-below (sampling, ``solve()``, features, its corruption rules and its position labels), plus one line
-in ``TASKS`` (``probekit/tasks/__init__.py``) if it should be rebuilt from a saved model's spec.
+Adding a task means writing one file in ``probekit/tasks/``: a frozen dataclass that follows the `Task`
+protocol below (sampling, ``solve()``, features, its corruption rules and its position labels). The
+package finds it there and registers it in ``TASKS`` under its ``name`` field, so saved models of the
+task load (`probekit.tasks.task_from_spec`). A task class defined elsewhere works with every
+instrument too; it is only not rebuilt from a spec.
+
 Nothing outside ``probekit/tasks/`` knows a task by its name: instruments read features, masks and
 labels from the batch and ask the task for its corruptions.
 """
