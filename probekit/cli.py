@@ -180,7 +180,7 @@ def attribute(
         raise ProbekitError(f"--n must be positive, got {n}")
     allowed = {"dla": A.DLA_METRICS, "ablate": A.ABLATION_METRICS, "attrib-patch": A.GRADIENT_METRICS}[method]
     metric = check_metric(metric or {"dla": "logit", "ablate": "logprob", "attrib-patch": "logit-diff"}[method],
-                          allowed, f"metric for --method {method}")
+                          allowed, f"{method} metric")
     if plot is not None:
         viz.check_plot(plot, *_ATTRIBUTE_AXES[method])
     m, task, _ = load_model(model, device=device)
