@@ -27,7 +27,9 @@ def run(quick: bool = False) -> dict:
     task = SortingTask(n_values=64)
     model = build_model(ModelConfig(n_layers=2, d_model=128, n_heads=4, d_vocab=task.d_vocab, n_ctx=128, seed=0))
     batch = task.sample(n, length=length, seed=0)
-    corrupt = A.corrupt_batch(task, batch, seed=0)
+    from probekit.corruptions import corrupt as corrupt_pair
+
+    corrupt = corrupt_pair(task, batch, "replace", seed=0).corrupted
     res = {"n": n, "length": length, "seq_len": batch.seq_len, "threads": torch.get_num_threads()}
     _, res["dla_head_s"] = _timed(lambda: A.direct_logit_attribution(model, batch, unit="head"))
     _, res["dla_source_s"] = _timed(lambda: A.direct_logit_attribution(model, batch, unit="source"))

@@ -45,7 +45,8 @@ def _worker(method: str, case: str, n: int, q):
 
     model, pair = _setup(case, n)
     from probekit.corruptions import make_pair
-    from probekit.patching import BoundMetric, sweep
+    from probekit.metrics import BoundMetric
+    from probekit.patching import sweep
 
     def go(p):
         if method == "tl":

@@ -22,6 +22,7 @@ MODULES = [
     "probekit.results",
     "probekit.activations",
     "probekit.probes",
+    "probekit.metrics",
     "probekit.corruptions",
     "probekit.patching",
     "probekit.attribution",

@@ -5,17 +5,16 @@ Axis names (results and jaxtyping annotations):
 
 - ``batch``      examples;
 - ``pos``        token positions; in results, the *predicting* positions of the batch (``batch.pred_mask``),
-                 whose logits give an answer token (label ``"<pos> <token>"``, ``·`` where the token varies);
+                 whose logits give an answer token (labels: `probekit.metrics.position_labels`);
 - ``src``        key (source) positions that a head attends to;
 - ``layer``, ``head``  attention heads (``"L1H2"`` is layer 1, head 2);
 - ``component``  an additive term of the final residual stream (``embed``, ``pos_embed``, ``attn1``, ``mlp0``,
                  ``L1H2``, ``attn1.b_O``, ``const``);
 - ``d_model``, ``d_head``  model and head widths.
 
-Metrics (`answer_metric`) are read at the predicting positions against the batch's own answer tokens:
-``logit``, ``logprob``, ``margin`` (target logit minus the largest other logit), ``token_acc`` (teacher
-forced), and, for a clean/corrupt pair, ``logit_diff`` (clean target minus corrupt target logit, over the
-positions where the two answers differ).
+Metrics are `probekit.metrics`'s (`probekit.metrics.metric_value`), read at the predicting positions
+against the batch's own answer tokens: ``logit``, ``logprob``, ``prob``, ``margin``, ``acc``, ``exact-match``
+(teacher forced), and, for a clean/corrupt pair, ``logit-diff``.
 
 Direct logit attribution (DLA). The final residual stream is a sum of component outputs (embeddings, each
 head's ``z @ W_O`` -- value bias included --, each layer's ``b_O``, each MLP). The final LayerNorm is made
@@ -55,14 +54,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from probekit.metrics import (
+    GRADIENT_METRICS,
+    METRICS,
+    PAIR_METRICS,
+    answer_layout,
+    answer_targets,
+    check_metric,
+    check_pair,
+    metric_value,
+    position_labels,
+)
 from probekit.results import Result
 from probekit.tasks import Batch, ProbekitError
 
-METRICS = ("logit", "logprob", "margin", "token_acc", "logit_diff")
 DLA_METRICS = ("logit", "margin")
+ABLATION_METRICS = tuple(m for m in METRICS if m not in PAIR_METRICS)
 DLA_UNITS = ("layer", "head", "source", "component")
 ABLATIONS = ("zero", "mean", "resample")
 Head = tuple[int, int]
@@ -120,137 +130,12 @@ def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
         raise ProbekitError(f"unknown {what} {value!r}; expected one of {list(choices)}")
 
 
-def answer_positions(batch: Batch) -> Int[Tensor, "k"]:
-    """The predicting positions (one answer layout per batch)."""
-    pm = batch.pred_mask
-    if not (pm == pm[:1]).all():
-        raise ProbekitError("the batch mixes answer layouts; expected one objective and length per batch")
-    pos = torch.nonzero(pm[0]).flatten()
-    if pos.numel() == 0:
-        raise ProbekitError("the batch has no answer positions")
-    return pos
-
-
-def answer_targets(batch: Batch) -> Int[Tensor, "batch k"]:
-    """The answer token predicted at each predicting position (``answer_positions``)."""
-    return batch.tokens[:, answer_positions(batch) + 1]
-
-
-def position_labels(batch: Batch, positions: Sequence[int] | Tensor | None = None,
-                    vocab: Sequence[str] | None = None) -> list[str]:
-    """``"<pos> <token>"`` per position; the token is ``·`` where it differs across the batch."""
-    positions = range(batch.seq_len) if positions is None else [int(p) for p in positions]
-    out = []
-    for p in positions:
-        col = batch.tokens[:, p]
-        if bool((col == col[0]).all()):
-            t = int(col[0])
-            tok = vocab[t] if vocab is not None and 0 <= t < len(vocab) else str(t)
-        else:
-            tok = "·"
-        out.append(f"{p} {tok}")
-    return out
-
-
 def _batch_settings(batch: Batch) -> dict:
     return {"task": batch.task, "objective": batch.objective, "length": batch.length, "n": batch.n}
 
 
 def _model_name(model) -> str:
     return str(getattr(model, "probekit_name", type(model).__name__))
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-def answer_metric(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch, metric: str = "logprob",
-                  corrupt: Batch | None = None, per_example: bool = False) -> Tensor:
-    """A metric of the answer at the predicting positions; a scalar (mean), or ``[batch]`` if ``per_example``.
-
-    ``logit_diff`` needs ``corrupt`` (same layout): clean-target minus corrupt-target logit, averaged over
-    the positions where the two answers differ.
-    """
-    _check_choice(metric, METRICS, "metric")
-    pos = answer_positions(batch).to(logits.device)
-    tgt = answer_targets(batch).to(logits.device)
-    lg = logits[:, pos].float()  # batch k d_vocab
-    mask = torch.ones_like(tgt, dtype=torch.bool)
-    if metric == "logit":
-        val = lg.gather(-1, tgt[..., None])[..., 0]
-    elif metric == "logprob":
-        val = lg.log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
-    elif metric == "margin":
-        t = lg.gather(-1, tgt[..., None])[..., 0]
-        other = lg.scatter(-1, tgt[..., None], float("-inf")).max(-1).values
-        val = t - other
-    elif metric == "token_acc":
-        val = (lg.argmax(-1) == tgt).float()
-    else:
-        if corrupt is None:
-            raise ProbekitError("metric 'logit_diff' needs a corrupt batch; use 'logprob' or 'margin' otherwise")
-        _check_pair(batch, corrupt)
-        ctgt = answer_targets(corrupt).to(logits.device)
-        mask = tgt != ctgt
-        if not bool(mask.any()):
-            raise ProbekitError("the corruption leaves every answer token unchanged, so 'logit_diff' is undefined; "
-                                "use another corruption or metric 'logprob'")
-        val = lg.gather(-1, tgt[..., None])[..., 0] - lg.gather(-1, ctgt[..., None])[..., 0]
-    m = mask.float()
-    if per_example:
-        return (val * m).sum(1) / m.sum(1).clamp(min=1)
-    return (val * m).sum() / m.sum()
-
-
-def _check_pair(clean: Batch, corrupt: Batch) -> None:
-    if clean.tokens.shape != corrupt.tokens.shape or not torch.equal(clean.answer_mask, corrupt.answer_mask):
-        raise ProbekitError(f"clean and corrupt batches must have the same shape and answer layout, got "
-                            f"{tuple(clean.tokens.shape)} and {tuple(corrupt.tokens.shape)}")
-
-
-# ---------------------------------------------------------------------------- corruptions (local and simple)
-
-
-def corrupt_batch(task, batch: Batch, kind: str | None = None, seed: int = 0) -> Batch:
-    """A corrupted copy of ``batch`` (same shape): one change per example.
-
-    sorting: ``replace`` (default) sets one input element to another value, which changes the sorted
-    answer; ``swap`` exchanges two input positions (the sorted answer stays the same, only positions move).
-    multiplication: ``digit`` (default) changes one digit of a.
-    """
-    rng = np.random.default_rng(seed)
-    if batch.task == "sorting":
-        kind = kind or "replace"
-        _check_choice(kind, ("replace", "swap"), "sorting corruption")
-        x = batch.meta["inputs"].numpy().copy()
-        n, L = x.shape
-        rows = np.arange(n)
-        if kind == "swap":
-            if L < 2:
-                raise ProbekitError(f"corruption 'swap' needs length >= 2, got {L}")
-            i = rng.integers(0, L, n)
-            j = (i + rng.integers(1, L, n)) % L
-            x[rows, i], x[rows, j] = x[rows, j], x[rows, i].copy()
-        else:
-            i = rng.integers(0, L, n)
-            for r in range(n):
-                unused = sorted(set(range(task.n_values)) - set(x[r].tolist())) if not task.repeats else []
-                pool = unused or [v for v in range(task.n_values) if v != x[r, i[r]]]
-                x[r, i[r]] = pool[int(rng.integers(len(pool)))]
-        out = task.with_objective(batch.objective).batch_from_inputs(x)
-    elif batch.task == "multiplication":
-        kind = kind or "digit"
-        _check_choice(kind, ("digit",), "multiplication corruption")
-        wa, wb = task.widths(batch.length)
-        a = np.array([[(int(v) // 10**i) % 10 for i in range(wa)] for v in batch.meta["a"].tolist()], dtype=np.int64)
-        b = np.array([[(int(v) // 10**j) % 10 for j in range(wb)] for v in batch.meta["b"].tolist()], dtype=np.int64)
-        n = a.shape[0]
-        i = rng.integers(0, min(wa, batch.length), n)
-        a[np.arange(n), i] = (a[np.arange(n), i] + rng.integers(1, 10, n)) % 10
-        out = task.batch_from_digits(a, b, length=batch.length)
-    else:
-        raise ProbekitError(f"no corruption for task {batch.task!r}; expected 'sorting' or 'multiplication'")
-    _check_pair(batch, out)
-    return out
 
 
 # ---------------------------------------------------------------------------- direct logit attribution
@@ -285,10 +170,10 @@ def _dla_hooks(model) -> list[str]:
 @torch.no_grad()
 def _dla_terms(model, batch: Batch, metric: str, device) -> dict:
     """Per-example DLA terms at the predicting positions (see the module docstring)."""
-    _check_choice(metric, DLA_METRICS, "DLA metric")
+    check_metric(metric, DLA_METRICS, "DLA metric")
     dev = _device(model, device)
     tokens = batch.tokens.to(dev)
-    pos = answer_positions(batch).to(dev)
+    pos = answer_layout(batch).to(dev)
     tgt = answer_targets(batch).to(dev)  # batch k
     want = set(_dla_hooks(model))
     logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
@@ -493,7 +378,7 @@ def _exact_match(model, batch: Batch) -> float:
 
 @torch.no_grad()
 def _measure(model, batch: Batch, metric: str, exact_match: bool, dev) -> tuple[float, float]:
-    m = float(answer_metric(model(batch.tokens.to(dev)), batch, metric))
+    m = float(metric_value(model(batch.tokens.to(dev)), batch, metric))
     return m, (_exact_match(model, batch) if exact_match else float("nan"))
 
 
@@ -501,7 +386,7 @@ def ablate_heads(model, batch: Batch, heads: Sequence[Head] | str, method: str =
                  reference: Batch | None = None, metric: str = "logprob", exact_match: bool = True, seed: int = 0,
                  device=None) -> Result:
     """Ablate a set of heads together. Axes (measure,): metric and exact match, clean and ablated."""
-    _check_choice(metric, tuple(m for m in METRICS if m != "logit_diff"), "ablation metric")
+    check_metric(metric, ABLATION_METRICS, "ablation metric")
     heads = parse_heads(heads, model)
     dev = _device(model, device)
     clean = _measure(model, batch, metric, exact_match, dev)
@@ -524,7 +409,7 @@ def head_ablation_sweep(model, batch: Batch, method: str = "zero", reference: Ba
                         metric: str = "logprob", exact_match: bool = True, seed: int = 0, device=None) -> Result:
     """Ablate each head alone. Axes (layer, head): change in the metric; ``extra``: ablated metric and exact match."""
     _check_choice(method, ABLATIONS, "ablation method")
-    _check_choice(metric, tuple(m for m in METRICS if m != "logit_diff"), "ablation metric")
+    check_metric(metric, ABLATION_METRICS, "ablation metric")
     if reference is not None:
         _check_reference(batch, reference)
     dev = _device(model, device)
@@ -692,13 +577,16 @@ def _agreement(approx: Tensor, exact: Tensor, k: int) -> dict:
             "top1_match": bool(np.argmax(np.abs(a)) == np.argmax(np.abs(e)))}
 
 
-def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "logit_diff", exact: bool = True,
+def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "logit-diff", exact: bool = True,
                          ig_steps: int = 1, top_k: int = 10, vocab: Sequence[str] | None = None,
-                         device=None) -> AttributionPatchingResult:
+                         steps: Sequence[int] | None = None, device=None) -> AttributionPatchingResult:
     """First-order (or integrated-gradient) patching scores for every head by position and every MLP by
-    position, denoising convention; with ``exact``, also exact patching and the agreement of the two."""
-    _check_choice(metric, METRICS, "patching metric")
-    _check_pair(clean, corrupt)
+    position, denoising convention; with ``exact``, also exact patching and the agreement of the two.
+
+    ``steps``: the answer steps the metric reads (default all; a pair's ``answer_steps`` for its own steps).
+    """
+    check_metric(metric, GRADIENT_METRICS, "attribution-patching metric (differentiable)")
+    check_pair(clean, corrupt)
     if ig_steps < 1:
         raise ProbekitError(f"ig_steps must be >= 1, got {ig_steps}")
     dev = _device(model, device)
@@ -706,7 +594,7 @@ def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "log
     ct, xt = clean.tokens.to(dev), corrupt.tokens.to(dev)
 
     def metric_fn(logits):
-        return answer_metric(logits, clean, metric, corrupt=corrupt)
+        return metric_value(logits, clean, metric, corrupted=corrupt, steps=steps)
 
     z_names = [f"blocks.{L}.attn.hook_z" for L in range(nL)]
     names = z_names + _mlp_names(model)
@@ -733,7 +621,8 @@ def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "log
     with torch.no_grad():
         metric_clean = float(metric_fn(model(ct)))
     settings = {"instrument": "attribution_patching", "direction": "denoising (clean into corrupt)",
-                "metric": metric, "ig_steps": ig_steps, "model": _model_name(model), **_batch_settings(clean),
+                "metric": metric, "steps": list(steps) if steps is not None else None, "ig_steps": ig_steps,
+                "model": _model_name(model), **_batch_settings(clean),
                 "metric_corrupt": base, "metric_clean": metric_clean}
     res = AttributionPatchingResult(
         heads=Result("attrib_patch_heads", heads, ("layer", "pos", "head"), lab_h, settings),
@@ -770,8 +659,9 @@ def target_mask(batch: Batch, target: str | Tensor) -> Bool[Tensor, "batch pos s
                                 f"{target.dtype} {tuple(target.shape)}")
         return target
     if target == "column_operands":
-        if batch.task != "multiplication":
-            raise ProbekitError(f"target 'column_operands' needs a multiplication batch, got task {batch.task!r}")
+        if "digit_index" not in batch.features or "operand" not in batch.features:
+            raise ProbekitError(f"target 'column_operands' needs a batch with 'digit_index' and 'operand' features "
+                                f"(multiplication), got task {batch.task!r}")
         k = batch.feature("digit_index")  # batch pos
         place, operand = batch.feature("place"), batch.feature("operand")
         wa = int((operand[0] == 0).sum())

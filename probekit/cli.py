@@ -69,7 +69,7 @@ def eval_(
     if n <= 0:
         raise ProbekitError(f"--n must be positive, got {n}")
     m, task, _ = load_model(model, device=device)
-    if errors and (task.name != "sorting" or task.objective != "sort"):
+    if errors and task.objective != "sort":
         raise ProbekitError(f"--errors needs a sorting model with the 'sort' objective, got task {task.name!r} "
                             f"({task.objective!r})")
     res = evaluate(m, task, parse_ints(lengths, "--lengths"), n=n, seed=seed, max_batch=max_batch,
@@ -141,15 +141,17 @@ def attribute(
     n: int = typer.Option(256, help="Examples."),
     seed: int = typer.Option(0),
     length: int | None = typer.Option(None, help="Input length (default: the task's default)."),
-    metric: str | None = typer.Option(None, help="dla: logit|margin (logit); ablate: logprob|margin|logit|token_acc "
-                                                    "(logprob); attrib-patch: also logit_diff (logit_diff)."),
+    metric: str | None = typer.Option(None, help="dla: logit|margin (logit); ablate: logit|logprob|prob|margin|acc|"
+                                                    "exact-match (logprob); attrib-patch: logit-diff|logit|logprob|prob|"
+                                                    "margin (logit-diff)."),
     ablation: str = typer.Option("zero", help="ablate: zero | mean | resample."),
     heads: str | None = typer.Option(None, help="ablate: also ablate this set together, e.g. L1H2,L0H3."),
     k: int = typer.Option(3, help="ablate: top-k heads (by single-head effect) vs k random heads."),
     n_random: int = typer.Option(10, help="ablate: random head sets to compare with the top k."),
     reference_length: int | None = typer.Option(None, help="ablate mean/resample: reference batch length (default --length)."),
     reference_objective: str | None = typer.Option(None, help="ablate mean/resample: reference objective (default the model's)."),
-    corruption: str | None = typer.Option(None, help="attrib-patch: sorting replace|swap, multiplication digit."),
+    corruption: str | None = typer.Option(None, help="attrib-patch: a corruption of the task (default its first), "
+                                                        "e.g. successor-change | replace, carry-flip | random-digit."),
     exact: bool = typer.Option(True, help="attrib-patch: also run exact patching and report the agreement."),
     ig_steps: int = typer.Option(1, help="attrib-patch: integrated-gradient steps (1: plain gradient)."),
     plot: str | None = typer.Option(None, help="Extra figure of the main result: layer-head | layer-pos."),
@@ -163,7 +165,9 @@ def attribute(
     """
     from probekit import attribution as A
     from probekit import viz
+    from probekit.corruptions import corrupt, corruption_kinds
     from probekit.evaluate import check_fits
+    from probekit.metrics import check_metric
     from probekit.model import ensure_empty_dir, load_model
     from probekit.results import atomic_write
     from probekit.tasks import ProbekitError
@@ -174,11 +178,9 @@ def attribute(
         raise ProbekitError(f"unknown ablation {ablation!r}; expected one of {list(A.ABLATIONS)}")
     if n <= 0:
         raise ProbekitError(f"--n must be positive, got {n}")
-    allowed = {"dla": A.DLA_METRICS, "ablate": tuple(m for m in A.METRICS if m != "logit_diff"),
-               "attrib-patch": A.METRICS}[method]
-    metric = metric or {"dla": "logit", "ablate": "logprob", "attrib-patch": "logit_diff"}[method]
-    if metric not in allowed:
-        raise ProbekitError(f"unknown metric {metric!r} for --method {method}; expected one of {list(allowed)}")
+    allowed = {"dla": A.DLA_METRICS, "ablate": A.ABLATION_METRICS, "attrib-patch": A.GRADIENT_METRICS}[method]
+    metric = check_metric(metric or {"dla": "logit", "ablate": "logprob", "attrib-patch": "logit-diff"}[method],
+                          allowed, f"{method} metric")
     if plot is not None:
         viz.check_plot(plot, *_ATTRIBUTE_AXES[method])
     m, task, _ = load_model(model, device=device)
@@ -219,9 +221,9 @@ def attribute(
                    f"{', '.join(s['top_heads'])} -> {float(tvr.values[1, 1]):.3f}; {n_random} random sets "
                    f"-> mean {s['random_mean'][1]:.3f} (min {s['random_min'][1]:.3f}, max {s['random_max'][1]:.3f})")
     else:
-        corrupt = A.corrupt_batch(task, batch, kind=corruption, seed=seed)
-        ap = A.attribution_patching(m, batch, corrupt, metric=metric, exact=exact, ig_steps=ig_steps,
-                                    vocab=task.vocab)
+        pair = corrupt(task, batch, corruption or corruption_kinds(task)[0], seed=seed)
+        ap = A.attribution_patching(m, pair.clean, pair.corrupted, metric=metric, exact=exact, ig_steps=ig_steps,
+                                    vocab=task.vocab, steps=pair.answer_steps)
         res = ap.heads
         written += _save_result(ap.heads, out, "attrib_heads", viz.layer_pos_heatmap)
         for name, r in (("attrib_mlp", ap.mlp), ("exact_heads", ap.exact_heads), ("exact_mlp", ap.exact_mlp)):
@@ -251,12 +253,13 @@ def _argsort_desc(table) -> list[int]:
 @app.command("patch")
 def patch_cmd(
     model: str = typer.Option(..., help="Shipped model name or model folder."),
-    corruption: str = typer.Option(..., help="multiplication: carry-flip | operand-digit | resample; "
-                                                "sorting: successor-change | swap | resample."),
+    corruption: str = typer.Option(..., help="multiplication: carry-flip | operand-digit | random-digit | resample; "
+                                                "sorting: successor-change | swap | replace | resample."),
     site: str = typer.Option("head", help="head (hook_z) | q | k | v | pattern | resid_pre | resid_mid | resid_post | "
                                           "attn_out | mlp_out."),
     by_pos: bool = typer.Option(True, "--by-pos/--all-pos", help="One patch per position, or across all positions."),
-    metric: str = typer.Option("logit-diff", help="logit-diff | prob | acc | exact-match (teacher forced)."),
+    metric: str = typer.Option("logit-diff", help="logit-diff | logit | logprob | prob | margin | acc | exact-match "
+                                                  "(teacher forced)."),
     n: int = typer.Option(256, help="Examples (split into passes of at most --max-batch rows)."),
     seed: int = typer.Option(0, help="Seeds the sample and the corruption."),
     length: int | None = typer.Option(None, help="Input length (default: the task's default)."),
@@ -285,14 +288,14 @@ def patch_cmd(
     import os
 
     from probekit import patching as P
-    from probekit.corruptions import CORRUPTIONS, corrupt
+    from probekit.corruptions import corrupt, corruption_kinds
     from probekit.evaluate import check_fits
+    from probekit.metrics import check_metric
     from probekit.model import ensure_empty_dir, load_model
     from probekit.tasks import ProbekitError
 
     site_c = P.canonical_site(site)
-    if metric not in P.METRICS:
-        raise ProbekitError(f"unknown metric {metric!r}; expected one of {list(P.METRICS)}")
+    check_metric(metric)
     if direction not in ("denoise", "noise"):
         raise ProbekitError(f"unknown direction {direction!r}; expected 'denoise' or 'noise'")
     if n <= 0:
@@ -304,9 +307,9 @@ def patch_cmd(
     sel = {k: parse_ints(v, f"--{k}") if v is not None else None
            for k, v in (("layers", layers), ("heads", heads), ("positions", positions))}
     m, task, _ = load_model(model, device=device)
-    if corruption not in CORRUPTIONS.get(task.name, ()):
+    if corruption not in corruption_kinds(task):
         raise ProbekitError(f"corruption {corruption!r} is not defined for task {task.name!r}; "
-                            f"expected one of {list(CORRUPTIONS.get(task.name, ()))}")
+                            f"expected one of {list(corruption_kinds(task))}")
     opts: dict = {}
     given = {"operand": operand, "place": place}
     allowed = {"carry-flip": ("operand",), "operand-digit": ("operand", "place")}.get(corruption, ())

@@ -127,7 +127,7 @@ def _attention_views(names: list[str]) -> list[str]:
     views = []
     for name in names:
         model, task, _ = _load(name)
-        batch = task.sample(1, length=10 if task.name == "sorting" else None, seed=0)
+        batch = task.sample(1, length=getattr(task, "display_length", None), seed=0)
         page = attention_html(model, batch, task=task, title=f"{name}: attention patterns")
         views.append(f"<h3>{html.escape(name)}</h3><iframe class='attn' srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
     return views

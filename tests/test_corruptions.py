@@ -203,3 +203,97 @@ def test_carry_flip_property(digits, b_digits, seed):
         assert "valid corruption" in str(e) or "impossible" in str(e)
         return
     _check_carry_flip(task, pair, k)
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+
+# Stored before the corruption rules moved into the task files: (task, task kwargs, length, kind, options,
+# seed, invalid policy) -> sha256 prefixes of the clean and corrupted tokens, answer steps, invalid rows.
+GOLDEN = [
+    ("mult", {"digits": 4, "b_digits": 2}, 4, "carry-flip", {"digit": 3}, 9, "resample",
+     "1c859618cb49600f", "d894c5b6d035b323", (3,), 0),
+    ("mult", {"digits": 2, "b_digits": 1}, None, "carry-flip", {"digit": 1}, 0, "drop",
+     "6ddf994c4182cae7", "19b6ef755f22d857", (1,), 12),
+    ("mult", {"digits": 2, "b_digits": 1}, None, "carry-flip", {"digit": 1}, 0, "resample",
+     "41074b4c1bf44159", "69ae2f5f1f2d176f", (1,), 12),
+    ("mult", {"digits": 3, "b_digits": 2}, None, "operand-digit", {"operand": "b", "place": 1}, 0, "resample",
+     "64c13ef2d12b3569", "a9d40cd227e388f6", None, 1),
+    ("mult", {"digits": 3}, None, "resample", {}, 1, "resample", "295ac64f17f61d2a", "d19014c0f8dfe439", None, 0),
+    ("sort", {"n_values": 16, "repeats": True}, 7, "successor-change", {"step": 3}, 0, "resample",
+     "e32155a6b42ced2d", "93054f51195af95a", (3,), 4),
+    ("sort", {"n_values": 16, "repeats": False}, 7, "successor-change", {"step": 3}, 2, "resample",
+     "e11c5d5fb6688bfc", "97d8d0a05298291e", (3,), 0),
+    ("sort", {"n_values": 16, "repeats": True}, 6, "swap", {}, 0, "resample",
+     "5cf80dbe8c44d4dc", "b71fa6830b7c51e1", None, 0),
+    ("sort", {"n_values": 16, "repeats": True}, 6, "swap", {"positions": (0, 5)}, 0, "resample",
+     "234ee237a6fe0dd8", "9502b36697192aae", None, 4),
+    ("sort", {"n_values": 16, "repeats": True}, 4, "resample", {}, 1, "resample",
+     "ee6e757ae0a8a49c", "d5f79672f1b94d6d", None, 0),
+]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=lambda c: f"{c[0]}-{c[3]}-{c[6]}")
+def test_pairs_match_stored_values(case):
+    name, kw, length, kind, opts, seed, invalid, clean_sha, corr_sha, steps, n_invalid = case
+    task = (MultiplicationTask if name == "mult" else SortingTask)(**kw)
+    pair = corrupt(task, task.sample(60, length=length, seed=5), kind, seed=seed, invalid=invalid, **opts)
+    assert (_sha(pair.clean.tokens), _sha(pair.corrupted.tokens)) == (clean_sha, corr_sha)
+    assert (pair.answer_steps, pair.n_invalid) == (steps, n_invalid)
+
+
+# Stored from attribution's former corrupt_batch (sorting "replace", multiplication "digit") before these
+# rules became the task kinds "replace" and "random-digit": sha256 prefixes of the corrupted tokens.
+GOLDEN_FORMER_ATTRIBUTION = [
+    ("sort", {"n_values": 16, "repeats": False}, 6, "replace", 4, "78df3e65e6bc9628"),
+    ("sort", {"n_values": 16, "repeats": True}, 6, "replace", 1, "31887b7bf9f0fa99"),
+    ("mult", {"digits": 3, "b_digits": 1}, None, "random-digit", 1, "7151ea1d737f98af"),
+    ("mult", {"digits": 2, "b_digits": 2, "pad_to": 3}, None, "random-digit", 3, "6902e02d81da096f"),
+]
+
+
+@pytest.mark.parametrize("case", GOLDEN_FORMER_ATTRIBUTION, ids=lambda c: f"{c[0]}-{c[3]}-{c[4]}")
+def test_former_attribution_corruptions_match_stored_values(case):
+    name, kw, length, kind, seed, corr_sha = case
+    task = (MultiplicationTask if name == "mult" else SortingTask)(**kw)
+    batch = task.sample(60, length=length, seed=5)
+    pair = corrupt(task, batch, kind, seed=seed)
+    assert _sha(pair.corrupted.tokens) == corr_sha
+    assert torch.equal(pair.clean.tokens, batch.tokens) and pair.n_invalid == 0
+
+
+def test_replace_and_random_digit_change_one_input():
+    task = SortingTask(n_values=16, repeats=False)
+    b = task.sample(16, length=6, seed=1)
+    pair = corrupt(task, b, "replace", seed=1)
+    x, x2 = b.meta["inputs"], pair.corrupted.meta["inputs"]
+    assert ((x != x2).sum(1) == 1).all()
+    assert all(len(set(row)) == len(row) for row in x2.tolist())  # distinct values stay distinct
+    rows = torch.arange(b.n)
+    assert torch.equal(x2[rows, pair.changed["input_index"]], pair.changed["new"])
+    assert (pair.clean.features["target"] != pair.corrupted.features["target"]).any(1).all()  # the answer moves
+    hint = task.with_objective("successor")
+    assert corrupt(hint, hint.sample(4, length=5), "replace").corrupted.objective == "successor"
+    mtask = MultiplicationTask(digits=2, b_digits=1)
+    mb = mtask.sample(16, length=2, seed=1)
+    mc = corrupt(mtask, mb, "random-digit", seed=1).corrupted
+    assert (mb.meta["b"] == mc.meta["b"]).all() and (mb.meta["a"] != mc.meta["a"]).all()
+    assert ((mb.tokens[:, :2] != mc.tokens[:, :2]).sum(1) == 1).all()
+
+
+def test_each_task_declares_its_kinds_and_options_are_checked():
+    from probekit.corruptions import corruption_kinds
+    from probekit.tasks import TASKS
+
+    assert TASKS == {"multiplication": MultiplicationTask, "sorting": SortingTask}  # found in their files
+    mult, sort = MultiplicationTask(digits=3), SortingTask(n_values=16)
+    assert corruption_kinds(mult) == CORRUPTIONS["multiplication"] == ("carry-flip", "operand-digit", "random-digit",
+                                                                       "resample")
+    assert corruption_kinds(sort) == CORRUPTIONS["sorting"] == ("successor-change", "swap", "replace", "resample")
+    with pytest.raises(ProbekitError, match=r"'resample' takes no options, got \['step'\]"):
+        corrupt(sort, sort.sample(4, length=4), "resample", step=1)
+    with pytest.raises(ProbekitError, match=r"takes options \['digit', 'operand'\], got \['place'\]"):
+        corrupt(mult, mult.sample(4), "carry-flip", place=1)

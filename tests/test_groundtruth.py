@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from probekit import attribution as A
+from probekit.corruptions import corrupt as corrupt_pair
 from probekit.evaluate import evaluate
 from probekit.groundtruth import build_sort_lookup_model
+from probekit.metrics import answer_layout
 
 
 @pytest.fixture(scope="module", params=[(1, 2), (0, 1)], ids=["L1H2", "L0H1"])
@@ -47,8 +49,8 @@ def test_every_instrument_ranks_the_planted_head_first(planted):
     for method in ("zero", "mean", "resample"):
         sweep = A.head_ablation_sweep(model, batch, method=method, metric="logprob", exact_match=False, seed=0)
         ranked[f"ablation-{method}"] = _first(A.head_scores(sweep), nH)
-    corrupt = A.corrupt_batch(task, batch, seed=2)
-    ap = A.attribution_patching(model, batch, corrupt, metric="logit_diff", exact=True)
+    corrupt = corrupt_pair(task, batch, "replace", seed=2).corrupted
+    ap = A.attribution_patching(model, batch, corrupt, metric="logit-diff", exact=True)
     ranked["attribution-patching"] = _first(ap.head_totals(), nH)
     ranked["exact-patching"] = _first(ap.head_totals(exact=True), nH)
     wrong = {name: h for name, h in ranked.items() if h != head}
@@ -61,7 +63,7 @@ def test_dla_by_source_points_at_the_next_element(planted):
     batch = task.sample(16, length=6, seed=3)
     src = A.direct_logit_attribution(model, batch, unit="source", reduce="none")  # batch pos head src
     j = src.labels["head"].index(A.head_label(*head))
-    pos = A.answer_positions(batch)
+    pos = answer_layout(batch)
     want = batch.feature("target_src_pos")[:, pos]
     assert torch.equal(src.values[:, :, j].argmax(-1), want)
 

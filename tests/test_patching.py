@@ -267,7 +267,7 @@ def test_per_answer_step_results(mult_pair):
     """per_step gives the metric at each answer step; it equals a sweep read at that step alone."""
     model, pair = mult_pair
     full = P.sweep(model, pair, "z", metric="logit-diff", per_step=True, normalize=False)
-    assert full.axes == ("layer", "pos", "head", "answer") and full.labels["answer"] == ["d0", "d1", "d2"]
+    assert full.axes == ("layer", "pos", "head", "answer") and full.labels["answer"] == ["5 d0", "6 d1", "7 d2"]
     for s in range(3):
         one = P.sweep(model, pair, "z", metric=P.Metric("logit-diff", (s,)), normalize=False)
         torch.testing.assert_close(full.values[..., s], one.values, **TOL)
@@ -338,7 +338,7 @@ def test_cli_writes_result_csv_heatmap_deterministically(mult_dir, tmp_path, cap
     assert names == ["heatmap.png", "result.csv", "result.json"]
     res = Result.from_json((tmp_path / "a" / "result.json").read_text())
     assert res.axes == ("layer", "pos", "head") and res.settings["corruption"]["kind"] == "carry-flip"
-    assert res.labels["pos"][:3] == ["a1", "a0", "*"]
+    assert res.labels["pos"][:3] == ["0 a1", "1 a0", "2 *"]
     # --digit picks the answer digit; a small --max-batch chunks n; same seed, same numbers
     assert _cli(*args, "--max-batch", 16, "--out", tmp_path / "b") == 0
     again = Result.from_json((tmp_path / "b" / "result.json").read_text())

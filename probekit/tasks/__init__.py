@@ -1,10 +1,33 @@
-"""Tasks with ground truth: `SortingTask`, `MultiplicationTask`, and `Mixture` for multi-task training."""
+"""Tasks with ground truth: `SortingTask`, `MultiplicationTask`, and `Mixture` for multi-task training.
 
-from probekit.tasks.base import Batch, Mixture, ProbekitError, Task
+Every module of this package (other than ``base``) that defines a task dataclass -- one with a ``name``
+field and a ``corruptions()`` registry -- is registered in ``TASKS`` under that name, so a new task is
+one new file here.
+"""
+
+import dataclasses
+import importlib
+import pkgutil
+
+from probekit.tasks.base import Batch, Edit, Mixture, ProbekitError, Task, resample_rule
 from probekit.tasks.multiplication import MultiplicationTask
 from probekit.tasks.sorting import SortingTask
 
-TASKS = {"sorting": SortingTask, "multiplication": MultiplicationTask}
+
+def _discover() -> dict[str, type]:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "base":
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and obj.__module__ == mod.__name__ and dataclasses.is_dataclass(obj) \
+                    and callable(getattr(obj, "corruptions", None)) and "name" in obj.__dataclass_fields__:
+                found[obj.__dataclass_fields__["name"].default] = obj
+    return found
+
+
+TASKS = _discover()
 
 
 def task_from_spec(spec: dict) -> Task:
@@ -25,4 +48,5 @@ def task_from_spec(spec: dict) -> Task:
     return cls(**params)
 
 
-__all__ = ["Batch", "Mixture", "MultiplicationTask", "ProbekitError", "SortingTask", "Task", "TASKS", "task_from_spec"]
+__all__ = ["Batch", "Edit", "Mixture", "MultiplicationTask", "ProbekitError", "SortingTask", "Task", "TASKS",
+           "resample_rule", "task_from_spec"]

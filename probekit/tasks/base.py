@@ -11,11 +11,23 @@ variables a correct algorithm computes. Two masks say where the answer is:
   answer token. Features that describe an answer step (the target, the carry into digit k, ...)
   live at these predicting positions, because that is where the model must compute them.
 
-Every feature is a LongTensor ``[batch, pos]`` holding -1 where it is undefined.
+Every feature is a LongTensor ``[batch, pos]`` holding -1 where it is undefined. ``pos_labels`` (optional)
+names each token position structurally, the same for every row (``x3``, ``|``, ``y0``; see
+`probekit.metrics.position_labels`).
+
+Adding a task means writing one file in ``probekit/tasks/``: a frozen dataclass that follows the `Task`
+protocol below (sampling, ``solve()``, features, its corruption rules and its position labels). The
+package finds it there and registers it in ``TASKS`` under its ``name`` field, so saved models of the
+task load (`probekit.tasks.task_from_spec`). A task class defined elsewhere works with every
+instrument too; it is only not rebuilt from a spec.
+
+Nothing outside ``probekit/tasks/`` knows a task by its name: instruments read features, masks and
+labels from the batch and ask the task for its corruptions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -39,6 +51,7 @@ class Batch:
     length: int
     prompt_len: int
     meta: dict[str, Any] = field(default_factory=dict)
+    pos_labels: tuple[str, ...] | None = None  # the task's label of each position (same for every row)
 
     def __post_init__(self):
         if self.tokens.shape != self.answer_mask.shape:
@@ -46,6 +59,9 @@ class Batch:
         for name, f in self.features.items():
             if f.shape != self.tokens.shape:
                 raise ProbekitError(f"feature {name!r} has shape {tuple(f.shape)}, expected {tuple(self.tokens.shape)}")
+        if self.pos_labels is not None and len(self.pos_labels) != self.tokens.shape[1]:
+            raise ProbekitError(f"pos_labels has {len(self.pos_labels)} labels; expected one per position "
+                                f"({self.tokens.shape[1]})")
 
     @property
     def n(self) -> int:
@@ -93,9 +109,49 @@ class Batch:
         )
 
 
+@dataclass(frozen=True)
+class Edit:
+    """What a corruption rule returns for a batch of ``n`` rows (see `Task.corruptions`).
+
+    ``corrupted`` has the clean batch's shape and answer layout (rows where ``valid`` is False may hold
+    anything); ``record`` holds per-row arrays ``[n]`` saying what was edited (-1 where invalid);
+    ``answer_step`` is the answer step whose target changes by construction (the default step of a
+    metric), or None.
+    """
+
+    corrupted: Batch
+    valid: np.ndarray
+    record: dict[str, np.ndarray]
+    description: str
+    kept: tuple[str, ...] = ()
+    options: dict = field(default_factory=dict)
+    answer_step: int | None = None
+
+
+CorruptionRule = Callable[..., Edit]  # rule(batch, rng, **options) -> Edit
+
+
+def resample_rule(task: Task) -> CorruptionRule:
+    """The corruption every task has: an independent problem of the same size (same objective)."""
+
+    def resample(batch: Batch, rng: np.random.Generator) -> Edit:
+        other = task.with_objective(batch.objective).sample(batch.n, length=batch.length, seed=int(rng.integers(2**31)))
+        return Edit(other, np.ones(batch.n, dtype=bool), {}, "resample: an independent problem of the same size")
+
+    return resample
+
+
 @runtime_checkable
 class Task(Protocol):
-    """What probekit needs from a task. See `probekit.tasks.sorting` for a worked example."""
+    """What probekit needs from a task. See `probekit.tasks.sorting` for a worked example.
+
+    ``corruptions()`` is the task's registry of corruption rules, ``{kind: rule}``, first kind the
+    default; ``rule(batch, rng, **options) -> Edit`` draws from the numpy generator ``rng`` only, so a
+    pair is fixed by its seed. `probekit.corruptions.corrupt` dispatches to it, checks the pair and
+    handles rows without a valid corruption. ``resample_rule(self)`` gives the shared ``resample`` kind.
+    Batches carry the task's position labels (``Batch.pos_labels``). Optional: ``display_length``, the
+    length of the example shown in attention views (default: the task's default length).
+    """
 
     name: str
     objective: str
@@ -116,6 +172,8 @@ class Task(Protocol):
     def with_objective(self, objective: str) -> Task: ...
 
     def spec(self) -> dict: ...
+
+    def corruptions(self) -> dict[str, CorruptionRule]: ...
 
 
 def check_n(n: int) -> None:

@@ -23,6 +23,23 @@ Features (LongTensor [batch, pos], -1 where undefined):
 uniform below 10**digits, so some have leading zeros. A fraction ``simple_fraction`` of examples has a
 multiplier with a single non-zero digit (Qiu et al.'s "simple samples"). They are a training device:
 set them in ``TrainConfig.task_overrides`` so that evaluation samples uniform operands.
+
+Position labels: ``a2 a1 a0 * b0 = d0 d1 ...`` (operand digit by place, product digit k).
+
+Corruptions (`corruptions`; digits units first ``a_i``, ``b_j``; product digit k; carry ``c_k`` into digit k):
+
+- ``carry-flip`` (opts ``digit=k`` >= 1, ``operand`` None/'a'/'b'): one digit at a place < k of a
+  (or of b) gets a new value such that (1) the carry into digit k, ``c_k``, changes, and (2) every
+  product in column k, ``a_i * b_{k-i}``, is unchanged: the edited digit either does not enter
+  column k at all (``a_i`` with ``k - i >= width(b)``, e.g. any lower digit of a in ``5 x 1``) or its
+  partner there is zero (``b_{k-i} = 0``). So the column sum ``S_k`` is kept and product digit k
+  changes only through its carry. Digits at places >= k are kept. Answer digits below k change too
+  (their columns moved); digits above k may change. Among all valid (place, value) edits one is
+  drawn uniformly per row. Rows with no valid edit are *invalid*.
+- ``operand-digit`` (opts ``operand='a'``, ``place=0``, ``value=None``): that one digit gets a new
+  value (``value`` or a random one) that changes the product; invalid if none does (e.g. b = 0).
+- ``random-digit``: one digit of a, at a random place below its digit count, shifted by 1..9 (mod 10).
+- ``resample``: an independent problem of the same size.
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ import numpy as np
 import torch
 
 from probekit.checks import check_fields
-from probekit.tasks.base import Batch, ProbekitError, check_n, rng_for
+from probekit.tasks.base import Batch, CorruptionRule, Edit, ProbekitError, check_n, resample_rule, rng_for
 
 MAX_DIGITS = 12  # widest operand; values stay exact in int64 (and in the meta "a", "b") up to 18 digits
 VOCAB = tuple(str(d) for d in range(10)) + ("*", "=")
@@ -84,6 +101,11 @@ class MultiplicationTask:
     def spec(self) -> dict:
         return {"name": self.name, "digits": self.digits, "b_digits": self.b_digits, "pad_to": self.pad_to,
                 "reverse": self.reverse, "simple_fraction": self.simple_fraction}
+
+    def corruptions(self) -> dict[str, CorruptionRule]:
+        """The corruption rules of this task (module docstring), ``{kind: rule(batch, rng, **options)}``."""
+        return {"carry-flip": self.carry_flip, "operand-digit": self.operand_digit,
+                "random-digit": self.random_digit, "resample": resample_rule(self)}
 
     def widths(self, length: int | None = None) -> tuple[int, int]:
         da = self.digits if length is None else check_length(length)
@@ -193,6 +215,14 @@ class MultiplicationTask:
         f["digit"][:, pp] = digit[:, k_at]
         f["target"][:, pp] = digit[:, k_at]
 
+        labels = ["*"] * T
+        for t in range(wa):
+            labels[t] = f"a{wa - 1 - t}"
+        for j in range(wb):
+            labels[wa + 1 + j] = f"b{wb - 1 - j}"
+        labels[eq] = "="
+        for t, k in zip(ans, k_at, strict=True):
+            labels[t] = f"d{k}"
         has_carry = carry[:, 1:] > 0
         run = np.zeros(n, dtype=np.int64)
         longest = np.zeros(n, dtype=np.int64)
@@ -213,4 +243,132 @@ class MultiplicationTask:
                 "n_carries": torch.from_numpy(has_carry.sum(axis=1)),
                 "max_cascade": torch.from_numpy(longest),
             },
+            pos_labels=tuple(labels),
         )
+
+    # ------------------------------------------------------------------ corruptions
+    def _corrupted(self, batch: Batch, a2, b2) -> Batch:
+        return self.batch_from_digits(a2, b2, length=batch.length)
+
+    def carry_flip(self, batch: Batch, rng: np.random.Generator, digit=None, operand=None) -> Edit:
+        """One lower digit changed so the carry into product digit ``digit`` changes, column ``digit`` kept."""
+        a, b = _digits(batch)
+        n, wa = a.shape
+        wb = b.shape[1]
+        P = wa + wb
+        da = batch.length
+        db = self.b_digits if self.b_digits is not None else da
+        k = P // 2 if digit is None else int(digit)
+        if not 1 <= k < P:
+            raise ProbekitError(f"carry-flip digit must be in 1..{P - 1} (the carry into digit 0 is always 0), got {k}")
+        if operand not in (None, "a", "b"):
+            raise ProbekitError(f"carry-flip operand must be 'a', 'b' or None, got {operand!r}")
+        cands = _carry_flip_candidates(a, b, k, da, db, operand)
+        valid_any = np.zeros(n, dtype=bool)
+        choice = np.full(n, -1)
+        if cands:
+            ok = np.stack([c[3] for c in cands], axis=1)  # n x cand
+            valid_any = ok.any(1)
+            r = rng.random(ok.shape) * ok
+            choice = np.where(valid_any, r.argmax(1), -1)
+        a2, b2 = a.copy(), b.copy()
+        rec = {"operand": np.full(n, -1), "place": np.full(n, -1), "old": np.full(n, -1), "new": np.full(n, -1)}
+        for row in np.flatnonzero(valid_any):
+            op, i, v, _ = cands[choice[row]]
+            x2 = a2 if op == "a" else b2
+            rec["operand"][row] = 0 if op == "a" else 1
+            rec["place"][row], rec["old"][row], rec["new"][row] = i, x2[row, i], v
+            x2[row, i] = v
+        desc = (f"carry-flip at product digit {k}: one digit of {'a or b' if operand is None else operand} at a place "
+                f"< {k} changed so the carry into digit {k} changes while every product in column {k} is unchanged "
+                f"(the edited digit does not enter column {k} or its partner there is 0); places >= {k} kept")
+        kept = (f"operand digits at places >= {k}", f"column {k} products a_i*b_(k-i)", f"column sum S_{k}")
+        step = batch.features["digit_index"][0][batch.pred_mask[0]].tolist().index(k)
+        return Edit(self._corrupted(batch, a2, b2), valid_any, rec, desc, kept, {"digit": k, "operand": operand}, step)
+
+    def operand_digit(self, batch: Batch, rng: np.random.Generator, operand="a", place=0, value=None) -> Edit:
+        """Digit ``place`` of ``operand`` gets a new value (``value`` or a random one) that changes the product."""
+        a, b = _digits(batch)
+        n = a.shape[0]
+        da = batch.length
+        db = self.b_digits if self.b_digits is not None else da
+        if operand not in ("a", "b"):
+            raise ProbekitError(f"operand-digit operand must be 'a' or 'b', got {operand!r}")
+        width = da if operand == "a" else db
+        if not 0 <= int(place) < width:
+            raise ProbekitError(f"operand-digit place {place} out of range; operand {operand} has places 0..{width - 1}")
+        place = int(place)
+        if value is not None and not 0 <= int(value) <= 9:
+            raise ProbekitError(f"operand-digit value must be a digit 0..9, got {value}")
+        x = a if operand == "a" else b
+        other = b if operand == "a" else a
+        prod_changes = (other != 0).any(1)  # changing this digit changes the product iff the other operand != 0
+        vals = np.arange(10) if value is None else np.array([int(value)])
+        ok = (vals[None, :] != x[:, place:place + 1]) & prod_changes[:, None]
+        valid = ok.any(1)
+        pick = (rng.random(ok.shape) * ok).argmax(1)
+        x2 = x.copy()
+        rec = {"operand": np.full(n, 0 if operand == "a" else 1), "place": np.full(n, place), "old": x[:, place].copy(),
+               "new": np.where(valid, vals[pick], -1)}
+        x2[valid, place] = vals[pick][valid]
+        a2, b2 = (x2, b) if operand == "a" else (a, x2)
+        desc = (f"operand-digit: digit {place} of {operand} changed to "
+                + ("a random other value" if value is None else str(value)) + " that changes the product")
+        kept = (f"every operand digit except {operand}_{place}",)
+        return Edit(self._corrupted(batch, a2, b2), valid, rec, desc, kept,
+                    {"operand": operand, "place": place, "value": value})
+
+    def random_digit(self, batch: Batch, rng: np.random.Generator) -> Edit:
+        """One digit of a, at a random place below its digit count, shifted by 1..9 (mod 10)."""
+        wa, wb = self.widths(batch.length)
+        a = np.array([[(int(v) // 10**i) % 10 for i in range(wa)] for v in batch.meta["a"].tolist()], dtype=np.int64)
+        b = np.array([[(int(v) // 10**j) % 10 for j in range(wb)] for v in batch.meta["b"].tolist()], dtype=np.int64)
+        n = a.shape[0]
+        rows = np.arange(n)
+        i = rng.integers(0, min(wa, batch.length), n)
+        old = a[rows, i].copy()
+        a[rows, i] = (a[rows, i] + rng.integers(1, 10, n)) % 10
+        rec = {"operand": np.zeros(n, dtype=np.int64), "place": i, "old": old, "new": a[rows, i].copy()}
+        desc = "random-digit: one digit of a, at a random place, shifted by 1..9 (mod 10)"
+        return Edit(self._corrupted(batch, a, b), np.ones(n, dtype=bool), rec, desc, ("b",))
+
+
+def _digits(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """Operand digits units first, at their padded widths."""
+    op = batch.features["operand"][0].numpy()
+    tok = batch.tokens.numpy()
+    return tok[:, np.flatnonzero(op == 0)][:, ::-1].copy(), tok[:, np.flatnonzero(op == 1)][:, ::-1].copy()
+
+
+def _carries(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums S [.., P] and carries c [.., P + 1] for digit arrays [..., wa], [..., wb]."""
+    wa, wb = a.shape[-1], b.shape[-1]
+    S = np.zeros(a.shape[:-1] + (wa + wb,), dtype=np.int64)
+    for i in range(wa):
+        S[..., i:i + wb] += a[..., i:i + 1] * b
+    c = np.zeros(a.shape[:-1] + (wa + wb + 1,), dtype=np.int64)
+    for k in range(wa + wb):
+        c[..., k + 1] = (S[..., k] + c[..., k]) // 10
+    return S, c
+
+
+def _carry_flip_candidates(a, b, k: int, da: int, db: int, operand) -> list:
+    """Every single-digit edit (operand, place, value, valid rows) below place k that flips the carry into k."""
+    n, wa = a.shape
+    wb = b.shape[1]
+    S0, c0 = _carries(a, b)
+    d0 = (S0[:, k] + c0[:, k]) % 10
+    cands = []
+    for op, x, d_self, y, w_other in (("a", a, da, b, wb), ("b", b, db, a, wa)):
+        if operand not in (None, op):
+            continue
+        for i in range(min(k, d_self)):
+            partner = y[:, k - i] if k - i < w_other else np.zeros(n, dtype=np.int64)
+            for v in range(10):
+                x2 = x.copy()
+                x2[:, i] = v
+                a2, b2 = (x2, b) if op == "a" else (a, x2)
+                S2, c2 = _carries(a2, b2)
+                ok = (x[:, i] != v) & (partner == 0) & (c2[:, k] != c0[:, k]) & ((S2[:, k] + c2[:, k]) % 10 != d0)
+                cands.append((op, i, v, ok))
+    return cands

@@ -31,17 +31,32 @@ With ``value_windows=f`` a fraction ``f`` of the lists draws its values from a r
 consecutive values, ``w`` uniform in ``L..n_values`` (``1..n_values`` with repeats), so that short
 training lists show the small gaps between consecutive sorted values that long lists have (with 256
 values, about 12 apart at length 20 but 2.5 apart at length 100). Also a training-data device.
+
+Position labels: ``sort x0 x1 ... | y0 y1 ...`` (hints: ``... | q0 s0 q1 s1 ...``, query and answer).
+
+Corruptions (`corruptions`; ``ys`` the sorted list, sort answer step r writes ``ys[r]``):
+
+- ``successor-change`` (opt ``step=r``, default length // 2): the input element that holds ``ys[r]``
+  (in the stable order) gets a new value such that the emitted prefix ``ys[:r]`` is unchanged and the
+  target ``ys[r]`` -- the successor of the last emitted value -- changes (respecting distinct values
+  when the task has no repeats). One valid value is drawn uniformly per row; invalid if none exists.
+- ``swap`` (opt ``positions=(i, j)``, default a random pair with different values): swap two input
+  positions; the sorted answer is identical. Invalid if all values are equal.
+- ``replace``: one random input element gets another value (an unused one without repeats), which
+  changes the sorted answer from that value's place on (any objective).
+- ``resample``: an independent list of the same length (any objective).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from probekit.checks import check_fields
-from probekit.tasks.base import Batch, ProbekitError, check_n, rng_for
+from probekit.tasks.base import Batch, CorruptionRule, Edit, ProbekitError, check_n, resample_rule, rng_for
 
 OBJECTIVES = ("sort", "successor", "predecessor")
 _OBJ_TOKEN = {"sort": "SORT", "successor": "SUCC", "predecessor": "PRED"}
@@ -58,6 +73,7 @@ class SortingTask:
     value_subsets: float = 0.0
     value_windows: float = 0.0
     name: str = "sorting"
+    display_length: ClassVar[int] = 10  # the length of the example shown in figures and attention views
 
     def __post_init__(self):
         check_fields(self, "SortingTask")
@@ -120,6 +136,11 @@ class SortingTask:
             raise ProbekitError(f"length {length} needs {length} distinct values but the range has {self.n_values}; "
                                 "allow repeats or shorten")
         return int(length)
+
+    def corruptions(self) -> dict[str, CorruptionRule]:
+        """The corruption rules of this task (module docstring), ``{kind: rule(batch, rng, **options)}``."""
+        return {"successor-change": self.successor_change, "swap": self.swap, "replace": self.replace_value,
+                "resample": resample_rule(self)}
 
     def seq_len(self, length: int | None = None) -> int:
         L = self.check_length(length)
@@ -246,6 +267,13 @@ class SortingTask:
             feats["target"][:, q_pos] = s
             feats["target_src_pos"][:, q_pos] = np.where(has, other + inp0, -1)
         assert (tokens >= 0).all()
+        labels = [self.objective] + [f"x{i}" for i in range(L)] + ["|"] + [""] * (T - sep - 1)
+        if self.objective == "sort":
+            for r in steps:
+                labels[sep + 1 + r] = f"y{r}"
+        else:
+            for r in steps:
+                labels[sep + 1 + 2 * r], labels[sep + 2 + 2 * r] = f"q{r}", f"s{r}"
         return Batch(
             tokens=torch.from_numpy(tokens),
             answer_mask=torch.from_numpy(answer_mask),
@@ -255,4 +283,88 @@ class SortingTask:
             length=L,
             prompt_len=sep + 1,
             meta={"inputs": torch.from_numpy(x)},
+            pos_labels=tuple(labels),
         )
+
+    # ------------------------------------------------------------------ corruptions
+    def _corrupted(self, batch: Batch, x2) -> Batch:
+        return self.with_objective(batch.objective).batch_from_inputs(x2)
+
+    def successor_change(self, batch: Batch, rng: np.random.Generator, step=None) -> Edit:
+        """The input holding sorted value ``step`` gets a new value: prefix kept, the target at ``step`` changes."""
+        _check_sort(batch, "successor-change")
+        x = batch.meta["inputs"].numpy()
+        n, L = x.shape
+        r = L // 2 if step is None else int(step)
+        if not 0 <= r < L:
+            raise ProbekitError(f"successor-change step must be in 0..{L - 1} (answer steps of length {L}), got {r}")
+        order = np.argsort(x, axis=1, kind="stable")
+        ys = np.take_along_axis(x, order, 1)
+        src = order[:, r]  # input index holding ys[r]
+        V = self.n_values
+        cand = np.repeat(x[:, None, :], V, axis=1)  # n V L
+        cand[np.arange(n), :, src] = np.arange(V)[None, :]
+        ys2 = np.sort(cand, axis=2)
+        ok = (ys2[:, :, :r] == ys[:, None, :r]).all(2) & (ys2[:, :, r] != ys[:, None, r])
+        if not self.repeats:
+            others = np.ones((n, V), dtype=bool)
+            mask = np.ones((n, L), dtype=bool)
+            mask[np.arange(n), src] = False
+            for j in range(L):
+                hit = mask[:, j]
+                others[hit, x[hit, j]] = False
+            ok &= others
+        valid = ok.any(1)
+        pick = (rng.random(ok.shape) * ok).argmax(1)
+        x2 = x.copy()
+        x2[valid, src[valid]] = pick[valid]
+        rec = {"input_index": np.where(valid, src, -1), "old": np.where(valid, x[np.arange(n), src], -1),
+               "new": np.where(valid, pick, -1)}
+        desc = (f"successor-change at answer step {r}: the input element holding sorted value {r} gets a new value so "
+                f"the emitted prefix (steps 0..{r - 1}) is unchanged and the target at step {r} changes")
+        return Edit(self._corrupted(batch, x2), valid, rec, desc, (f"sorted prefix ys[:{r}]", "list length"),
+                    {"step": r}, r)
+
+    def swap(self, batch: Batch, rng: np.random.Generator, positions=None) -> Edit:
+        """Two input positions with different values exchanged (``positions`` or a random pair)."""
+        _check_sort(batch, "swap")
+        x = batch.meta["inputs"].numpy()
+        n, L = x.shape
+        if positions is not None:
+            i, j = (int(p) for p in positions)
+            if not (0 <= i < L and 0 <= j < L and i != j):
+                raise ProbekitError(f"swap positions must be two different input indices in 0..{L - 1}, got {positions!r}")
+            ii, jj = np.full(n, i), np.full(n, j)
+            valid = x[:, i] != x[:, j]
+        else:
+            diff = x[:, :, None] != x[:, None, :]  # n L L
+            valid = diff.any((1, 2))
+            pick = (rng.random(diff.shape) * diff).reshape(n, -1).argmax(1)
+            ii, jj = pick // L, pick % L
+        x2 = x.copy()
+        rows = np.flatnonzero(valid)
+        x2[rows, ii[rows]], x2[rows, jj[rows]] = x[rows, jj[rows]], x[rows, ii[rows]]
+        rec = {"i": np.where(valid, ii, -1), "j": np.where(valid, jj, -1)}
+        desc = "swap: two input positions with different values exchanged; the sorted answer is identical"
+        return Edit(self._corrupted(batch, x2), valid, rec, desc, ("sorted answer", "multiset of values"),
+                    {"positions": positions})
+
+    def replace_value(self, batch: Batch, rng: np.random.Generator) -> Edit:
+        """One random input element gets another value (unused, without repeats)."""
+        x = batch.meta["inputs"].numpy().copy()
+        n, L = x.shape
+        i = rng.integers(0, L, n)
+        old = x[np.arange(n), i].copy()
+        for r in range(n):
+            unused = sorted(set(range(self.n_values)) - set(x[r].tolist())) if not self.repeats else []
+            pool = unused or [v for v in range(self.n_values) if v != x[r, i[r]]]
+            x[r, i[r]] = pool[int(rng.integers(len(pool)))]
+        rec = {"input_index": i, "old": old, "new": x[np.arange(n), i].copy()}
+        desc = "replace: one random input element set to another value"
+        return Edit(self._corrupted(batch, x), np.ones(n, dtype=bool), rec, desc, ("list length",))
+
+
+def _check_sort(batch: Batch, kind: str) -> None:
+    if batch.objective != "sort":
+        raise ProbekitError(f"corruption {kind!r} is defined for the 'sort' objective, got {batch.objective!r}; "
+                            "use 'replace' or 'resample'")
