@@ -20,6 +20,6 @@ for arg in "$@"; do
     mult-extrap) lengths=1,2,3,4,5 ;;
     *) lengths=$(.venv/bin/python -c "import json;print(json.load(open('models/$name/config.json'))['task']['digits'])") ;;
   esac
-  $PK eval --model "$name" --lengths "$lengths" --n 500 --seed 0 --save-metrics
+  $PK eval --model "$name" --lengths "$lengths" --n 500 --seed 0 --save-metrics --overwrite
 done
 .venv/bin/python analyses/make_cards.py "${names[@]}"

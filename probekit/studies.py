@@ -39,8 +39,10 @@ class Study:
         self.claims.append({"text": text, "command": command})
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "title": self.title, "claims": self.claims, "tables": self.tables,
-                           "notes": self.notes, "results": {k: r.to_dict() for k, r in self.results.items()}})
+        from probekit.io import dumps_json
+
+        return dumps_json({"name": self.name, "title": self.title, "claims": self.claims, "tables": self.tables,
+                           "notes": self.notes, "results": {k: r.to_dict() for k, r in self.results.items()}}, indent=None)
 
 
 def _size(size: str) -> dict:

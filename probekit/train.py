@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probekit.io import atomic_write, ensure_empty_dir, open_append, write_json
 from probekit.model import (
     ModelConfig,
     _checked_fields,
-    _write_json,
     build_model,
-    ensure_empty_dir,
     read_json_config,
     save_model,
 )
@@ -150,10 +148,8 @@ def _save_checkpoint(out: Path, model, opt, step: int, elapsed_s: float) -> None
     for i, st in opt_state["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
-    tmp = out / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "checkpoint.safetensors")
-    _write_json(out / "checkpoint.json", {"step": step, "elapsed_s": round(elapsed_s, 3)})
+    atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_json(out / "checkpoint.json", {"step": step, "elapsed_s": round(elapsed_s, 3)})
 
 
 def _load_checkpoint(out: Path, model, opt) -> tuple[int, float]:
@@ -201,7 +197,7 @@ def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path 
                 (out / stale).unlink(missing_ok=True)
         else:
             start, prev_elapsed = _load_checkpoint(out, model, opt)
-        log_f = open(out / "train_log.jsonl", "a")
+        log_f = open_append(out / "train_log.jsonl")
     native.train()
     t0 = time.time()
     bar = None
