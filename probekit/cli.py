@@ -209,27 +209,33 @@ def _error(message: str, code: int = 2) -> int:
     return code
 
 
+def _parser_error(e: Exception) -> int | None:
+    """Exit code for a click/typer exception (typer may vendor its own click: matched by shape), else None."""
+    name = type(e).__name__
+    if name == "NoArgsIsHelpError":
+        ctx = getattr(e, "ctx", None)
+        typer.echo(ctx.get_help() if ctx is not None else e.format_message())
+        return 0
+    if name == "Exit":
+        return int(getattr(e, "exit_code", 0) or 0)
+    if name == "Abort":
+        return _error("interrupted", 130)
+    if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # usage errors: missing / unknown option, bad type
+        ctx = getattr(e, "ctx", None)
+        where = f"probekit {ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
+        return _error(where + e.format_message())
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app; bad input of any kind becomes one ``error: ...`` line and exit code 2."""
-    import click
-
     from probekit.tasks import ProbekitError
 
     try:
         app(args=argv, standalone_mode=False, prog_name="probekit")
     except ProbekitError as e:
         return _error(str(e))
-    except click.exceptions.NoArgsIsHelpError as e:
-        typer.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
-        return 0
-    except click.UsageError as e:  # missing / unknown option, a value of the wrong type
-        where = f"probekit {e.ctx.info_name}: " if e.ctx is not None and e.ctx.parent is not None else ""
-        return _error(where + e.format_message())
-    except click.ClickException as e:
-        return _error(e.format_message(), e.exit_code or 2)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         return _error("interrupted", 130)
     except MemoryError:
         return _error("out of memory; use a smaller --n or --max-batch")
@@ -237,4 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
+    except Exception as e:
+        code = _parser_error(e)
+        if code is None:
+            raise
+        return code
     return 0

@@ -61,7 +61,7 @@ def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int | Non
     if value < lo:
         raise ProbekitError(f"{name} must be {'positive' if lo == 1 else f'>= {lo}'}, got {value}")
     if hi is not None and value > hi:
-        raise ProbekitError(f"{name} must be <= {hi:,}, got {value:,}".replace(",", "_"))
+        raise ProbekitError(f"{name} must be <= {hi:_}, got {value:_}")
     return value
 
 

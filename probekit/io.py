@@ -245,6 +245,23 @@ def lock_dir(folder: str | Path, what: str = "--out") -> Iterator[Path]:
         os.close(fd)
 
 
+def _refuse_if_busy(folder: Path, what: str) -> None:
+    """Refuse when another process holds the folder's lock (probed without creating anything)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ProbekitError(f"{what} {folder} is in use by another probekit command (lock {folder / LOCK_NAME}); "
+                            "wait for it to finish or choose another folder") from None
+    finally:
+        os.close(fd)
+
+
 def _created_dirs(folder: Path) -> list[Path]:
     """The folders ``folder.mkdir(parents=True)`` would create, outermost first."""
     missing = []
@@ -260,7 +277,10 @@ def output_dir(folder: str | Path, overwrite: bool = False, stage: bool = True,
                what: str = "--out") -> Iterator[Path]:
     """Check (`prepare_out`), create and lock ``folder`` for the block; with ``stage``, writes under it
     appear only when the block succeeds. On failure, a folder the block created is removed again."""
-    folder = prepare_out(folder, overwrite=overwrite, what=what)
+    prepare_out(folder, overwrite=True, what=what)
+    folder = Path(folder)
+    _refuse_if_busy(folder, what)  # a busy folder is reported as busy, not as non-empty
+    prepare_out(folder, overwrite=overwrite, what=what)
     created = _created_dirs(folder)
     folder.mkdir(parents=True, exist_ok=True)
     st = _Stage(folder) if stage else None
