@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  context_settings={"max_content_width": 100},
+                  context_settings={"max_content_width": 100}, rich_markup_mode=None,
                   help="Train small transformers on sorting and multiplication, then probe, patch and attribute them.")
 
 MODEL = typer.Option(..., help="Shipped model name or model folder.")
@@ -86,7 +86,10 @@ def report(
     seed: int = SEED,
     overwrite: bool = typer.Option(False, help="Replace an earlier report in a non-empty --out."),
 ):
-    """The main job: the mechanism studies on the shipped models, as one self-contained HTML page.
+    """The main job: every study, as one self-contained HTML page.
+
+    The mechanism studies (overview, hint, carry) on the shipped models, with figures, tables and
+    attention views inlined; every claim names the command that regenerates its numbers.
 
     Example: probekit report --out reports/latest --overwrite
     """
@@ -119,7 +122,10 @@ def attribute(
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
 ):
-    """Which heads carry the answer: direct logit attribution, head ablation or attribution patching.
+    """Which heads carry the answer: DLA, ablation, attrib-patch.
+
+    Direct logit attribution (--method dla), head ablation (ablate) or attribution patching
+    checked against exact patching (attrib-patch).
 
     Example: probekit attribute --model sort-successor --method ablate --ablation mean --n 256 --out runs/ablate
     """
@@ -181,7 +187,7 @@ def probe_cmd(
     train_length: int = typer.Option(..., help="Length of the training batch."),
     test_lengths: str = typer.Option(..., help="Comma-separated test lengths (each a fresh sample)."),
     n: int = typer.Option(2000, help="Training examples (1 to 100000)."),
-    n_test: int | None = typer.Option(None, help="Examples per test length (default n // 2)."),
+    n_test: int | None = typer.Option(None, help="Examples per test length (default n // 2; at most 100000)."),
     seed: int = SEED,
     positions: str = typer.Option("feature", help="feature | pred | answer | all"),
     by_position: bool = typer.Option(False, "--by-position/--pooled", help="Also fit one probe per position."),
@@ -192,7 +198,10 @@ def probe_cmd(
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
 ):
-    """Linear probes for a feature at every layer of the given hooks; accuracy on longer inputs, with controls.
+    """Linear probes by layer, scored on longer inputs.
+
+    One probe for the feature at every layer of the given hooks, fitted at --train-length and scored
+    on each of --test-lengths, with controls (shuffled labels, control task, random model).
 
     Example: probekit probe --model mult-5x1 --feature carry_out --hooks resid_pre,resid_post --train-length 5
     --test-lengths 5,6,7 --n 2000 --out runs/probe-carry
