@@ -111,7 +111,7 @@ def attribute(
     ablation: str = typer.Option("zero", help="ablate: zero | mean | resample."),
     heads: str | None = typer.Option(None, help="ablate: also ablate this set together, e.g. L1H2,L0H3."),
     k: int = typer.Option(3, help="ablate: top-k heads (by single-head effect) vs k random heads (>= 1)."),
-    n_random: int = typer.Option(10, help="ablate: random head sets to compare with the top k (>= 1)."),
+    n_random: int = typer.Option(10, help="ablate: random head sets to compare with the top k (1 to 10000)."),
     reference_length: int | None = typer.Option(None, help="ablate mean/resample: reference batch length (default --length)."),
     reference_objective: str | None = typer.Option(None, help="ablate mean/resample: reference objective (default the model's)."),
     corruption: str | None = typer.Option(None, help="attrib-patch: sorting replace|swap, multiplication digit."),

@@ -43,6 +43,7 @@ class Outcome:
     json: str | None = None
 
     def wrote(self) -> str | None:
+        """``"wrote a.json, b.csv to OUT"`` (top-level names under ``out``), or None when nothing was written."""
         if self.out is None or not self.files:
             return None
         names = sorted({str(p.relative_to(self.out)).split("/")[0] for p in self.files})
@@ -66,10 +67,12 @@ def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int | Non
 
 
 def check_n(value, name: str = "--n") -> int | None:
+    """A number of examples: 1 to `N_MAX` (None passes)."""
     return check_int(value, name, 1, N_MAX)
 
 
 def check_seed(seed, name: str = "--seed") -> int:
+    """A seed: 0 to `SEED_MAX`."""
     return check_int(seed, name, 0, SEED_MAX)
 
 
@@ -179,8 +182,9 @@ def run_eval(model: str, lengths: str = "10,20,50", n: int = 500, seed: int = 0,
     if folder is not None:
         cmd = f"probekit eval --model {model} --lengths {lengths} --n {n} --seed {seed} --save-metrics" + \
             (" --overwrite" if overwrite else "")
-        files.append(write_json(folder / "metrics.json", json.loads(res.to_json()) | {"command": cmd}))
-    return Outcome(lines=_eval_lines(res, errors), files=files, out=out, json=dumps_json(res.records, indent=None))
+        saved = write_json(folder / "metrics.json", json.loads(res.to_json()) | {"command": cmd})
+    lines = _eval_lines(res, errors) + ([f"wrote {saved}"] if folder is not None else [])
+    return Outcome(lines=lines, files=files, out=out, json=dumps_json(res.records, indent=None))
 
 
 def _write_eval(res, out: Path) -> list[Path]:
@@ -412,8 +416,9 @@ def _check_attribute(method, ablation, metric, plot, n, seed, length, k, n_rando
         raise ProbekitError(f"unknown method {method!r}; expected one of {list(ATTRIBUTE_METHODS)}")
     if ablation not in A.ABLATIONS:
         raise ProbekitError(f"unknown ablation {ablation!r}; expected one of {list(A.ABLATIONS)}")
-    check_n(n), check_seed(seed), check_int(length, "--length"), check_int(k, "--k"), check_int(n_random, "--n-random")
-    check_int(ig_steps, "--ig-steps", 1, 1000), check_int(reference_length, "--reference-length"), check_device(device)
+    check_n(n), check_seed(seed), check_int(length, "--length"), check_int(k, "--k")
+    check_int(n_random, "--n-random", 1, 10_000), check_int(ig_steps, "--ig-steps", 1, 1000)
+    check_int(reference_length, "--reference-length"), check_device(device)
     if plot is not None:
         viz.check_plot(plot, *_ATTRIBUTE_AXES[method])
     return attribute_metric(method, metric)

@@ -83,10 +83,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """``text`` (UTF-8) to ``path``, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
+    """``data`` to ``path``, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
