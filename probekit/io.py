@@ -183,8 +183,8 @@ def prepare_out(folder: str | Path, overwrite: bool = False, what: str = "--out"
     return folder
 
 
-def ensure_empty_dir(folder: str | Path, overwrite: bool = False, allow: set[str] | None = None) -> Path:
-    """`prepare_out`, then create ``folder``. (``allow`` is accepted for compatibility and unused.)"""
+def ensure_empty_dir(folder: str | Path, overwrite: bool = False) -> Path:
+    """`prepare_out`, then create ``folder`` (for writers that are not a whole command, e.g. `save_model`)."""
     folder = prepare_out(folder, overwrite=overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -302,6 +302,10 @@ def output_dir(folder: str | Path, overwrite: bool = False, stage: bool = True,
         if st is not None:
             st.discard()
         if not ok:
+            if st is not None and created:  # everything under a folder we created is ours: empty folders go
+                for root, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(root)
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only succeeds while empty

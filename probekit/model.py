@@ -167,7 +167,7 @@ def save_model(model, folder: str | Path, task: Task, train_config: dict | None 
 
     folder = Path(folder)
     cfg = model_config_of(model)
-    ensure_empty_dir(folder, overwrite=overwrite, allow={"model.safetensors", "config.json", "metrics.json", "card.md"})
+    ensure_empty_dir(folder, overwrite=overwrite)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(
         state, str(tmp), metadata={"probekit_version": __version__, "config_hash": cfg.hash()}))

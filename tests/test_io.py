@@ -91,6 +91,7 @@ def test_output_dir_commits_together_or_not_at_all(tmp_path):
     out = tmp_path / "new" / "out"
     with pytest.raises(RuntimeError), io.output_dir(out):
         io.write_json(out / "a.json", {"x": 1})
+        io.write_json(out / "probes" / "h" / "p.json", {"x": 1})
         assert not (out / "a.json").exists()  # staged, not yet visible
         raise RuntimeError("the command failed")
     assert not (tmp_path / "new").exists()  # created folders are removed again
