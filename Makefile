@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/probekit report --out reports/latest
+	$(VENV)/bin/probekit report --out reports/latest --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -x

@@ -20,6 +20,7 @@ MODULES = [
     "probekit.train",
     "probekit.evaluate",
     "probekit.results",
+    "probekit.io",
     "probekit.activations",
     "probekit.probes",
     "probekit.metrics",
@@ -30,6 +31,7 @@ MODULES = [
     "probekit.viz",
     "probekit.studies",
     "probekit.report",
+    "probekit.commands",
 ]
 OUT = Path(__file__).resolve().parent / "api.md"
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from probekit.checks import bounds, check_fields
+from probekit.io import atomic_write, ensure_empty_dir, write_json
 from probekit.tasks import ProbekitError, Task, task_from_spec
 
 __version__ = "0.1.0"
@@ -187,31 +188,14 @@ def save_model(model, folder: str | Path, task: Task, train_config: dict | None 
 
     folder = Path(folder)
     cfg = model_config_of(model)
-    ensure_empty_dir(folder, overwrite=overwrite, allow={"model.safetensors", "config.json", "metrics.json", "card.md"})
+    ensure_empty_dir(folder, overwrite=overwrite)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"probekit_version": __version__, "config_hash": cfg.hash()})
-    os.replace(tmp, folder / "model.safetensors")
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(
+        state, str(tmp), metadata={"probekit_version": __version__, "config_hash": cfg.hash()}))
     conf = {"probekit_version": __version__, "name": name or folder.name, "model": cfg.to_dict(),
             "task": task.spec(), "train": train_config, "seed": cfg.seed, "metrics": metrics}
-    _write_json(folder / "config.json", conf)
+    write_json(folder / "config.json", conf)
     return folder
-
-
-def ensure_empty_dir(folder: Path, overwrite: bool = False, allow: set[str] | None = None) -> None:
-    """Create ``folder``; refuse one that holds files unless ``overwrite`` (then only ``allow`` files are replaced)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ProbekitError(f"--out {folder} is a file; expected a directory")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ProbekitError(f"output directory {folder} is not empty; choose another or pass --overwrite")
-    folder.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    from probekit.results import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:

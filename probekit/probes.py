@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -408,7 +407,7 @@ class Probe:
         """``probe.safetensors`` (weight, bias, mean, class_means) + ``probe.json`` (metadata, scores, sha256)."""
         from safetensors.torch import save_file
 
-        from probekit.model import ensure_empty_dir
+        from probekit.io import atomic_write, ensure_empty_dir, write_json
 
         folder = Path(folder)
         ensure_empty_dir(folder, overwrite=overwrite)
@@ -416,14 +415,14 @@ class Probe:
         if self.class_means is not None:
             tensors["class_means"] = self.class_means
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": self.hook})
-        sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        meta = self.to_meta() | {"weights_sha256": sha}
-        tmp = folder / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, folder / META_FILE)
+        sha = []
+
+        def write(tmp):
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": self.hook})
+            sha.append(hashlib.sha256(tmp.read_bytes()).hexdigest())
+
+        atomic_write(folder / WEIGHTS_FILE, write)
+        write_json(folder / META_FILE, self.to_meta() | {"weights_sha256": sha[-1]})
         return folder
 
     @classmethod
@@ -1076,20 +1075,18 @@ def probe_lengths(model, task, feature: str, hooks: str | Sequence[str], train_l
     return sweep
 
 
-def write_sweep(sweep: ProbeSweep, folder: str | Path, save_probes: bool = False) -> list[Path]:
-    """``sweep.json`` + ``sweep.csv`` + heatmap PNGs (+ ``probes/<hook>/`` for the pooled probes) into ``folder``.
+def write_sweep(sweep: ProbeSweep, folder: str | Path, save_probes: bool = False, stem: str = "sweep",
+                prefix: str = "") -> list[Path]:
+    """``<stem>.json`` + ``<stem>.csv`` + heatmap PNGs named ``<prefix>...`` (+ ``probes/<hook>/`` for the
+    pooled probes) into ``folder``.
 
     Every file is written under a temporary name and renamed, so no partial file looks complete.
     """
+    from probekit.io import write_csv, write_text
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in (("sweep.json", sweep.to_json()), ("sweep.csv", sweep.to_frame().to_csv(index=False))):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
-        paths.append(folder / name)
-    paths += plot_sweep(sweep, folder)
+    paths = [write_text(folder / f"{stem}.json", sweep.to_json()), write_csv(folder / f"{stem}.csv", sweep.to_frame())]
+    paths += plot_sweep(sweep, folder, prefix=prefix)
     if save_probes:
         for (hook, pos), probe in sweep.probes.items():
             if pos == "all":

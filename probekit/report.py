@@ -2,7 +2,8 @@
 
 Figures are inlined as PNG (base64), the attention views as circuitsvis HTML with the JavaScript bundle
 inlined (each in an ``<iframe srcdoc>``), so the page needs no network. Each study's results are also
-written as JSON next to the page.
+written as JSON next to the page: ``report.html`` + ``report_<study>.json``. Every file goes through
+`probekit.io` (the folder is checked and locked first; nothing appears unless the whole report succeeds).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import io
 import time
 from pathlib import Path
 
-from probekit.model import ensure_empty_dir, shipped_models
+from probekit.io import output_dir, save_figure, write_text
+from probekit.model import shipped_models
 from probekit.tasks import ProbekitError
 
 STUDIES = ("overview", "hint", "carry")
@@ -107,16 +109,12 @@ def write_study(study, out: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{study.name}.json", out / f"{study.name}_claims.md"]
-    paths[0].write_text(study.to_json())
-    paths[1].write_text(f"# {study.title}\n\n" + "".join(f"- {c['text']}\n  `{c['command']}`\n" for c in study.claims)
-                        + "".join(f"\n_{n}_\n" for n in study.notes))
+    paths = [write_text(out / f"{study.name}.json", study.to_json()),
+             write_text(out / f"{study.name}_claims.md", f"# {study.title}\n\n" + "".join(
+                 f"- {c['text']}\n  `{c['command']}`\n" for c in study.claims) + "".join(f"\n_{n}_\n" for n in study.notes))]
     for i, fig in enumerate(FIGURES[study.name](study)):
-        p = out / f"{study.name}_fig{i}.png"
-        fig.savefig(p, dpi=120, bbox_inches="tight")
+        paths.append(save_figure(fig, out / f"{study.name}_fig{i}.png", dpi=120, bbox_inches="tight"))
         plt.close(fig)
-        paths.append(p)
     return paths
 
 
@@ -140,21 +138,31 @@ iframe.attn{width:100%;height:560px;border:1px solid #ddd}.cmd{color:#555;font-s
 
 
 def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = STUDIES, size: str = "default",
-               overwrite: bool = True, seed: int = 0, attention: bool = True) -> Path:
-    """Run ``studies`` and write ``report.html`` + one JSON per study to ``out``. Returns the HTML path."""
+               overwrite: bool = False, seed: int = 0, attention: bool = True) -> Path:
+    """Run ``studies`` and write ``report.html`` + ``report_<study>.json`` to ``out`` (refused when non-empty
+    unless ``overwrite``). Returns the HTML path."""
+    from probekit.studies import SIZES
+
     bad = [s for s in studies if s not in STUDIES]
     if bad:
         raise ProbekitError(f"unknown study {bad[0]!r}; expected one of {list(STUDIES)}")
+    if size not in SIZES:
+        raise ProbekitError(f"unknown size {size!r}; expected one of {list(SIZES)}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
     if not shipped_models():
         raise ProbekitError("no shipped models found in models/; expected the model zoo (see docs/model_sweep.md)")
-    out = Path(out)
-    ensure_empty_dir(out, overwrite=overwrite)
+    with output_dir(out, overwrite=overwrite) as folder:
+        return _write_report(folder, studies, size, seed, attention)
+
+
+def _write_report(out: Path, studies: tuple[str, ...], size: str, seed: int, attention: bool) -> Path:
     sections = []
     for name in studies:
         t0 = time.time()
         print(f"[report] {name} study ...", flush=True)
         st = run_study(name, size=size, seed=seed)
-        (out / f"{name}.json").write_text(st.to_json())
+        write_text(out / f"report_{name}.json", st.to_json())
         claims = "".join(f"<li>{html.escape(c['text'])}<br><span class='cmd'>regenerate: <code>{html.escape(c['command'])}"
                          f"</code></span></li>" for c in st.claims)
         tables = "".join(f"<h3>{html.escape(k)}</h3>{_table_html(v)}" for k, v in st.tables.items())
@@ -169,9 +177,6 @@ def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = ST
             f"</head><body><h1>probekit report</h1><p>Studies on the shipped models (size <code>{size}</code>, "
             f"seed {seed}). Every claim lists the command that regenerates its numbers.</p>{''.join(sections)}"
             "</body></html>")
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(path)
-    print(f"[report] wrote {path}")
+    path = write_text(out / "report.html", page)
+    print(f"[report] wrote {path} (and report_<study>.json)")
     return path

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,19 +20,15 @@ from torch import Tensor
 from probekit.tasks import ProbekitError
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """``write(tmp_path)`` then rename onto ``path``, so no partial file ever looks complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _tensor(values, dtype=None) -> Tensor:
+    """A tensor from nested lists in which ``None`` (how `probekit.io` writes NaN) reads as NaN."""
+
+    def fix(x):
+        if x is None:
+            return float("nan")
+        return [fix(v) for v in x] if isinstance(x, list) else x
+
+    return torch.tensor(fix(values), dtype=dtype)
 
 
 @dataclass
@@ -86,9 +80,12 @@ class Result:
                 "extra": {k: v.tolist() for k, v in self.extra.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        s = json.dumps(self.to_dict())
+        """Strict JSON (NaN/Infinity as null, see `probekit.io`); with ``path``, also written there atomically."""
+        from probekit.io import dumps_json, write_text
+
+        s = dumps_json(self.to_dict(), indent=None)
         if path is not None:
-            Path(path).write_text(s)
+            write_text(path, s)
         return s
 
     @classmethod
@@ -97,9 +94,9 @@ class Result:
             s = s.read_text()
         try:
             d = json.loads(s)
-            return cls(kind=d["kind"], values=torch.tensor(d["values"], dtype=torch.float32).reshape(d["shape"]),
+            return cls(kind=d["kind"], values=_tensor(d["values"], torch.float32).reshape(d["shape"]),
                        axes=tuple(d["axes"]), labels=d.get("labels", {}), settings=d.get("settings", {}),
-                       extra={k: torch.tensor(v) for k, v in d.get("extra", {}).items()})
+                       extra={k: _tensor(v) for k, v in d.get("extra", {}).items()})
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
             raise ProbekitError(f"not a probekit result JSON ({type(e).__name__}: {e})") from None
 

@@ -44,8 +44,10 @@ class Study:
                          + [f"note: {n}" for n in self.notes])
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "title": self.title, "claims": self.claims, "tables": self.tables,
-                           "notes": self.notes, "results": {k: r.to_dict() for k, r in self.results.items()}})
+        from probekit.io import dumps_json
+
+        return dumps_json({"name": self.name, "title": self.title, "claims": self.claims, "tables": self.tables,
+                           "notes": self.notes, "results": {k: r.to_dict() for k, r in self.results.items()}}, indent=None)
 
 
 def _size(size: str) -> dict:

@@ -75,18 +75,22 @@ LOCK = ".sweep.lock"
 
 
 def _write(path: Path, write) -> Path:
-    """The sweep's one call into the atomic writer (``write(tmp_path)``, then rename onto ``path``)."""
-    from probekit.results import atomic_write
+    """The sweep's calls into the one writer, `probekit.io`."""
+    from probekit.io import atomic_write
 
     return atomic_write(path, write)
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return _write(path, lambda p: p.write_text(text))
+    from probekit.io import write_text
+
+    return write_text(path, text)
 
 
 def _write_json(path: Path, obj) -> Path:
-    return _write_text(path, json.dumps(obj, indent=2) + "\n")
+    from probekit.io import write_json
+
+    return write_json(path, obj)
 
 
 # ---------------------------------------------------------------------------- grids
@@ -450,7 +454,7 @@ def _prepare_out(grid: Grid, out: Path, jobs: list[Job], write: bool) -> None:
             raise ProbekitError(f"{out} holds sweep {old['grid']['name']!r}, not {grid.name!r}; choose another --out")
         recorded = old["jobs"]
     elif out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not (p.is_dir() and p.name in grid.configs))
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, ".probekit.lock") and not (p.is_dir() and p.name in grid.configs))
         if foreign:
             raise ProbekitError(f"{out} holds {foreign[:3]} and no sweep.json; expected a new folder, an earlier "
                                 "sweep's, or one holding only this grid's configuration folders")
@@ -482,14 +486,10 @@ def trained_as(job: Job) -> bool:
 
 @contextlib.contextmanager
 def _locked(out: Path):
-    import fcntl
+    from probekit.io import lock_dir
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ProbekitError(f"another sweep is running in {out}; wait for it or choose another --out") from None
+    with lock_dir(out, what="sweep --out"):
         yield
 
 

@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from probekit.checks import bounds, check_fields
+from probekit.io import atomic_write, ensure_empty_dir, open_append, write_json, write_text
 from probekit.model import (
     ModelConfig,
     _checked_fields,
-    _write_json,
     build_model,
-    ensure_empty_dir,
     read_json_config,
     save_model,
 )
@@ -216,7 +215,7 @@ def _prepare_out(out: Path, run: dict, overwrite: bool) -> bool:
             _clear_run_files(out)  # killed before its first checkpoint: start again from step 0
     ensure_empty_dir(out, overwrite=overwrite)
     _clear_run_files(out)
-    _write_json(out / RUN_FILE, run)
+    write_json(out / RUN_FILE, run)
     return False
 
 
@@ -238,8 +237,6 @@ def checkpoint_meta(path: str | Path) -> dict:
 def _save_checkpoint(out: Path, model, opt, step: int, elapsed_s: float, run: dict) -> None:
     """Weights, optimizer state, step, time and configs in one file, renamed into place whole."""
     from safetensors.torch import save_file
-
-    from probekit.results import atomic_write
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
@@ -287,9 +284,7 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 def _write_json_lines(path: Path, lines: list[str]) -> None:
-    from probekit.results import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+    write_text(path, "".join(lines))
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -348,7 +343,7 @@ def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path 
 def _steps(native, opt, params, mixture: Mixture, cfg: TrainConfig, start: int, out: Path | None,
            stop_after: int | None, progress: bool, device, save) -> int:
     """Run steps ``start..cfg.steps - 1`` (or ``stop_after`` of them); log and checkpoint. The next step."""
-    log_f = open(out / LOG_FILE, "a") if out is not None else None
+    log_f = open_append(out / LOG_FILE) if out is not None else None
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from probekit.results import Result, atomic_write
+from probekit.io import save_figure as _save_atomic
+from probekit.io import write_text
+from probekit.results import Result
 from probekit.tasks import Batch, ProbekitError
 
 STYLE = {
@@ -56,7 +58,7 @@ def save_figure(fig, path: str | Path) -> list[Path]:
         raise ProbekitError(f"figure path {str(path)!r} has suffix {path.suffix!r}; expected .png, .svg or none (both)")
     with plt.rc_context(STYLE):
         for p in paths:
-            atomic_write(p, lambda tmp, p=p: fig.savefig(tmp, format=p.suffix[1:].lower(), bbox_inches="tight"))
+            _save_atomic(fig, p, bbox_inches="tight")
     plt.close(fig)
     return paths
 
@@ -390,8 +392,7 @@ def attention_html(model, batch: Batch | torch.Tensor, task=None, example: int =
             f"<h2>{_html.escape(title)}</h2>\n<p>{_html.escape(' '.join(labels))}</p>\n"
             f"{view.local_src}\n</body></html>\n")
     if path is not None:
-        p = Path(path)
-        atomic_write(p, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        write_text(path, page)
     return page
 
 

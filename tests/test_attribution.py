@@ -322,19 +322,19 @@ def test_cli_attribute(tiny_sort_dir, tmp_path, capsys):
     assert main(["attribute", "--model", str(tiny_sort_dir), "--method", "dla", "--n", "16", "--length", "5",
                  "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"dla_heads.json", "dla_heads.csv", "dla_heads.png", "dla_layers.json", "dla_layers.png"} <= names
+    assert {"attribute.json", "attribute.csv", "attribute.png", "attribute_layers.json", "attribute_layers.png"} <= names
     from probekit.results import Result
 
-    assert Result.from_json((out / "dla_heads.json").read_text()).axes == ("pos", "layer", "head")
+    assert Result.from_json((out / "attribute.json").read_text()).axes == ("pos", "layer", "head")
     out2 = tmp_path / "ab"
     assert main(["attribute", "--model", str(tiny_sort_dir), "--method", "ablate", "--n", "16", "--length", "5",
                  "--ablation", "mean", "--heads", "L1H0,L0H2", "--k", "2", "--n-random", "2", "--out", str(out2)]) == 0
-    assert {"ablation_sweep.json", "ablation_sweep.png", "topk_vs_random.csv", "ablation_heads.json"} <= \
+    assert {"attribute.json", "attribute.png", "attribute_topk_vs_random.csv", "attribute_head_set.json"} <= \
         {p.name for p in out2.iterdir()}
     out3 = tmp_path / "ap"
     assert main(["attribute", "--model", str(tiny_sort_dir), "--method", "attrib-patch", "--n", "8", "--length", "4",
                  "--out", str(out3)]) == 0
-    agree = json.loads((out3 / "agreement.json").read_text())
+    agree = json.loads((out3 / "attribute_agreement.json").read_text())
     assert "spearman" in agree["heads"]
     capsys.readouterr()
     bad = [

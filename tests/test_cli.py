@@ -114,3 +114,27 @@ def test_help_has_examples(capsys):
 
 def test_config_that_is_a_directory(tmp_path, capsys):
     _bad(["train", "--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys, "is a directory")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "probe", "patch", "attribute", "report"])
+def test_help_fits_80_columns_with_an_example(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert f"Example: probekit {command}" in text
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text  # nothing cut off
+    if command == "probe":
+        assert "resid_pre,resid_mid,resid_post" in text  # a long default shown whole
+
+
+def test_eval_out_and_save_metrics_into_a_model_folder(trained, capsys):
+    out = trained / "eval-out"
+    assert main(["eval", "--model", str(trained / "run"), "--lengths", "3,4", "--n", "4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["eval.csv", "eval.json", "eval.png"]
+    from probekit.evaluate import EvalResult
+
+    res = EvalResult.from_json((out / "eval.json").read_text())
+    assert [r["length"] for r in res.records] == [3, 4]
+    assert (out / "eval.csv").read_text().count("\n") == 3
+    assert main(["eval", "--model", str(trained / "run"), "--lengths", "3", "--n", "4", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err

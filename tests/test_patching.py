@@ -335,13 +335,13 @@ def test_cli_writes_result_csv_heatmap_deterministically(mult_dir, tmp_path, cap
     printed = capsys.readouterr().out
     assert "layer" in printed and "head" in printed  # the table of top components
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["heatmap.png", "result.csv", "result.json"]
-    res = Result.from_json((tmp_path / "a" / "result.json").read_text())
+    assert names == ["patch.csv", "patch.json", "patch.png"]
+    res = Result.from_json((tmp_path / "a" / "patch.json").read_text())
     assert res.axes == ("layer", "pos", "head") and res.settings["corruption"]["kind"] == "carry-flip"
     assert res.labels["pos"][:3] == ["0 a1", "1 a0", "2 *"]
     # --digit picks the answer digit; a small --max-batch chunks n; same seed, same numbers
     assert _cli(*args, "--max-batch", 16, "--out", tmp_path / "b") == 0
-    again = Result.from_json((tmp_path / "b" / "result.json").read_text())
+    again = Result.from_json((tmp_path / "b" / "patch.json").read_text())
     torch.testing.assert_close(again.values, res.values, **TOL)
     capsys.readouterr()
     assert _cli(*args, "--json") == 0
@@ -381,4 +381,4 @@ def test_cli_sorting_metric_not_applicable_and_nonempty_out(tiny_sort_dir, tmp_p
     assert "not empty" in capsys.readouterr().err
     assert _cli("--model", tiny_sort_dir, "--corruption", "successor-change", "--digit", 1, "--site", "mlp",
                 "--all-pos", "--length", 6, "--n", 8, "--out", out, "--overwrite") == 0
-    assert Result.from_json((out / "result.json").read_text()).axes == ("layer",)
+    assert Result.from_json((out / "patch.json").read_text()).axes == ("layer",)

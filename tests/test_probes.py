@@ -330,13 +330,13 @@ def test_cli_probe_writes_json_csv_png(model, model_dir, tmp_path, capsys):
             "--save-probes"]
     assert main(args) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"sweep.json", "sweep.csv", "heatmap_hook_resid_pre.png", "heatmap_hook_resid_post.png",
-            "accuracy_vs_length.png"} <= names
+    assert {"probe.json", "probe.csv", "probe_heatmap_hook_resid_pre.png", "probe_heatmap_hook_resid_post.png",
+            "probe_accuracy_vs_length.png"} <= names
     assert not any(n.endswith(".tmp") or ".tmp." in n for n in names)
-    sw = ProbeSweep.from_json((out / "sweep.json").read_text())
+    sw = ProbeSweep.from_json((out / "probe.json").read_text())
     assert sw.labels["split"] == ["train", "3", "4"]
     assert sw.settings["splits"]["4"]["length"] == 4 and sw.settings["command"]["n"] == 80
-    assert (out / "sweep.csv").read_text().count("\n") == sw.values.numel() + 1
+    assert (out / "probe.csv").read_text().count("\n") == sw.values.numel() + 1
     saved = Probe.load(out / "probes" / "blocks.1.hook_resid_post", model=model)
     assert saved.meta["train"]["seed"] == 3 and saved.meta["scores"]["4"] == pytest.approx(sw.values[1, 1, 0, 2].item())
     assert main(args) == 2  # non-empty --out without --overwrite

@@ -201,10 +201,10 @@ def test_rerun_skips_finished_jobs(swept):
 
 
 def test_a_killed_job_resumes_from_its_checkpoint(swept, tmp_path):
-    from probekit.model import load_model
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from probekit.model import load_model
     from probekit.sweep import parse_run
     from probekit.train import CHECKPOINT, checkpoint_meta, train
 

@@ -1,0 +1,471 @@
+"""What each ``probekit`` command does, as plain functions: validate, compute, write, summarise.
+
+Each ``run_<command>`` checks every argument before anything runs (seeds, counts, batch sizes,
+devices, the output folder), then works inside `probekit.io.output_dir`: the ``--out`` folder is
+checked, created and locked for the whole command, and the files appear only if it succeeds.
+Each returns an `Outcome` (the lines to print, the files written, and the JSON for ``--json``).
+
+Output naming, the same in every command: a command's main result is ``<command>.json`` (the result,
+strict JSON), ``<command>.csv`` (long form, one row per cell) and ``<command>.png`` (its figure);
+further results of the same command are ``<command>_<part>.json|csv|png``. ``train`` writes a model
+folder (``model.safetensors``, ``config.json``, ``train_log.jsonl``); ``report`` writes
+``report.html`` + ``report_<study>.json``.
+
+    probekit eval      eval.json, eval.csv, eval.png
+    probekit patch     patch.json, patch.csv, patch.png
+    probekit probe     probe.json, probe.csv, probe_heatmap_<hook>.png, probe_<metric>_vs_length.png,
+                       probes/<hook>/ (--save-probes)
+    probekit attribute attribute.json|csv|png (dla: heads x positions; ablate: the head sweep;
+                       attrib-patch: attribution to heads) + attribute_<part>.*, attribute_<plot>.png,
+                       attribute_attention.html (--html)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from probekit.tasks import ProbekitError
+
+N_MAX = 100_000  # examples per length / batch: more would not fit in memory on the machines we target
+SEED_MAX = 2**31 - 1
+
+
+@dataclass
+class Outcome:
+    """What a command did: ``lines`` to print, ``files`` written under ``out``, ``json`` for ``--json``."""
+
+    lines: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    out: Path | None = None
+    json: str | None = None
+
+    def wrote(self) -> str | None:
+        """``"wrote a.json, b.csv to OUT"`` (top-level names under ``out``), or None when nothing was written."""
+        if self.out is None or not self.files:
+            return None
+        names = sorted({str(p.relative_to(self.out)).split("/")[0] for p in self.files})
+        return f"wrote {', '.join(names)} to {self.out}"
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int | None:
+    """``value`` (or None) as an int in ``[lo, hi]``; refuses with the bound in the message."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProbekitError(f"{name} must be an integer, got {value!r}")
+    if value < lo:
+        raise ProbekitError(f"{name} must be {'positive' if lo == 1 else f'>= {lo}'}, got {value}")
+    if hi is not None and value > hi:
+        raise ProbekitError(f"{name} must be <= {hi:_}, got {value:_}")
+    return value
+
+
+def check_n(value, name: str = "--n") -> int | None:
+    """A number of examples: 1 to `N_MAX` (None passes)."""
+    return check_int(value, name, 1, N_MAX)
+
+
+def check_seed(seed, name: str = "--seed") -> int:
+    """A seed: 0 to `SEED_MAX`."""
+    return check_int(seed, name, 0, SEED_MAX)
+
+
+def check_device(device: str) -> str:
+    """A torch device that exists here: ``cpu``; ``cuda``/``cuda:N`` and ``mps`` only when available."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        d = None
+    avail = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
+        (["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
+    if d is None or d.type not in avail:
+        raise ProbekitError(f"--device {device!r} is not available; expected one of {avail}")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ProbekitError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def parse_ints(text: str | None, what: str, lo: int = 1) -> list[int] | None:
+    """``"10,20,50"`` -> ``[10, 20, 50]``, each ``>= lo``."""
+    if text is None:
+        return None
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ProbekitError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise ProbekitError(f"{what} is empty; expected e.g. 10,20,50")
+    for v in vals:
+        if v < lo:
+            raise ProbekitError(f"{what} must hold integers >= {lo}, got {v}")
+    return vals
+
+
+def _out(out: Path | None, overwrite: bool, stage: bool = True):
+    from probekit.io import output_dir
+
+    return output_dir(out, overwrite=overwrite, stage=stage) if out is not None else contextlib.nullcontext()
+
+
+def _write_result(res, out: Path, stem: str, figure=None) -> list[Path]:
+    """``<stem>.json`` + ``<stem>.csv`` (+ ``<stem>.png`` drawn by ``figure(res, path)``)."""
+    from probekit.io import write_csv, write_text
+
+    paths = [write_text(out / f"{stem}.json", res.to_json()), write_csv(out / f"{stem}.csv", res.to_frame())]
+    if figure is not None:
+        figure(res, out / f"{stem}.png")
+        paths.append(out / f"{stem}.png")
+    return paths
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def run_train(config: Path, out: Path, overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Outcome:
+    """Train from a config file into ``out`` (a folder holding a checkpoint is resumed)."""
+    from probekit.train import load_run_config, train
+
+    check_device(device)
+    mcfg, task, tcfg, conf = load_run_config(config)
+    from probekit.train import CHECKPOINT, RUN_FILE
+
+    resumable = Path(out).is_dir() and any((Path(out) / f).exists() for f in (CHECKPOINT, RUN_FILE))
+    with _out(out, overwrite or resumable, stage=False):
+        train(mcfg, task, tcfg, out=out, name=conf.get("name") or Path(out).name, overwrite=overwrite,
+              device=device, progress=progress)
+    return Outcome(lines=[f"saved {out}"])
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def _metrics_folder(model: str, overwrite: bool) -> Path:
+    import os
+
+    from probekit.model import MODELS_DIR, resolve_model_dir
+
+    folder = resolve_model_dir(model)
+    if folder.resolve().is_relative_to(MODELS_DIR.resolve()) and not overwrite:
+        raise ProbekitError(f"--save-metrics would replace {folder / 'metrics.json'} of a shipped model; "
+                            "pass --overwrite to do so")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ProbekitError(f"--save-metrics: {folder} is not writable")
+    return folder
+
+
+def run_eval(model: str, lengths: str = "10,20,50", n: int = 500, seed: int = 0, max_batch: int = 512,
+             errors: bool = False, save_metrics: bool = False, out: Path | None = None, overwrite: bool = False,
+             device: str = "cpu", progress: bool = True) -> Outcome:
+    """Greedy-decoding accuracy by length (+ the sorting error split); ``eval.json|csv|png`` in ``out``."""
+    from probekit.evaluate import evaluate, sort_error_kinds
+    from probekit.io import dumps_json, write_json
+
+    check_n(n), check_seed(seed), check_int(max_batch, "--max-batch"), check_device(device)
+    lens = parse_ints(lengths, "--lengths")
+    folder = _metrics_folder(model, overwrite) if save_metrics else None
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        if errors and task.objective != "sort":
+            raise ProbekitError(f"--errors needs a sorting model with the 'sort' objective, got task {task.name!r} "
+                                f"({task.objective!r})")
+        res = evaluate(m, task, lens, n=n, seed=seed, max_batch=max_batch, progress=progress)
+        for rec in res.records if errors else []:  # evaluate samples length L with seed * 1000 + L: the same lists
+            rec["errors"] = sort_error_kinds(m, task.sample(n, length=rec["length"], seed=seed * 1000 + rec["length"]),
+                                             max_batch=min(max_batch, 256))
+        files = _write_eval(res, out) if out is not None else []
+    if folder is not None:
+        cmd = f"probekit eval --model {model} --lengths {lengths} --n {n} --seed {seed} --save-metrics" + \
+            (" --overwrite" if overwrite else "")
+        saved = write_json(folder / "metrics.json", json.loads(res.to_json()) | {"command": cmd})
+    lines = _eval_lines(res, errors) + ([f"wrote {saved}"] if folder is not None else [])
+    return Outcome(lines=lines, files=files, out=out, json=dumps_json(res.records, indent=None))
+
+
+def _write_eval(res, out: Path) -> list[Path]:
+    from probekit import viz
+    from probekit.io import write_csv, write_json
+
+    fig = viz.accuracy_vs_length(res, title=f"{res.model}: exact match vs length (greedy)")
+    return [write_json(out / "eval.json", json.loads(res.to_json())), write_csv(out / "eval.csv", res.to_frame()),
+            *viz.save_figure(fig, out / "eval.png")]
+
+
+def _eval_lines(res, errors: bool) -> list[str]:
+    df = res.to_frame()[["length", "n", "exact_match", "ci_low", "ci_high", "token_acc"]]
+    lines = [df.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    for rec in res.records if errors else []:
+        e = rec["errors"]
+        fe = e["first_error"]
+        lines.append(f"length {rec['length']}: {100 * e['repeat_share']:.1f} % of steps repeat the previous output; "
+                     f"step errors {100 * e['error_rate']['repeat']:.1f} % on repeats, "
+                     f"{100 * e['error_rate']['new']:.1f} % on new values; first error: extra copy "
+                     f"{fe['extra_copy']}, dropped copy {fe['dropped_copy']}, wrong value {fe['wrong_value']}, "
+                     f"none {fe['none']}")
+    return lines
+
+
+def _load(model: str, device: str):
+    from probekit.model import load_model
+
+    m, task, _ = load_model(model, device=device)
+    return m, task
+
+
+# ---------------------------------------------------------------------------- patch
+
+
+def _corruption_options(task, corruption: str, digit: int | None, operand: str | None, place: int | None) -> dict:
+    """The keyword arguments of `probekit.corruptions.corrupt` that the CLI options map to."""
+    from probekit.corruptions import corruption_kinds
+
+    if corruption not in corruption_kinds(task):
+        raise ProbekitError(f"corruption {corruption!r} is not defined for task {task.name!r}; "
+                            f"expected one of {list(corruption_kinds(task))}")
+    allowed = {"carry-flip": ("operand",), "operand-digit": ("operand", "place")}.get(corruption, ())
+    opts: dict = {}
+    for k, v in {"operand": operand, "place": place}.items():
+        if v is not None:
+            if k not in allowed:
+                raise ProbekitError(f"--{k} does not apply to corruption {corruption!r}")
+            opts[k] = v
+    if corruption == "carry-flip" and digit is not None:
+        opts["digit"] = digit
+    if corruption == "successor-change" and digit is not None:
+        opts["step"] = digit
+    return opts
+
+
+def _patch_figure(res, corruption: str, metric: str, raw: bool):
+    def draw(r, path):
+        import matplotlib.pyplot as plt
+
+        from probekit import viz
+        from probekit.io import save_figure
+
+        kw = {"rows": "layer"}
+        if r.values.ndim >= 2:
+            kw["cols"] = r.axes[1]
+        if r.values.ndim == 3:
+            kw["facet"] = "head"
+        fig = viz.heatmap(r, None, title=f"{r.kind}: {corruption}, {metric}" + ("" if raw else " (normalised)"), **kw)
+        save_figure(fig, path, dpi=120)
+        plt.close(fig)
+
+    return draw
+
+
+def run_patch(model: str, corruption: str, site: str = "head", by_pos: bool = True, metric: str = "logit-diff",
+              n: int = 256, seed: int = 0, length: int | None = None, digit: int | None = None,
+              operand: str | None = None, place: int | None = None, direction: str = "denoise", raw: bool = False,
+              layers: str | None = None, heads: str | None = None, positions: str | None = None,
+              max_batch: int = 1024, top: int = 10, out: Path | None = None, as_json: bool = False,
+              overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Outcome:
+    """Activation patching sweep over ``site``; ``patch.json|csv|png`` in ``out``."""
+    from probekit import patching as P
+    from probekit.corruptions import corrupt
+    from probekit.evaluate import check_fits
+
+    site_c = P.canonical_site(site)
+    from probekit.metrics import check_metric
+
+    check_metric(metric)
+    if direction not in ("denoise", "noise"):
+        raise ProbekitError(f"unknown direction {direction!r}; expected 'denoise' or 'noise'")
+    check_n(n), check_seed(seed), check_int(max_batch, "--max-batch"), check_int(top, "--top"), check_device(device)
+    check_int(length, "--length"), check_int(digit, "--digit", 0), check_int(place, "--place", 0)
+    if out is None and not as_json:
+        raise ProbekitError("nothing to write: pass --out DIR and/or --json")
+    sel = {k: parse_ints(v, f"--{k}", lo=0) for k, v in (("layers", layers), ("heads", heads), ("positions", positions))}
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        opts = _corruption_options(task, corruption, digit, operand, place)
+        check_fits(m, task, length)
+        pair = corrupt(task, task.sample(n, length=length, seed=seed), corruption, seed=seed, **opts)
+        steps = (P.digit_step(pair.clean, digit),) if digit is not None else None
+        res = P.sweep(m, pair, site_c, by_pos=by_pos, metric=P.Metric(metric, steps), direction=direction,
+                      normalize=not raw, max_batch=max_batch, progress=progress and not as_json, **sel)
+        res.settings["command"] = {"model": model, "corruption": corruption, "site": site, "by_pos": by_pos,
+                                   "metric": metric, "n": n, "seed": seed, "length": length, "digit": digit,
+                                   "operand": operand, "place": place, "direction": direction, "raw": raw, **sel}
+        files = _write_result(res, out, "patch", _patch_figure(res, corruption, metric, raw)) if out is not None else []
+    s = res.settings
+    lines = [f"{pair.kind}: {s['n']} pairs ({pair.n_invalid} had no valid corruption, {pair.invalid_policy}d); "
+             f"metric {metric} clean {s['clean_metric']:.4f}, corrupted {s['corrupted_metric']:.4f}; "
+             f"values {'raw' if raw else 'normalised (0 = corrupted, 1 = clean)'}"]
+    lines += ["  " + "  ".join(f"{k} {c:>4}" for k, c in coords.items()) + f"  {v:+.4f}" for coords, v in res.top(top)]
+    return Outcome(lines=lines, files=files, out=out, json=res.to_json())
+
+
+# ---------------------------------------------------------------------------- probe
+
+
+def run_probe(model: str, feature: str, hooks: str, train_length: int, test_lengths: str, n: int = 2000,
+              n_test: int | None = None, seed: int = 0, positions: str = "feature", by_position: bool = False,
+              kind: str = "auto", controls: bool = True, save_probes: bool = False, out: Path | None = None,
+              overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Outcome:
+    """Linear probes by layer, scored on longer inputs; ``probe.json|csv`` + ``probe_*.png`` in ``out``."""
+    from probekit.probes import probe_lengths, write_sweep
+
+    if out is None:
+        raise ProbekitError("--out is required; expected a folder for probe.json, probe.csv and the heatmaps")
+    check_n(n), check_n(n_test, "--n-test"), check_seed(seed), check_int(train_length, "--train-length")
+    check_device(device)
+    lengths = parse_ints(test_lengths, "--test-lengths")
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        sweep = probe_lengths(m, task, feature, hooks, train_length, lengths, n=n, n_test=n_test, seed=seed,
+                              positions=positions, by_position=by_position, kind=kind, controls=controls,
+                              progress=progress)
+        sweep.settings["command"] = {"model": model, "feature": feature, "hooks": hooks, "train_length": train_length,
+                                     "test_lengths": lengths, "n": n, "n_test": n_test, "seed": seed,
+                                     "positions": positions, "by_position": by_position, "kind": kind,
+                                     "controls": controls}
+        files = write_sweep(sweep, out, save_probes=save_probes, stem="probe", prefix="probe_")
+    return Outcome(lines=[sweep.summary()], files=files, out=out, json=sweep.to_json())
+
+
+# ---------------------------------------------------------------------------- attribute
+
+ATTRIBUTE_METHODS = ("dla", "ablate", "attrib-patch")
+_ATTRIBUTE_AXES = {"dla": ("dla_head", ("pos", "layer", "head")), "ablate": ("head_ablation_sweep", ("layer", "head")),
+                   "attrib-patch": ("attrib_patch_heads", ("layer", "pos", "head"))}
+
+
+def attribute_metric(method: str, metric: str | None) -> str:
+    """The metric for ``method`` (its default when None), refused when the method does not define it."""
+    from probekit import attribution as A
+    from probekit.metrics import check_metric
+
+    allowed = {"dla": A.DLA_METRICS, "ablate": A.ABLATION_METRICS, "attrib-patch": A.GRADIENT_METRICS}[method]
+    return check_metric(metric or {"dla": "logit", "ablate": "logprob", "attrib-patch": "logit-diff"}[method],
+                        allowed, f"{method} metric")
+
+
+def _attr_dla(m, task, batch, metric, out, **_) -> tuple:
+    from probekit import attribution as A
+    from probekit import viz
+
+    res = A.direct_logit_attribution(m, batch, unit="head", metric=metric, vocab=task.vocab)
+    layers = A.direct_logit_attribution(m, batch, unit="layer", metric=metric, vocab=task.vocab)
+    src = A.direct_logit_attribution(m, batch, unit="source", metric=metric, vocab=task.vocab)
+    files = (_write_result(res, out, "attribute", viz.layer_pos_heatmap)
+             + _write_result(layers, out, "attribute_layers", viz.layer_pos_heatmap)
+             + _write_result(src, out, "attribute_source"))
+    top = A.head_scores(res).flatten()
+    order = sorted(range(top.numel()), key=lambda i: -float(top[i]))[:5]
+    line = (f"DLA ({metric}) completeness error {layers.settings['completeness_max_abs_error']:.2e}; "
+            "top heads by |DLA| summed over positions: "
+            + ", ".join(A.head_label(i // m.cfg.n_heads, i % m.cfg.n_heads) for i in order))
+    return res, files, [line]
+
+
+def _attr_ablate(m, task, batch, metric, out, ablation, reference, head_set, k, n_random, seed, **_) -> tuple:
+    from probekit import attribution as A
+    from probekit import viz
+
+    res = A.head_ablation_sweep(m, batch, method=ablation, reference=reference, metric=metric, seed=seed)
+    tvr = A.topk_vs_random(m, batch, res, k=k, n_random=n_random, method=ablation, reference=reference,
+                           metric=metric, seed=seed)
+    files = _write_result(res, out, "attribute", viz.layer_head_heatmap) + _write_result(tvr, out,
+                                                                                         "attribute_topk_vs_random")
+    if head_set is not None:
+        files += _write_result(A.ablate_heads(m, batch, head_set, method=ablation, reference=reference, metric=metric,
+                                              seed=seed), out, "attribute_head_set")
+    s = tvr.settings
+    line = (f"{ablation} ablation: clean exact match {float(tvr.values[0, 1]):.3f}; top-{k} heads "
+            f"{', '.join(s['top_heads'])} -> {float(tvr.values[1, 1]):.3f}; {n_random} random sets "
+            f"-> mean {s['random_mean'][1]:.3f} (min {s['random_min'][1]:.3f}, max {s['random_max'][1]:.3f})")
+    return res, files, [line]
+
+
+def _attr_patch(m, task, batch, metric, out, corruption, exact, ig_steps, seed, **_) -> tuple:
+    from probekit import attribution as A
+    from probekit import viz
+    from probekit.corruptions import corrupt, corruption_kinds
+    from probekit.io import write_json
+
+    pair = corrupt(task, batch, corruption or corruption_kinds(task)[0], seed=seed)
+    ap = A.attribution_patching(m, pair.clean, pair.corrupted, metric=metric, exact=exact, ig_steps=ig_steps,
+                                vocab=task.vocab, steps=pair.answer_steps)
+    files = _write_result(ap.heads, out, "attribute", viz.layer_pos_heatmap)
+    for name, r in (("mlp", ap.mlp), ("exact_heads", ap.exact_heads), ("exact_mlp", ap.exact_mlp)):
+        if r is not None:
+            files += _write_result(r, out, f"attribute_{name}", viz.layer_pos_heatmap)
+    files += [write_json(out / "attribute_agreement.json", ap.agreement),
+              write_json(out / "attribute_all.json", json.loads(ap.to_json()), indent=None)]
+    lines = []
+    for name, ag in ap.agreement.items():
+        sp = "n/a" if ag["spearman"] is None else f"{ag['spearman']:.3f}"
+        lines.append(f"{name}: attribution vs exact patching Spearman {sp}, top-{ag['k']} overlap {ag['topk_overlap']:.2f}")
+    return ap.heads, files, lines
+
+
+_ATTRIBUTE_RUN = {"dla": _attr_dla, "ablate": _attr_ablate, "attrib-patch": _attr_patch}
+
+
+def _check_attribute(method, ablation, metric, plot, n, seed, length, k, n_random, ig_steps, reference_length, device):
+    from probekit import attribution as A
+    from probekit import viz
+
+    if method not in ATTRIBUTE_METHODS:
+        raise ProbekitError(f"unknown method {method!r}; expected one of {list(ATTRIBUTE_METHODS)}")
+    if ablation not in A.ABLATIONS:
+        raise ProbekitError(f"unknown ablation {ablation!r}; expected one of {list(A.ABLATIONS)}")
+    check_n(n), check_seed(seed), check_int(length, "--length"), check_int(k, "--k")
+    check_int(n_random, "--n-random", 1, 10_000), check_int(ig_steps, "--ig-steps", 1, 1000)
+    check_int(reference_length, "--reference-length"), check_device(device)
+    if plot is not None:
+        viz.check_plot(plot, *_ATTRIBUTE_AXES[method])
+    return attribute_metric(method, metric)
+
+
+def _reference(m, task, batch, method, ablation, n, seed, reference_length, reference_objective):
+    from probekit import attribution as A
+    from probekit.evaluate import check_fits
+
+    if method != "ablate" or ablation == "zero":
+        return None
+    ref_task = task.with_objective(reference_objective) if reference_objective else task
+    check_fits(m, ref_task, reference_length or batch.length)
+    reference = ref_task.sample(n, length=reference_length or batch.length, seed=seed + 1)
+    A._check_reference(batch, reference)
+    return reference
+
+
+def run_attribute(model: str, method: str, out: Path, n: int = 256, seed: int = 0, length: int | None = None,
+                  metric: str | None = None, ablation: str = "zero", heads: str | None = None, k: int = 3,
+                  n_random: int = 10, reference_length: int | None = None, reference_objective: str | None = None,
+                  corruption: str | None = None, exact: bool = True, ig_steps: int = 1, plot: str | None = None,
+                  html: bool = False, overwrite: bool = False, device: str = "cpu") -> Outcome:
+    """Direct logit attribution, head ablation or attribution patching; ``attribute*.json|csv|png`` in ``out``."""
+    from probekit import attribution as A
+    from probekit import viz
+    from probekit.evaluate import check_fits
+
+    metric = _check_attribute(method, ablation, metric, plot, n, seed, length, k, n_random, ig_steps,
+                              reference_length, device)
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        check_fits(m, task, length)
+        head_set = A.parse_heads(heads, m) if heads is not None else None
+        if method == "ablate" and k > m.cfg.n_layers * m.cfg.n_heads:
+            raise ProbekitError(f"--k {k} is more than the model's {m.cfg.n_layers * m.cfg.n_heads} heads")
+        batch = task.sample(n, length=length, seed=seed)
+        reference = _reference(m, task, batch, method, ablation, n, seed, reference_length, reference_objective)
+        res, files, lines = _ATTRIBUTE_RUN[method](
+            m, task, batch, metric, out, ablation=ablation, reference=reference, head_set=head_set, k=k,
+            n_random=n_random, seed=seed, corruption=corruption, exact=exact, ig_steps=ig_steps)
+        if plot is not None:
+            files += viz.save_figure(viz.plot(res, plot), out / f"attribute_{plot}.png")
+        if html:
+            viz.attention_html(m, batch, task=task, path=out / "attribute_attention.html")
+            files.append(out / "attribute_attention.html")
+    return Outcome(lines=lines, files=files, out=out)
