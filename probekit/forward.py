@@ -68,15 +68,15 @@ def _norm(ln) -> Callable[[Tensor], Tensor]:
     weight = getattr(comp, "weight", None)  # the param-free variants (LNPre, RMSPre) have none
     bias = getattr(comp, "bias", None) if not rms else None
 
-    def run(x: Tensor) -> Tensor:
+    def run(x: Tensor) -> Tensor:  # in place where the tensor is our own: the same values, fewer allocations
         dtype = x.dtype
         x = x if dtype in (torch.float32, torch.float64) else x.float()
         if not rms:
             x = x - x.mean(-1, keepdim=True)
-        x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        x = x / x.pow(2).mean(-1, keepdim=True).add_(eps).sqrt_()
         if weight is not None:
-            x = x * weight
-        return (x + bias if bias is not None else x).to(dtype)
+            x.mul_(weight)
+        return (x.add_(bias) if bias is not None else x).to(dtype)
 
     return run
 
@@ -393,12 +393,15 @@ def _partial_attention(layer: Layer, L: int, base: Mapping, x: Tensor, pos: Tens
     """z at ``pos``: queries from ``x``; keys/values from the base run except at ``key_pos``."""
     a = layer.attn
     T = base["kr", L].shape[2]
-    q = heads(a.q(layer.ln1(x)), a.n_heads, a.d_head)
     kc, vc = _repeat(base["k", L][:, key_pos], groups), _repeat(base["v", L][:, key_pos], groups)
-    if len(new_pos):
+    if len(new_pos):  # one norm call for the queries' and the new keys' positions
+        h = layer.ln1(torch.cat([x, x_new], dim=1))
+        h, h_new = h[:, :len(pos)], h[:, len(pos):]
         at = torch.searchsorted(key_pos, new_pos)
-        h = layer.ln1(x_new)
-        kc[:, at], vc[:, at] = heads(a.k(h), a.n_kv, a.d_head), heads(a.v(h), a.n_kv, a.d_head)
+        kc[:, at], vc[:, at] = heads(a.k(h_new), a.n_kv, a.d_head), heads(a.v(h_new), a.n_kv, a.d_head)
+    else:
+        h = layer.ln1(x)
+    q = heads(a.q(h), a.n_heads, a.d_head)
     q, kc, vc = edit("q", L, q, pos), edit("k", L, kc, key_pos), edit("v", L, vc, key_pos)
     qr = rope(a, q.transpose(1, 2), pos)
     kcr = expand_kv(a, rope(a, kc.transpose(1, 2), key_pos))
