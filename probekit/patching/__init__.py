@@ -29,8 +29,8 @@ the clean answer token), ``acc`` (argmax == clean answer, per answer step) and `
 evaluated steps right). ``steps`` picks the answer steps evaluated (answer digit k of a product is
 the step whose ``digit_index`` is k); values are averaged over steps, then over the batch.
 
-The engine (models built by probekit and any TL-native bridge) runs K patches as K groups of batch
-rows in one pass and recomputes only what a patch can change: it starts at the first patched layer
+The native engine (models built by probekit and any TL-native bridge; built on the partial
+recomputation of `probekit.forward`) runs K patches as K groups of batch rows in one pass and recomputes only what a patch can change: it starts at the first patched layer
 from the cached unpatched run, tracks the positions whose residual differs from that run (keys and
 values are recomputed only there; under causal attention only later queries can change), computes
 the last layer only at the positions the metric reads, shares the unchanged keys and values of all
