@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ MODULES = [
     "probekit.tasks.multiplication",
     "probekit.model",
     "probekit.train",
+    "probekit.forward",
     "probekit.evaluate",
     "probekit.results",
     "probekit.io",
@@ -44,7 +46,9 @@ def _public(mod) -> list[tuple[str, object]]:
             continue
         if not (inspect.isfunction(obj) or inspect.isclass(obj)):
             continue
-        if getattr(obj, "__module__", None) != mod.__name__:
+        home = getattr(obj, "__module__", None) or ""
+        in_package = names is not None and hasattr(mod, "__path__") and home.startswith(mod.__name__ + ".")
+        if home != mod.__name__ and not in_package:  # a package documents what its __all__ re-exports
             continue
         items.append((name, obj))
     return items
@@ -52,7 +56,7 @@ def _public(mod) -> list[tuple[str, object]]:
 
 def _sig(obj) -> str:
     try:
-        return str(inspect.signature(obj))
+        return re.sub(r" at 0x[0-9a-f]+>", ">", str(inspect.signature(obj)))  # default functions: no addresses
     except (TypeError, ValueError):
         return "(...)"
 

@@ -64,53 +64,19 @@ def greedy_decode(model, batch: Batch, max_batch: int = 512, use_cache: bool | N
 
 
 def _cached_decode(model, toks: torch.Tensor, answer_mask: torch.Tensor) -> None:
-    """In-place greedy decoding of ``toks`` with a key/value cache on probekit's native module."""
-    native = model.original_model
-    temperature = model.probekit_config.length_temperature == "log"
+    """In-place greedy decoding of ``toks`` with a key/value cache (`probekit.forward.decode_step`)."""
+    from probekit.forward import KVCache, decode_step, native
+
+    nat = native(model)
+    cache = KVCache.empty(len(nat.layers))
     first = int(torch.nonzero(answer_mask).flatten()[0])
     T = toks.shape[1]
-    n = toks.shape[0]
-    caches: list[tuple[list, list]] = [([], []) for _ in native.layers]
-
-    def step(tok: torch.Tensor, t0: int) -> torch.Tensor:
-        """Feed tokens ``tok`` [n, s] at positions t0..t0+s-1; return logits of the last one."""
-        s = tok.shape[1]
-        pos = torch.arange(t0, t0 + s, device=tok.device)
-        h = native.tok_embed(tok)
-        if native.pos is not None:
-            h = h + native.pos(pos)[None]
-        for layer, (ks, vs) in zip(native.layers, caches, strict=True):
-            attn = layer.attn
-            x = layer.ln1(h)
-            q = attn.q(x).view(n, s, attn.n_heads, attn.d_head).transpose(1, 2)  # batch head pos d_head
-            k = attn.k(x).view(n, s, attn.n_kv_heads, attn.d_head).transpose(1, 2)
-            v = attn.v(x).view(n, s, attn.n_kv_heads, attn.d_head).transpose(1, 2)
-            if attn.rotary is not None:
-                q, k = attn.rotary.apply_rope(q, k, position_ids=pos[None].expand(n, -1))
-            ks.append(k)
-            vs.append(v)
-            K = torch.cat(ks, dim=2)  # batch head key_pos d_head
-            V = torch.cat(vs, dim=2)
-            if attn.kv_repeats > 1:
-                K = K.repeat_interleave(attn.kv_repeats, dim=1)
-                V = V.repeat_interleave(attn.kv_repeats, dim=1)
-            scores = q @ K.transpose(-2, -1) / attn.scale  # batch head pos key_pos
-            if temperature:
-                scores = scores * torch.log(pos.to(scores.dtype) + 2.0)[:, None]
-            key_pos = torch.arange(K.shape[2], device=tok.device)
-            scores = scores.masked_fill(key_pos[None, :] > pos[:, None], float("-inf"))
-            z = (torch.softmax(scores, dim=-1) @ V).transpose(1, 2).reshape(n, s, -1)
-            h = h + attn.o(z)
-            if not layer.cfg.attn_only:
-                h = h + layer.mlp(layer.ln2(h))
-        return native.head(native.ln_out(h[:, -1]))
-
-    logits = step(toks[:, :first], 0)
+    logits = decode_step(nat, toks[:, :first], cache)
     for t in range(first, T):
         if answer_mask[t]:
             toks[:, t] = logits.argmax(-1)
         if t + 1 < T:
-            logits = step(toks[:, t:t + 1], t)
+            logits = decode_step(nat, toks[:, t:t + 1], cache)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from probekit.checks import bounds, check_fields
 from probekit.io import atomic_write, ensure_empty_dir, write_json
@@ -115,26 +114,6 @@ def _checked_fields(cls, d: Any, what: str) -> dict:
 # ---------------------------------------------------------------------------- building
 
 
-def _tempered_attention_forward(self, hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
-    """NativeAttention.forward with scores of query t multiplied by ln(t + 2) (causal, no padding)."""
-    batch, seq, _ = hidden_states.shape
-    q = self.q(hidden_states).view(batch, seq, self.n_heads, self.d_head).transpose(1, 2)  # batch head pos d_head
-    k = self.k(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
-    v = self.v(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
-    if self.rotary is not None:
-        q, k = self.rotary.apply_rope(q, k, position_ids=position_ids)
-    scores = torch.matmul(q, k.transpose(-2, -1)) / self.scale  # batch head q_pos k_pos
-    temp = torch.log(torch.arange(seq, device=scores.device, dtype=scores.dtype) + 2.0)
-    scores = scores * temp[:, None]
-    mask = self.causal_mask[:seq, :seq]
-    scores = scores.masked_fill(mask, float("-inf"))
-    pattern = F.softmax(scores, dim=-1).masked_fill(mask, 0.0)
-    if pattern_fn is not None:
-        pattern = pattern_fn(pattern)
-    attn = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)  # batch pos (head d_head)
-    return self.o(attn), pattern
-
-
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """A fresh TransformerBridge for ``cfg`` (deterministic given ``cfg.seed``), in eval mode."""
     from transformer_lens.config import TransformerBridgeConfig
@@ -153,9 +132,12 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
         with torch.no_grad():
             native.pos.weight.zero_()
         native.pos.weight.requires_grad_(False)
-    if cfg.length_temperature == "log":
-        for block in native.layers:
-            block.attn.forward = _tempered_attention_forward.__get__(block.attn)
+    if cfg.length_temperature == "log":  # the bridge's own forward runs probekit's tempered attention
+        from probekit.forward import attention_forward
+
+        for block in model.blocks:
+            attn = block.attn.original_component
+            attn.forward = attention_forward.__get__(attn)
     model.probekit_config = cfg
     model.eval()
     return model

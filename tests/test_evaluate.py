@@ -78,7 +78,7 @@ def test_cached_decoding_equals_full_forward(positional, temperature):
     task = SortingTask(n_values=12)
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64, d_vocab=task.d_vocab, positional=positional,
                       length_temperature=temperature, seed=1)
-    model = train(cfg, task, TrainConfig(steps=60, batch_size=32, lengths=(2, 6), lr=3e-3,
+    model = train(cfg, task, TrainConfig(steps=60, batch_size=32, lengths=(2, 6), lr=3e-3, warmup_steps=10,
                                          objectives={"sort": 1, "successor": 1}), progress=False)
     for objective in ("sort", "successor"):
         b = task.with_objective(objective).sample(24, length=9, seed=2)
@@ -86,6 +86,30 @@ def test_cached_decoding_equals_full_forward(positional, temperature):
         slow = greedy_decode(model, b, use_cache=False)
         assert torch.equal(fast, slow)
         assert not torch.equal(fast[b.answer_mask], b.tokens[b.answer_mask])  # a 60-step model makes mistakes
+
+
+@pytest.mark.parametrize("arch", [dict(normalization="RMS", positional="rotary"), dict(attn_only=True),
+                                  dict(d_head=12, n_heads=3, act_fn="gelu", positional="learned"),
+                                  dict(n_layers=3, normalization="LNPre", length_temperature="log")])
+@pytest.mark.parametrize("task_name", ["sort", "mult"])
+def test_cached_decoding_equals_full_forward_on_random_architectures(arch, task_name):
+    """Random weights (decisive logits), so every answer token is decoded from earlier decoded ones."""
+    from probekit.model import ModelConfig, build_model
+    from probekit.tasks import SortingTask
+
+    task = SortingTask(n_values=12) if task_name == "sort" else MultiplicationTask(digits=2)
+    model = build_model(ModelConfig(**(dict(n_layers=2, d_model=32, n_heads=4, n_ctx=40, d_vocab=task.d_vocab,
+                                            seed=2) | arch)))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.1))
+    b = task.sample(12, length=8, seed=4) if task_name == "sort" else task.sample(12, seed=4)
+    fast = greedy_decode(model, b, use_cache=True, max_batch=5)
+    slow = greedy_decode(model, b, use_cache=False)
+    assert torch.equal(fast, slow)
+    assert not torch.equal(fast[b.answer_mask], b.tokens[b.answer_mask])  # random weights: decoded, not copied
 
 
 class _RepeatPrevious(torch.nn.Module):

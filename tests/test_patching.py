@@ -227,9 +227,9 @@ def test_native_engine_matches_the_bridge_on_every_variant(cfg):
     read = P.answer_layout(pair.clean)
     with torch.no_grad():
         want = model(pair.clean.tokens)[:, read]
-    torch.testing.assert_close(P._Native(model).run(pair.clean.tokens, read).logits, want, **TOL)
-    sites = ["z", "resid_pre", "v"] + ([] if cfg.get("length_temperature") else ["pattern"])
-    for site in sites:  # the tempered forward bypasses the bridge's hook_pattern
+    torch.testing.assert_close(P.NativeEngine(model).run(pair.clean.tokens, read).logits, want, **TOL)
+    sites = ["z", "resid_pre", "v", "pattern"]
+    for site in sites:  # the tempered forward runs the bridge's hook_pattern too
         a = P.sweep(model, pair, site, metric="prob", normalize=False, engine="native").values
         b = P.sweep(model, pair, site, metric="prob", normalize=False, engine="hooks").values
         torch.testing.assert_close(a, b, **TOL)
