@@ -307,7 +307,7 @@ def test_corrupted_probe_files(saved, tmp_path):
     meta = json.loads((bad / "probe.json").read_text())
     meta["d"] = 16
     (bad / "probe.json").write_text(json.dumps(meta))
-    with pytest.raises(ProbekitError, match="tensor 'weight'"):
+    with pytest.raises(ProbekitError, match="tensor 'W'"):
         Probe.load(bad)
     with pytest.raises(ProbekitError, match="not empty"):
         Probe.save(Probe.load(folder), folder)
