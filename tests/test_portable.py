@@ -216,3 +216,27 @@ def test_evaluate_batch_without_a_task(gpt2):
     long_mask[:, 30:] = True
     with pytest.raises(ProbekitError, match="n_ctx is 32"):
         evaluate_batch(bridge, Batch.from_tokens(torch.ones(2, 40, dtype=torch.long), long_mask))
+
+
+def test_bring_your_own_lines(gpt2, tmp_path):
+    """The lines of docs/bring_your_own.md, on the GPT-2 bridge: a probe and a patching sweep on custom data."""
+    from probekit.corruptions import make_pair
+    from probekit.patching import sweep
+
+    model, _ = gpt2
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 50, (200, 6)).repeat(1, 2)  # a list, then the list again
+    answer = torch.zeros_like(tokens, dtype=torch.bool)
+    answer[:, 6:] = True  # the copy is the answer
+    batch = Batch.from_tokens(tokens, answer, {"token": tokens, "value": tokens / 49.0})
+    probe = fit_probe(model, batch, "token", "blocks.1.hook_resid_post")
+    assert probe.score(model, batch).value > 0.9
+    assert fit_probe(model, batch, "value", "blocks.1.hook_resid_post").kind == "ridge"
+    probe.save(tmp_path / "my_probe")
+    bad = tokens.clone()
+    bad[:, 0] = bad[:, 6] = bad[:, 0] % 49 + 1  # another first element, and its copy
+    res = sweep(model, make_pair(batch, Batch.from_tokens(bad, answer)), "resid_pre")
+    assert res.axes == ("layer", "pos") and tuple(res.values.shape) == (2, 12)
+    # layer 0, before any mixing: only the changed positions carry the difference
+    assert float(res.values[0, 0]) == pytest.approx(1.0, abs=1e-4)
+    assert res.values[0, 1:6].abs().max() < 1e-4
