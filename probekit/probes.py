@@ -29,6 +29,26 @@ Controls reported with every sweep (same shape as the values, columns of ``to_fr
   from the train label distribution; ``selectivity = value - control``;
 - ``random_model``: the same probe on a randomly initialised model of the same config;
 - ``majority``: the constant predictor (most frequent train class; for ridge the train mean).
+
+Fingerprints: every fitted probe records `model_fingerprint` of its model in ``meta["fingerprint"]``:
+``arch`` (hash of the shape-defining ``model.cfg`` fields), ``config_hash`` (probekit's `ModelConfig.hash`,
+None for other bridges) and ``weights`` (hash of the parameters upstream of the probe's hook). Applying
+the probe to a model (`Probe.load(folder, model=...)`, ``score``, ``collect``, ``intervene``) refuses
+another architecture in one line naming both fingerprints and warns (`ProbeModelWarning`) on other weights.
+
+Export format (format_version 2; `Probe.save`), a folder readable with ``json`` + ``safetensors`` alone:
+
+- ``probe.json``: ``format`` ("probekit-probe"), ``format_version``, ``probekit_version``, ``hook`` (a
+  TransformerLens hook name), ``feature``, ``kind`` (``logistic`` | ``ridge``), ``classes`` (the class value
+  of each output, logistic; null for ridge), ``d``, ``n_out`` (k), ``act_shape`` (the hook's per-position
+  shape, flattened to d), ``normalisation`` (null, or the names of the mean/std tensors), ``fingerprint``,
+  ``position_rule``, ``slot``, ``temperature``, ``meta`` (training data, scores), ``weights_sha256``;
+- ``probe.safetensors``: ``W [k, d]``, ``b [k]``, ``mean [d]`` (mean training activation), ``class_means
+  [k, d]`` (logistic), and ``norm_mean [d]`` / ``norm_std [d]`` when ``normalisation`` names them.
+
+``logits = ((x - norm_mean) / norm_std) @ W.T + b`` (without normalisation: ``x @ W.T + b``) for x the hook's
+activation flattened to d; the prediction is ``classes[argmax(logits)]`` or, for ridge, ``logits[..., 0]``.
+Folders of format 1 (``weight [d, k]``, ``bias``) still load. See docs/probes.md.
 """
 
 from __future__ import annotations
