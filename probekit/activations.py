@@ -12,7 +12,7 @@ positions, input element k when they are the input positions).
 
 Positions are chosen by a rule:
 
-- ``"feature"``: where the feature is defined (``feature != -1``);
+- ``"feature"``: where the feature is defined (not -1; not NaN for a float feature);
 - ``"pred"``: ``batch.pred_mask`` (positions whose logits predict an answer token);
 - ``"answer"``: ``batch.answer_mask``; ``"all"``: every position;
 - or a boolean mask ``[batch, pos]``.
@@ -104,7 +104,7 @@ def resolve_hooks(model, hooks: str | Sequence[str]) -> list[str]:
 
 def position_mask(batch: Batch, positions: str | Tensor = "feature",
                   feature: str | None = None) -> Bool[Tensor, "batch pos"]:
-    """The positions to read: a rule (see the module docstring) or a mask, restricted to where ``feature`` != -1."""
+    """The positions to read: a rule (see the module docstring) or a mask, restricted to where ``feature`` is defined."""
     if isinstance(positions, Tensor):
         mask = positions.to(torch.bool).cpu()
         if mask.shape != batch.tokens.shape:
@@ -122,7 +122,7 @@ def position_mask(batch: Batch, positions: str | Tensor = "feature",
     else:
         raise ProbekitError(f"unknown position rule {positions!r}; expected one of {list(POSITION_RULES)} or a bool mask")
     if feature is not None:
-        mask = mask & (batch.feature(feature) != -1)
+        mask = mask & batch.defined(feature)
     if not mask.any():
         rule = "mask" if isinstance(positions, Tensor) else repr(positions)
         what = f" where feature {feature!r} is defined" if feature is not None else ""

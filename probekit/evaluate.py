@@ -184,6 +184,47 @@ def evaluate(model, task: Task, lengths: list[int] | tuple[int, ...], n: int = 5
     return res
 
 
+def evaluate_batch(model, batch: Batch, max_batch: int = 512, name: str | None = None) -> EvalResult:
+    """Greedy decoding of the answer positions of a batch, without a task: one record, scored on the mask.
+
+    For the user's own data (`Batch.from_tokens`): each True position of ``batch.answer_mask`` is decoded
+    from the model's argmax given everything before it (the prompt and the answers it already wrote), and
+    compared with ``batch.tokens``. Rows may have different answer layouts (decoded one layout at a time);
+    then ``per_position`` is omitted and ``exact_match`` counts the rows that have an answer.
+    """
+    mask = batch.answer_mask
+    has = mask.any(1)
+    if not has.any():
+        raise ProbekitError("batch has no answer position (answer_mask is all False); expected tokens to decode")
+    if batch.seq_len > model.cfg.n_ctx:
+        raise ProbekitError(f"batch sequences have {batch.seq_len} tokens but the model's n_ctx is {model.cfg.n_ctx}")
+    if int(batch.tokens.max()) >= model.cfg.d_vocab:
+        raise ProbekitError(f"batch has token id {int(batch.tokens.max())} but the model's d_vocab is {model.cfg.d_vocab}")
+    layouts, group = torch.unique(mask, dim=0, return_inverse=True)
+    pred = batch.tokens.clone()
+    was_training = model.training
+    model.eval()
+    try:
+        for g in range(len(layouts)):
+            idx = torch.nonzero(group == g).flatten()
+            if layouts[g].any():
+                pred[idx] = greedy_decode(model, batch.select(idx), max_batch=max_batch)
+    finally:
+        model.train(was_training)
+    if len(layouts) == 1:
+        rec = score(batch, pred)
+    else:
+        exact = ((pred == batch.tokens) | ~mask).all(1)[has]
+        k = int(exact.sum())
+        rec = {"length": batch.length, "objective": batch.objective, "n": int(has.sum()),
+               "exact_match": k / len(exact), "exact_match_ci95": list(wilson(k, len(exact))),
+               "token_acc": float((pred[mask] == batch.tokens[mask]).float().mean())}
+    task = {"name": batch.task, "objective": batch.objective, "source": "batch"}
+    return EvalResult(model=name or getattr(model, "probekit_name", None) or str(getattr(model.cfg, "model_name", "model")),
+                      task=task, seed=batch.meta.get("seed") if isinstance(batch.meta.get("seed"), int) else None,
+                      records=[rec])
+
+
 SORT_ERROR_KINDS = ("extra_copy", "dropped_copy", "wrong_value")
 
 

@@ -29,6 +29,26 @@ Controls reported with every sweep (same shape as the values, columns of ``to_fr
   from the train label distribution; ``selectivity = value - control``;
 - ``random_model``: the same probe on a randomly initialised model of the same config;
 - ``majority``: the constant predictor (most frequent train class; for ridge the train mean).
+
+Fingerprints: every fitted probe records `model_fingerprint` of its model in ``meta["fingerprint"]``:
+``arch`` (hash of the shape-defining ``model.cfg`` fields), ``config_hash`` (probekit's `ModelConfig.hash`,
+None for other bridges) and ``weights`` (hash of the parameters upstream of the probe's hook). Applying
+the probe to a model (`Probe.load(folder, model=...)`, ``score``, ``collect``, ``intervene``) refuses
+another architecture in one line naming both fingerprints and warns (`ProbeModelWarning`) on other weights.
+
+Export format (format_version 2; `Probe.save`), a folder readable with ``json`` + ``safetensors`` alone:
+
+- ``probe.json``: ``format`` ("probekit-probe"), ``format_version``, ``probekit_version``, ``hook`` (a
+  TransformerLens hook name), ``feature``, ``kind`` (``logistic`` | ``ridge``), ``classes`` (the class value
+  of each output, logistic; null for ridge), ``d``, ``n_out`` (k), ``act_shape`` (the hook's per-position
+  shape, flattened to d), ``normalisation`` (null, or the names of the mean/std tensors), ``fingerprint``,
+  ``position_rule``, ``slot``, ``temperature``, ``meta`` (training data, scores), ``weights_sha256``;
+- ``probe.safetensors``: ``W [k, d]``, ``b [k]``, ``mean [d]`` (mean training activation), ``class_means
+  [k, d]`` (logistic), and ``norm_mean [d]`` / ``norm_std [d]`` when ``normalisation`` names them.
+
+``logits = ((x - norm_mean) / norm_std) @ W.T + b`` (without normalisation: ``x @ W.T + b``) for x the hook's
+activation flattened to d; the prediction is ``classes[argmax(logits)]`` or, for ridge, ``logits[..., 0]``.
+Folders of format 1 (``weight [d, k]``, ``bias``) still load. See docs/probes.md.
 """
 
 from __future__ import annotations
@@ -37,6 +57,8 @@ import contextlib
 import hashlib
 import json
 import math
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -53,17 +75,22 @@ from probekit.tasks import Batch, ProbekitError
 NUMERIC_FEATURES = ("column_sum",)
 CONTROLS = ("shuffle", "control_task", "random_model")
 FORMAT = "probekit-probe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "probe.safetensors"
 META_FILE = "probe.json"
 
 
-def probe_kind(feature: str, kind: str = "auto") -> str:
-    """``logistic`` or ``ridge``: ``auto`` picks ridge for numeric features (``column_sum``)."""
+def probe_kind(feature: str, kind: str = "auto", values: Tensor | None = None) -> str:
+    """``logistic`` or ``ridge``: ``auto`` picks ridge for numeric features (``column_sum``, or any float
+    feature when ``values`` is given, e.g. one built by `Batch.from_tokens`); float values refuse ``logistic``."""
+    is_float = values is not None and torch.as_tensor(values).is_floating_point()
     if kind == "auto":
-        return "ridge" if feature in NUMERIC_FEATURES else "logistic"
+        return "ridge" if feature in NUMERIC_FEATURES or is_float else "logistic"
     if kind not in ("logistic", "ridge"):
         raise ProbekitError(f"unknown probe kind {kind!r}; expected 'auto', 'logistic' or 'ridge'")
+    if kind == "logistic" and is_float:
+        raise ProbekitError(f"feature {feature!r} holds float values; a logistic probe needs integer classes "
+                            f"(use kind='ridge' or 'auto')")
     return kind
 
 
@@ -189,6 +216,85 @@ def expected_calibration_error(probs: Float[Tensor, "row k"], correct: Tensor, b
     return total
 
 
+# ---------------------------------------------------------------------------- model fingerprints
+
+# model.cfg fields that fix the shapes (and the meaning) of the activations a probe reads
+ARCH_FIELDS = ("architecture", "d_model", "n_layers", "n_heads", "d_head", "d_mlp", "n_key_value_heads",
+               "d_vocab", "n_ctx", "act_fn", "normalization_type", "positional_embedding_type", "attn_only")
+_BLOCK_PARAM = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)\.")
+_SAMPLE = 1 << 16  # values hashed per parameter tensor (all of them when it has fewer)
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def arch_fields(model) -> dict:
+    """The ``model.cfg`` fields of `ARCH_FIELDS` (None where the config has no such field)."""
+    out = {}
+    for f in ARCH_FIELDS:
+        v = getattr(model.cfg, f, None)
+        out[f] = v if isinstance(v, bool | int | float | str) or v is None else str(v)
+    return out
+
+
+def _scoped_params(model, hook: str | None) -> tuple[list[Tensor], str]:
+    """The parameters upstream of ``hook`` (all of them for None or a hook after the blocks), and their scope.
+
+    Parameters outside any block that come before the first block (embeddings) are always upstream;
+    ``blocks.{L}.hook_resid_pre`` reads blocks ``< L``, any other hook of block L blocks ``<= L``.
+    """
+    named = list(model.named_parameters())
+    layers = [(_BLOCK_PARAM.search(n), p) for n, p in named]
+    first = next((i for i, (m, _) in enumerate(layers) if m), len(layers))
+    L = hook_layer(hook) if hook else None
+    if hook and L is None and (hook in ("hook_embed", "hook_pos_embed") or hook.startswith(("embed.", "pos_embed."))):
+        return [p for _, p in named[:first]], "embeddings"
+    if L is None:
+        return [p for _, p in named], "all parameters"
+    last = L - 1 if hook_kind(hook) == "hook_resid_pre" else L
+    keep = [p for i, (m, p) in enumerate(layers) if i < first or (m and int(m.group(1)) <= last)]
+    return keep, f"embeddings + blocks 0..{last}" if last >= 0 else "embeddings"
+
+
+def _weights_hash(params: Sequence[Tensor]) -> str:
+    """sha256 of each tensor's shape, dtype and (for large tensors) an evenly strided sample of its values."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for p in params:
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLE)
+            h.update(f"{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[::step].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model, hook: str | None = None) -> dict:
+    """What a probe remembers of the model it was fitted on.
+
+    ``arch``: hash of the shape-defining ``model.cfg`` fields (`ARCH_FIELDS`, listed in ``arch_fields``);
+    ``config_hash``: probekit's `ModelConfig.hash` (None for other bridges); ``weights``: hash of the
+    parameters upstream of ``hook`` (``weights_scope``), from a strided sample of each tensor (cheap on large
+    models; any retraining changes it, a change confined to unsampled entries may not).
+    """
+    fields = arch_fields(model)
+    cfg = getattr(model, "probekit_config", None)
+    params, scope = _scoped_params(model, hook)
+    return {"arch": _short_hash(fields), "arch_fields": fields,
+            "config_hash": cfg.hash() if cfg is not None and hasattr(cfg, "hash") else None,
+            "weights": _weights_hash(params), "weights_scope": scope}
+
+
+def _fp_line(fp: dict) -> str:
+    f = fp.get("arch_fields", {})
+    shape = ", ".join(f"{k}={f[k]}" for k in ("architecture", "d_model", "n_layers", "n_heads", "d_mlp") if k in f)
+    return f"arch={fp.get('arch')} ({shape}), weights={fp.get('weights')}"
+
+
+class ProbeModelWarning(UserWarning):
+    """A probe applied to a model of the same architecture whose weights (or probekit config) differ."""
+
+
 # ---------------------------------------------------------------------------- the probe
 
 
@@ -196,7 +302,9 @@ def expected_calibration_error(probs: Float[Tensor, "row k"], correct: Tensor, b
 class Probe:
     """A fitted linear probe on one hook. Apply it to activations, a batch, or edit a forward pass with it.
 
-    ``weight [d, k]`` and ``bias [k]`` act on the hook's activation flattened to ``d``; logits = x @ W + b.
+    ``weight [d, k]`` and ``bias [k]`` act on the hook's activation flattened to ``d``; logits = x @ W + b,
+    where x is first standardised as ``(x - norm_mean) / norm_std`` when those are set (probes imported
+    from elsewhere; probekit's own fits fold any scaling into ``weight``).
     """
 
     hook: str
@@ -212,11 +320,38 @@ class Probe:
     slot: int | None = None  # None: every selected position; k: only the k-th selected position of each example
     temperature: float = 1.0
     meta: dict = field(default_factory=dict)
+    norm_mean: Float[Tensor, " d"] | None = None
+    norm_std: Float[Tensor, " d"] | None = None
 
     def __post_init__(self):
         self.act_shape = tuple(int(s) for s in self.act_shape) or (int(self.weight.shape[0]),)
         if math.prod(self.act_shape) != self.weight.shape[0]:
             raise ProbekitError(f"probe act_shape {self.act_shape} does not match weight of shape {tuple(self.weight.shape)}")
+        if (self.norm_mean is None) != (self.norm_std is None):
+            raise ProbekitError("probe normalisation needs both norm_mean and norm_std, or neither")
+
+    def folded(self) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
+        """``(W, b)`` acting on raw activations: the normalisation (if any) folded into the weights."""
+        if self.norm_mean is None:
+            return self.weight, self.bias
+        W = self.weight / self.norm_std.to(self.weight)[:, None]
+        return W, self.bias - self.norm_mean.to(W) @ W
+
+    def as_module(self) -> torch.nn.Module:
+        """A plain ``torch.nn.Linear`` (behind an ``nn.Flatten`` for multi-dim hooks such as ``hook_z``) that
+        maps activations at this probe's hook ``[..., *act_shape]`` to `logits` ``[..., k]`` (ridge: k = 1).
+
+        The normalisation, if any, is folded into the Linear; the temperature is not applied (as in `logits`).
+        """
+        W, b = self.folded()
+        lin = torch.nn.Linear(self.d, int(W.shape[1]))
+        with torch.no_grad():
+            lin.weight.copy_(W.T.float())
+            lin.bias.copy_(b.float())
+        lin.requires_grad_(False)
+        if len(self.act_shape) == 1:
+            return lin.eval()
+        return torch.nn.Sequential(torch.nn.Flatten(-len(self.act_shape)), lin).eval()
 
     @property
     def d(self) -> int:
@@ -243,7 +378,8 @@ class Probe:
     def logits(self, acts) -> Float[Tensor, "row k"]:
         """Raw scores (before temperature) for activations ``[..., d]`` or ``[..., *act_shape]``."""
         x = self._flat(acts)
-        return x @ self.weight.to(x.device) + self.bias.to(x.device)
+        W, b = self.folded()
+        return x @ W.to(x.device) + b.to(x.device)
 
     def predict(self, acts) -> Tensor:
         """Predicted class values (logistic) or predicted feature values (ridge)."""
@@ -299,7 +435,7 @@ class Probe:
         self.check_model(model)
         acts = collect(model, batch, [self.hook], feature=self.feature, positions=self.position_rule,
                        chunk_size=chunk_size, device=device)
-        self.check_model(model, acts.shapes[self.hook])
+        self._check_shape(acts.shapes[self.hook])
         if self.slot is not None:
             keep = acts.slot == self.slot
             if not keep.any():
@@ -340,7 +476,7 @@ class Probe:
     # ------------------------------------------------------------ causal use
     def basis(self) -> Float[Tensor, "d r"]:
         """Orthonormal basis of the directions the probe reads (class weights minus their mean; ridge: w)."""
-        W = self.weight.double()
+        W = self.folded()[0].double()
         if self.kind == "logistic":
             W = W - W.mean(1, keepdim=True)
         U, S, _ = torch.linalg.svd(W, full_matrices=False)
@@ -372,17 +508,21 @@ class Probe:
                 cm = self.class_means[self.classes.index(int(value))].float().to(dev)
                 target = scale * ((cm - mu) @ Q) @ Q.T
             else:
-                w = self.weight[:, 0].float().to(dev)
-                r_mu = float(mu @ w + self.bias[0])
+                Wf, bf = self.folded()
+                w = Wf[:, 0].float().to(dev)
+                r_mu = float(mu @ w + bf[0].to(dev))
                 target = (float(value) - r_mu) * w / (w @ w).clamp_min(1e-12)
         return _intervention(model, self.hook, Q, mu, target, positions, self.act_shape)
 
     # ------------------------------------------------------------ compatibility, save / load
-    def check_model(self, model, shape: tuple[int, ...] | None = None) -> None:
-        """Refuse a model whose residual size or hook layout differs from the one this probe was fitted on.
+    def check_model(self, model, shape: tuple[int, ...] | None = None, read_shape: bool = False) -> None:
+        """Refuse a model this probe cannot read; warn when it reads one with other weights.
 
-        ``shape``: the hook's per-position activation shape, when known (`Probe.load` gets it from a one-token
-        forward; `collect` and `intervene` check the activations they see).
+        Refused (`ProbekitError`, one line): another ``d_model``, a missing hook, another hook layout
+        (``shape``: the hook's per-position shape, or ``read_shape`` to get it from a one-token forward),
+        another architecture (the ``arch`` of `model_fingerprint`, naming both fingerprints). Warned
+        (`ProbeModelWarning`): same architecture, other weights upstream of the hook or another probekit
+        config. Probes saved before fingerprints existed are checked on d_model and layout only.
         """
         d_model = self.meta.get("d_model")
         if d_model is not None and int(model.cfg.d_model) != int(d_model):
@@ -393,83 +533,133 @@ class Probe:
 
             raise ProbekitError(f"probe hook {self.hook!r} does not exist in this model "
                                 f"({model.cfg.n_layers} layers); hooks: {valid_hook_names(model)[:12]}...")
-        if shape is not None and tuple(shape) != self.act_shape:
+        if read_shape:
+            shape = hook_shape(model, self.hook)
+        if shape is not None:
+            self._check_shape(shape)
+        self._check_fingerprint(model)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != self.act_shape:
             raise ProbekitError(f"hook layout differs: probe expects {self.hook} of shape {list(self.act_shape)} "
                                 f"per position, this model gives {list(shape)}")
 
+    def _check_fingerprint(self, model) -> None:
+        fp = self.meta.get("fingerprint")
+        if not fp:
+            return
+        now = model_fingerprint(model, self.hook)
+        if fp.get("arch") != now["arch"]:
+            raise ProbekitError(f"probe was fitted on another architecture: probe {_fp_line(fp)}; "
+                                f"this model {_fp_line(now)}")
+        old_cfg, new_cfg = fp.get("config_hash"), now["config_hash"]
+        if old_cfg is not None and new_cfg is not None and old_cfg != new_cfg:
+            warnings.warn(f"probe {self.hook} was fitted on probekit config {old_cfg}; this model has config "
+                          f"{new_cfg} (same architecture {now['arch']})", ProbeModelWarning, stacklevel=3)
+        elif fp.get("weights") != now["weights"]:
+            warnings.warn(f"probe {self.hook} was fitted on other weights ({fp.get('weights_scope')}: "
+                          f"{fp.get('weights')}; this model {now['weights']}), same architecture {now['arch']}",
+                          ProbeModelWarning, stacklevel=3)
+
     def to_meta(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "hook": self.hook, "feature": self.feature,
-                "kind": self.kind, "classes": self.classes, "act_shape": list(self.act_shape),
+        """The ``probe.json`` record (see the module docstring); ``weights_sha256`` is added by `save`."""
+        from probekit import __version__
+
+        norm = {"mean": "norm_mean", "std": "norm_std"} if self.norm_mean is not None else None
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "probekit_version": __version__,
+                "hook": self.hook, "feature": self.feature, "kind": self.kind, "classes": self.classes,
+                "d": self.d, "n_out": int(self.weight.shape[1]), "act_shape": list(self.act_shape),
+                "normalisation": norm, "fingerprint": self.meta.get("fingerprint"),
                 "position_rule": self.position_rule, "slot": self.slot, "temperature": self.temperature,
-                "d": self.d, "n_out": int(self.weight.shape[1]), "meta": self.meta}
+                "meta": self.meta}
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The ``probe.safetensors`` tensors: ``W [k, d]``, ``b [k]``, ``mean [d]``, ``class_means [k, d]``,
+        ``norm_mean [d]`` and ``norm_std [d]`` (the last three only when set), float32, contiguous."""
+        t = {"W": self.weight.T, "b": self.bias, "mean": self.mean, "class_means": self.class_means,
+             "norm_mean": self.norm_mean, "norm_std": self.norm_std}
+        return {k: v.detach().float().cpu().contiguous() for k, v in t.items() if v is not None}
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """``probe.safetensors`` (weight, bias, mean, class_means) + ``probe.json`` (metadata, scores, sha256)."""
-        from safetensors.torch import save_file
+        """``probe.safetensors`` + ``probe.json`` (metadata, fingerprint, scores, sha256): the export format."""
+        from safetensors.torch import save
 
-        from probekit.io import atomic_write, ensure_empty_dir, write_json
+        from probekit.io import dumps_json, ensure_empty_dir
 
         folder = Path(folder)
         ensure_empty_dir(folder, overwrite=overwrite)
-        tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean}
-        if self.class_means is not None:
-            tensors["class_means"] = self.class_means
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        sha = []
-
-        def write(tmp):
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": self.hook})
-            sha.append(hashlib.sha256(tmp.read_bytes()).hexdigest())
-
-        atomic_write(folder / WEIGHTS_FILE, write)
-        write_json(folder / META_FILE, self.to_meta() | {"weights_sha256": sha[-1]})
+        raw = save(self.tensors(), metadata={"format": FORMAT, "hook": self.hook})
+        meta = self.to_meta() | {"weights_sha256": hashlib.sha256(raw).hexdigest()}
+        _write_files(folder, {WEIGHTS_FILE: raw, META_FILE: dumps_json(meta).encode()})
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, model=None) -> Probe:
-        """Load a saved probe; with ``model``, refuse it unless d_model and the hook's layout match."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        """Load a saved probe (this format or format 1); with ``model``, `check_model` it (refuse or warn)."""
         folder = Path(folder)
-        mpath, wpath = folder / META_FILE, folder / WEIGHTS_FILE
-        for p in (mpath, wpath):
-            if not p.is_file():
-                raise ProbekitError(f"{p} not found; expected a probe folder with {META_FILE} and {WEIGHTS_FILE}")
-        try:
-            meta = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProbekitError(f"{mpath} is not valid JSON ({type(e).__name__}); the probe file is corrupted") from None
-        need = {"format", "hook", "feature", "kind", "classes", "act_shape", "position_rule", "d", "n_out",
-                "weights_sha256"}
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or need - set(meta):
-            missing = sorted(need - set(meta)) if isinstance(meta, dict) else sorted(need)
-            raise ProbekitError(f"{mpath} is not a probekit probe (missing {missing}); expected format {FORMAT!r}")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ProbekitError(f"{mpath} has format_version {meta['format_version']}; this probekit reads <= {FORMAT_VERSION}")
-        raw = wpath.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != meta["weights_sha256"]:
-            raise ProbekitError(f"{wpath} does not match the sha256 recorded in {META_FILE}; the probe file is corrupted or replaced")
-        try:
-            t = load_file(str(wpath))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ProbekitError(f"{wpath} is truncated or corrupted ({str(e).splitlines()[0]})") from None
+        meta, t = _read_probe_files(folder)
+        v1 = int(meta.get("format_version", 1)) < 2
         d, k = int(meta["d"]), int(meta["n_out"])
-        expect = {"weight": (d, k), "bias": (k,), "mean": (d,)}
+        expect = {"weight": (d, k), "bias": (k,), "mean": (d,)} if v1 else {"W": (k, d), "b": (k,)}
         if meta["classes"] is not None:
             expect["class_means"] = (k, d)
+        if not v1 and meta.get("normalisation"):
+            expect |= {"norm_mean": (d,), "norm_std": (d,)}
         for name, shape in expect.items():
             if name not in t or tuple(t[name].shape) != shape:
                 got = tuple(t[name].shape) if name in t else "missing"
-                raise ProbekitError(f"{wpath}: tensor {name!r} is {got}, {META_FILE} implies {shape}")
-        probe = cls(hook=meta["hook"], feature=meta["feature"], kind=meta["kind"], weight=t["weight"], bias=t["bias"],
-                    mean=t["mean"], classes=meta["classes"], class_means=t.get("class_means"),
-                    act_shape=tuple(meta["act_shape"]), position_rule=meta["position_rule"], slot=meta.get("slot"),
-                    temperature=float(meta.get("temperature", 1.0)), meta=meta.get("meta", {}))
+                raise ProbekitError(f"{folder / WEIGHTS_FILE}: tensor {name!r} is {got}, {META_FILE} implies {shape}")
+        weight, bias = (t["weight"], t["bias"]) if v1 else (t["W"].T.contiguous(), t["b"])
+        mean = t.get("mean", t.get("norm_mean", torch.zeros(d)))
+        probe = cls(hook=meta["hook"], feature=meta["feature"], kind=meta["kind"], weight=weight, bias=bias,
+                    mean=mean, classes=meta["classes"], class_means=t.get("class_means"),
+                    act_shape=tuple(meta["act_shape"]), position_rule=meta.get("position_rule", "feature"),
+                    slot=meta.get("slot"), temperature=float(meta.get("temperature", 1.0)),
+                    meta=dict(meta.get("meta") or {}), norm_mean=t.get("norm_mean"), norm_std=t.get("norm_std"))
+        if meta.get("fingerprint") and not probe.meta.get("fingerprint"):
+            probe.meta["fingerprint"] = meta["fingerprint"]
         if model is not None:
-            probe.check_model(model)
-            probe.check_model(model, hook_shape(model, probe.hook))
+            probe.check_model(model, read_shape=True)
         return probe
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Every file a probe folder holds, each written atomically (the one place probes write)."""
+    from probekit.io import write_bytes
+
+    for name, data in files.items():
+        write_bytes(folder / name, data)
+
+
+def _read_probe_files(folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    """``probe.json`` and the tensors of ``probe.safetensors``, checked (format, version, sha256, readable)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    mpath, wpath = folder / META_FILE, folder / WEIGHTS_FILE
+    for p in (mpath, wpath):
+        if not p.is_file():
+            raise ProbekitError(f"{p} not found; expected a probe folder with {META_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProbekitError(f"{mpath} is not valid JSON ({type(e).__name__}); the probe file is corrupted") from None
+    need = {"format", "hook", "feature", "kind", "classes", "act_shape", "d", "n_out"}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or need - set(meta):
+        missing = sorted(need - set(meta)) if isinstance(meta, dict) else sorted(need)
+        raise ProbekitError(f"{mpath} is not a probekit probe (missing {missing}); expected format {FORMAT!r}")
+    version = int(meta.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ProbekitError(f"{mpath} has format_version {version}; this probekit reads <= {FORMAT_VERSION}")
+    raw = wpath.read_bytes()
+    sha = meta.get("weights_sha256")
+    if (sha is None and version < 2) or (sha is not None and hashlib.sha256(raw).hexdigest() != sha):
+        raise ProbekitError(f"{wpath} does not match the sha256 recorded in {META_FILE}; the probe file is corrupted or replaced")
+    try:
+        t = load(raw)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProbekitError(f"{wpath} is truncated or corrupted ({str(e).splitlines()[0]})") from None
+    return meta, t
 
 
 def hook_shape(model, hook: str) -> tuple[int, ...]:
@@ -535,7 +725,8 @@ def _subset(acts: Activations, keep: Tensor) -> Activations:
 
 def _model_meta(model) -> dict:
     cfg = getattr(model, "probekit_config", None)
-    return {"model": getattr(model, "probekit_name", None) or type(model).__name__,
+    name = getattr(model, "probekit_name", None) or getattr(model.cfg, "model_name", None) or type(model).__name__
+    return {"model": str(name),
             "config_hash": cfg.hash() if cfg is not None and hasattr(cfg, "hash") else None,
             "d_model": int(model.cfg.d_model), "n_layers": int(model.cfg.n_layers)}
 
@@ -570,10 +761,10 @@ def _targets(labels: Tensor, kind: str, feature: str) -> _Targets:
         raise ProbekitError(f"feature {feature!r} has a single class ({int(vals[0])}) on the training rows; "
                             f"a classifier needs >= 2 classes (choose other positions, lengths or a larger n)")
     if kind == "ridge" and len(vals) < 2:
-        raise ProbekitError(f"feature {feature!r} is constant ({int(vals[0])}) on the training rows; "
+        raise ProbekitError(f"feature {feature!r} is constant ({vals[0].item()}) on the training rows; "
                             f"a regression needs >= 2 distinct values")
     return _Targets(kind=kind, classes=vals if kind == "logistic" else None, train_mean=float(labels.double().mean()),
-                    majority_class=int(vals[counts.argmax()]))
+                    majority_class=int(vals[counts.argmax()]) if kind == "logistic" else None)
 
 
 def _fit(X: Tensor, Y: Tensor, w: Tensor, tg: _Targets, C: float, alpha: float, max_iter: int):
@@ -616,7 +807,7 @@ def fit_probe(model, batch: Batch, feature: str, hook: str, positions: str | Ten
     names = resolve_hooks(model, [hook])
     if len(names) != 1:
         raise ProbekitError(f"hook {hook!r} names {len(names)} hooks ({names[0]}, ...); give one, e.g. {names[0]!r}")
-    kind = probe_kind(feature, kind)
+    kind = probe_kind(feature, kind, batch.feature(feature))
     acts = collect(model, batch, names, feature=feature, positions=positions, chunk_size=chunk_size, device=device)
     if slot is not None:
         keep = acts.slot == slot
@@ -629,7 +820,8 @@ def fit_probe(model, batch: Batch, feature: str, hook: str, positions: str | Ten
     w = torch.ones(1, X.shape[0])
     W, b = _fit(X[None], y[None, None], w, tg, C, alpha, max_iter)
     meta = _model_meta(model) | {"train": _train_desc(batch, acts), "C": C if kind == "logistic" else None,
-                                 "alpha": alpha if kind == "ridge" else None}
+                                 "alpha": alpha if kind == "ridge" else None,
+                                 "fingerprint": model_fingerprint(model, names[0])}
     probe = _probe_from(names[0], feature, tg, W[0, 0], b[0, 0], X, y, w[0], acts.shapes[names[0]],
                         acts.position_rule, slot, meta)
     probe.meta["scores"] = {"train": probe.score_acts(X, acts.labels).value}
@@ -839,10 +1031,9 @@ def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = 
     bad = sorted(set(controls) - set(CONTROLS))
     if bad:
         raise ProbekitError(f"unknown control(s) {bad}; expected a subset of {list(CONTROLS)}")
-    kind = probe_kind(feature, kind)
+    kind = probe_kind(feature, kind, train.feature(feature))
     names = resolve_hooks(model, hooks)
     ev_batches = _split_labels(evals)
-    train.feature(feature)
     for b in ev_batches.values():
         b.feature(feature)
 
@@ -954,6 +1145,7 @@ def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = 
     # fitted probes (true labels), with their training rows' means for interventions
     y_true = tg.index(tr.labels)
     base_meta = _model_meta(model) | {"train": _train_desc(train, tr), "C": settings["C"], "alpha": settings["alpha"]}
+    fingerprints = {nm: model_fingerprint(model, nm) for nm in names}
     for (nm, pos), (W, b) in fits.items():
         keep = torch.ones(tr.n_rows) if pos == "all" else (tr.slot == int(pos)).float()
         h, L = kinds_.index(hook_kind(nm)), hook_layer(nm)
@@ -962,7 +1154,8 @@ def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = 
         scores = {s: float(values[h, li, p, e]) for e, s in enumerate(splits)}
         sweep.probes[(nm, pos)] = _probe_from(nm, feature, tg, W, b, tr.acts[nm], y_true, keep, tr.shapes[nm],
                                               tr.position_rule, None if pos == "all" else int(pos),
-                                              base_meta | {"train": dict(base_meta["train"]), "scores": scores})
+                                              base_meta | {"train": dict(base_meta["train"]), "scores": scores,
+                                                           "fingerprint": fingerprints[nm]})
     return sweep
 
 

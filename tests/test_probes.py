@@ -307,7 +307,7 @@ def test_corrupted_probe_files(saved, tmp_path):
     meta = json.loads((bad / "probe.json").read_text())
     meta["d"] = 16
     (bad / "probe.json").write_text(json.dumps(meta))
-    with pytest.raises(ProbekitError, match="tensor 'weight'"):
+    with pytest.raises(ProbekitError, match="tensor 'W'"):
         Probe.load(bad)
     with pytest.raises(ProbekitError, match="not empty"):
         Probe.save(Probe.load(folder), folder)
@@ -362,3 +362,193 @@ def test_cli_bad_input_exits_2(model_dir, tmp_path, capsys, change, message):
     assert main(["probe", *[x for kv in args.items() for x in kv]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------- fingerprints, modules, custom data
+
+
+def _native_twin(model, seed=123, same_weights=True):
+    """A TransformerLens bridge built without probekit, of the same shapes (and, optionally, weights)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    c = model.cfg
+    cfg = TransformerBridgeConfig(d_model=c.d_model, d_head=c.d_head, n_layers=c.n_layers, n_ctx=c.n_ctx,
+                                  n_heads=c.n_heads, d_vocab=c.d_vocab, d_mlp=c.d_mlp, act_fn="relu",
+                                  normalization_type="LN", positional_embedding_type="standard", seed=seed)
+    other = TransformerBridge.boot_native(cfg)
+    if same_weights:
+        other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def test_fingerprint_recorded_and_checked(model, saved):
+    from probekit.probes import ProbeModelWarning, model_fingerprint
+
+    probe, folder = saved
+    fp = json.loads((folder / "probe.json").read_text())["fingerprint"]
+    assert fp == model_fingerprint(model, probe.hook) and fp["config_hash"] == model.probekit_config.hash()
+    assert fp["weights_scope"] == "embeddings + blocks 0..1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeModelWarning)
+        Probe.load(folder, model=_native_twin(model))  # same weights, no probekit config: silent
+    with pytest.warns(ProbeModelWarning, match="fitted on other weights"):
+        Probe.load(folder, model=_native_twin(model, same_weights=False))
+    with pytest.warns(ProbeModelWarning, match=f"config {fp['config_hash']}"):
+        probe.score(_model(seed=1), TASK.sample(20, seed=2))
+    wide_ctx = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_vocab=TASK.d_vocab, n_ctx=48,
+                                       positional="learned"))
+    other_fp = model_fingerprint(wide_ctx, probe.hook)
+    with pytest.raises(ProbekitError, match=f"another architecture: probe arch={fp['arch']}.*this model "
+                                            f"arch={other_fp['arch']}") as e:
+        Probe.load(folder, model=wide_ctx)
+    assert "\n" not in str(e.value)
+
+
+def test_fingerprint_covers_only_upstream_weights(model):
+    """Editing block 1 changes the fingerprint of a probe reading block 1, not of one reading resid_pre 1."""
+    from probekit.probes import model_fingerprint
+
+    edited = _model()
+    edited.load_state_dict(model.state_dict())
+    base = {h: model_fingerprint(model, h)["weights"] for h in
+            ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_post", "hook_embed", "blocks.0.hook_resid_post")}
+    block1 = [p for n, p in edited.named_parameters() if "layers.1." in n]
+    assert block1
+    with torch.no_grad():
+        block1[0].add_(0.01)
+    now = {h: model_fingerprint(edited, h)["weights"] for h in base}
+    assert now["blocks.1.hook_resid_pre"] == base["blocks.1.hook_resid_pre"]
+    assert now["blocks.0.hook_resid_post"] == base["blocks.0.hook_resid_post"]
+    assert now["hook_embed"] == base["hook_embed"]
+    assert now["blocks.1.hook_resid_post"] != base["blocks.1.hook_resid_post"]
+
+
+def test_as_module_equals_logits_and_predict(model):
+    batch = TASK.sample(60, seed=0)
+    for hook in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_z"):
+        probe = fit_probe(model, batch, "carry_out", hook)
+        _, cache = model.run_with_cache(batch.tokens, names_filter=[hook])
+        x = cache[hook]  # batch pos *act_shape
+        mod = probe.as_module()
+        assert all(type(m).__module__.startswith("torch.nn") for m in mod.modules())  # plain torch modules
+        out = mod(x)
+        flat = x.reshape(*x.shape[:2], -1)
+        torch.testing.assert_close(out, probe.logits(flat), atol=1e-5, rtol=1e-5)
+        pred = torch.tensor(probe.classes)[out.argmax(-1)]
+        assert torch.equal(pred, probe.predict(flat))
+    # a probe with a normalisation (as imported from elsewhere): folded into the Linear
+    g = torch.Generator().manual_seed(0)
+    d = probe.d
+    normed = replace(probe, norm_mean=torch.randn(d, generator=g), norm_std=torch.rand(d, generator=g) + 0.5)
+    manual = ((flat - normed.norm_mean) / normed.norm_std) @ normed.weight + normed.bias
+    torch.testing.assert_close(normed.as_module()(x), manual, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(normed.logits(flat), manual, atol=1e-4, rtol=1e-4)
+
+
+def test_probe_with_normalisation_round_trips(model, tmp_path):
+    probe = fit_probe(model, TASK.sample(40, seed=0), "carry_out", "blocks.1.hook_resid_post")
+    g = torch.Generator().manual_seed(1)
+    normed = replace(probe, norm_mean=torch.randn(probe.d, generator=g), norm_std=torch.rand(probe.d, generator=g) + 0.5)
+    normed.save(tmp_path / "n")
+    meta = json.loads((tmp_path / "n" / "probe.json").read_text())
+    assert meta["normalisation"] == {"mean": "norm_mean", "std": "norm_std"} and meta["format_version"] == 2
+    back = Probe.load(tmp_path / "n")
+    x = torch.randn(7, probe.d, generator=g)
+    torch.testing.assert_close(back.logits(x), normed.logits(x))
+    with pytest.raises(ProbekitError, match="both norm_mean and norm_std"):
+        replace(probe, norm_mean=torch.zeros(probe.d))
+
+
+def test_format_1_probe_folders_still_load(model, saved, tmp_path):
+    """A folder in the first format (weight [d, k], bias, mean; no fingerprint) loads and predicts the same."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    probe, _ = saved
+    old = tmp_path / "v1"
+    old.mkdir()
+    save_file({"weight": probe.weight.contiguous(), "bias": probe.bias, "mean": probe.mean,
+               "class_means": probe.class_means.contiguous()}, str(old / "probe.safetensors"))
+    meta = {"format": "probekit-probe", "format_version": 1, "hook": probe.hook, "feature": probe.feature,
+            "kind": probe.kind, "classes": probe.classes, "act_shape": list(probe.act_shape),
+            "position_rule": "feature", "slot": None, "temperature": 1.0, "d": probe.d, "n_out": len(probe.classes),
+            "meta": {"d_model": 32, "n_layers": 2}, "weights_sha256":
+            hashlib.sha256((old / "probe.safetensors").read_bytes()).hexdigest()}
+    (old / "probe.json").write_text(json.dumps(meta))
+    back = Probe.load(old, model=_model(seed=5))  # no fingerprint: other weights are not detected, no warning
+    x = torch.randn(5, probe.d)
+    torch.testing.assert_close(back.logits(x), probe.logits(x))
+    meta["format_version"] = 3
+    (old / "probe.json").write_text(json.dumps(meta))
+    with pytest.raises(ProbekitError, match="format_version 3; this probekit reads <= 2"):
+        Probe.load(old)
+
+
+_T = torch.tensor([[1, 2, 3, 4], [2, 3, 4, 1]])
+_M = torch.tensor([[False, False, True, True]] * 2)
+
+
+@pytest.mark.parametrize("tokens,mask,features,message", [
+    (_T[0], _M[0], None, r"tokens have shape \(4,\); expected a non-empty 2-D"),
+    (_T.float(), _M, None, "tokens have dtype torch.float32; expected integer"),
+    (_T - 2, _M, None, r"negative id \(-1\)"),
+    (_T, _M.long(), None, "answer_mask has dtype torch.int64; expected torch.bool"),
+    (_T, _M[:, :3], None, r"answer_mask has shape \(2, 3\); expected the tokens' \(2, 4\)"),
+    (_T, torch.ones(2, 4, dtype=torch.bool), None, "True at position 0"),
+    (_T, _M, [1, 2], "features is a list; expected a dict"),
+    (_T, _M, {"f": torch.zeros(2, 3)}, r"feature 'f' has shape \(2, 3\)"),
+    (_T, _M, {"f": _T - 3}, "integer feature 'f' holds -2; expected values >= 0, or -1"),
+    (_T, _M, {"f": torch.full((2, 4), float("inf"))}, "feature 'f' holds inf"),
+    (_T, _M, {"f": torch.zeros(2, 4, dtype=torch.complex64)}, "feature 'f' has dtype torch.complex64"),
+    (_T, _M, {3: _T}, "feature name 3"),
+    ("abc", _M, None, "tokens is a str; expected a tensor or array"),
+])
+def test_batch_from_tokens_refuses_bad_input(tokens, mask, features, message):
+    from probekit.tasks import Batch
+
+    with pytest.raises(ProbekitError, match=message) as e:
+        Batch.from_tokens(tokens, mask, features)
+    assert "\n" not in str(e.value)
+
+
+def test_batch_from_tokens_defaults():
+
+    from probekit.tasks import Batch
+
+    b = Batch.from_tokens(_T.numpy(), _M, {"flag": _M, "x": _T.double()})
+    assert (b.task, b.objective, b.length, b.prompt_len, b.n, b.seq_len) == ("custom", "custom", 4, 2, 2, 4)
+    assert b.tokens.dtype == torch.long and b.features["flag"].dtype == torch.long
+    assert b.features["x"].dtype == torch.float32 and torch.equal(b.pred_mask[0], torch.tensor([False, True, True, False]))
+    assert Batch.from_tokens(_T, torch.zeros(2, 4, dtype=torch.bool), name="mine").prompt_len == 4
+    assert torch.equal(b.select([1]).tokens, _T[1:])
+
+
+def test_float_feature_ridge_probe_matches_sklearn(model):
+    """A float feature (NaN = undefined, -1.0 a real value) fits a ridge probe equal to scikit-learn's Ridge."""
+    from sklearn.linear_model import Ridge
+
+    from probekit.probes import probe_kind
+    from probekit.tasks import Batch
+
+    src = TASK.sample(120, seed=0)
+    g = torch.Generator().manual_seed(0)
+    value = 0.1 * torch.randn(src.tokens.shape, generator=g) + src.tokens.float() / 4  # readable from the residual
+    value[:, 0] = -1.0
+    value[:, 1] = float("nan")
+    batch = Batch.from_tokens(src.tokens, src.answer_mask, {"value": value})
+    assert probe_kind("value", values=batch.features["value"]) == "ridge"
+    with pytest.raises(ProbekitError, match="holds float values; a logistic probe needs integer classes"):
+        fit_probe(model, batch, "value", "blocks.1.hook_resid_post", kind="logistic")
+    probe = fit_probe(model, batch, "value", "blocks.1.hook_resid_post")
+    acts = collect(model, batch, probe.hook, feature="value")
+    assert acts.n_rows == batch.n * (batch.seq_len - 1)  # every position but the NaN one, -1.0 included
+    assert not torch.isnan(acts.labels).any() and (acts.labels == -1.0).sum() == batch.n
+    ref = Ridge(alpha=1.0).fit(acts.acts[probe.hook].double().numpy(), acts.labels.double().numpy())
+    torch.testing.assert_close(probe.predict(acts), torch.tensor(ref.predict(acts.acts[probe.hook].double().numpy())).float(),
+                               atol=1e-3, rtol=1e-4)
+    assert probe.score_acts(acts, acts.labels).value > 0.5
+    sweep = probe_sweep(model, batch, "value", "resid_post", controls=("shuffle",))
+    assert sweep.settings["kind"] == "ridge"
+    assert float(sweep.values[0, 1, 0, 0]) == pytest.approx(probe.score_acts(acts, acts.labels).value, abs=1e-4)

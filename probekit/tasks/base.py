@@ -11,7 +11,9 @@ variables a correct algorithm computes. Two masks say where the answer is:
   answer token. Features that describe an answer step (the target, the carry into digit k, ...)
   live at these predicting positions, because that is where the model must compute them.
 
-Every feature is a LongTensor ``[batch, pos]`` holding -1 where it is undefined. ``pos_labels`` (optional)
+Every feature is a LongTensor ``[batch, pos]`` holding -1 where it is undefined; a numeric feature made
+for a regression probe (`Batch.from_tokens`) may instead be a float tensor holding NaN where it is
+undefined. ``pos_labels`` (optional)
 names each token position structurally, the same for every row (``x3``, ``|``, ``y0``; see
 `probekit.metrics.position_labels`).
 
@@ -62,6 +64,51 @@ class Batch:
         if self.pos_labels is not None and len(self.pos_labels) != self.tokens.shape[1]:
             raise ProbekitError(f"pos_labels has {len(self.pos_labels)} labels; expected one per position "
                                 f"({self.tokens.shape[1]})")
+
+    @classmethod
+    def from_tokens(cls, tokens, answer_mask, features: dict | None = None, *, name: str = "custom",
+                    objective: str = "custom", length: int | None = None) -> Batch:
+        """A batch of the user's own data: tokens ``[batch, pos]``, a bool answer mask, optional features.
+
+        ``tokens``: 2-D integer ids (>= 0). ``answer_mask``: bool, same shape, True where the token is an
+        answer the model predicts from the logits at ``t - 1`` (so never at position 0); it may be all False
+        when only probes are wanted. ``features``: ``{name: [batch, pos]}``, each either integer (a class per
+        position, -1 = undefined; bool is read as 0/1) or float (a value for a regression probe, NaN =
+        undefined). Defaults: ``task = name``, ``objective``, ``length`` = the sequence length,
+        ``prompt_len`` = the first answer position of any row (the sequence length if there is none).
+        Bad input raises a one-line `ProbekitError`.
+        """
+        tokens = _as_tensor(tokens, "tokens")
+        if tokens.ndim != 2 or tokens.numel() == 0:
+            raise ProbekitError(f"tokens have shape {tuple(tokens.shape)}; expected a non-empty 2-D [batch, pos] tensor")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise ProbekitError(f"tokens have dtype {tokens.dtype}; expected integer token ids (torch.long)")
+        if int(tokens.min()) < 0:
+            raise ProbekitError(f"tokens hold a negative id ({int(tokens.min())}); expected ids >= 0")
+        mask = _as_tensor(answer_mask, "answer_mask")
+        if mask.dtype != torch.bool:
+            raise ProbekitError(f"answer_mask has dtype {mask.dtype}; expected torch.bool (True at answer tokens)")
+        if mask.shape != tokens.shape:
+            raise ProbekitError(f"answer_mask has shape {tuple(mask.shape)}; expected the tokens' {tuple(tokens.shape)}")
+        if mask[:, 0].any():
+            raise ProbekitError("answer_mask is True at position 0; expected answers after a prompt (logits at t-1 predict t)")
+        if not isinstance(name, str) or not name:
+            raise ProbekitError(f"name is {name!r}; expected a non-empty string")
+        if features is not None and not isinstance(features, dict):
+            raise ProbekitError(f"features is a {type(features).__name__}; expected a dict {{name: [batch, pos] tensor}}")
+        feats = {k: _as_feature(k, v, tokens.shape) for k, v in (features or {}).items()}
+        first = torch.nonzero(mask.any(0)).flatten()
+        T = tokens.shape[1]
+        if length is not None and (not isinstance(length, int) or length <= 0):
+            raise ProbekitError(f"length is {length!r}; expected a positive integer")
+        return cls(tokens=tokens.long(), answer_mask=mask, features=feats, task=name, objective=objective,
+                   length=length if length is not None else T, prompt_len=int(first[0]) if first.numel() else T,
+                   meta={"source": "from_tokens"})
+
+    def defined(self, name: str) -> Bool[Tensor, "batch pos"]:
+        """Where feature ``name`` is defined: not -1 (integer features), not NaN (float features)."""
+        f = self.feature(name)
+        return ~torch.isnan(f) if f.is_floating_point() else f != -1
 
     @property
     def n(self) -> int:
@@ -139,6 +186,34 @@ def resample_rule(task: Task) -> CorruptionRule:
         return Edit(other, np.ones(batch.n, dtype=bool), {}, "resample: an independent problem of the same size")
 
     return resample
+
+def _as_tensor(x, what: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError):
+        raise ProbekitError(f"{what} is a {type(x).__name__}; expected a tensor or array") from None
+
+
+def _as_feature(name, f, shape) -> Tensor:
+    """A feature as long (-1 = undefined) or float32 (NaN = undefined), checked against the tokens' shape."""
+    if not isinstance(name, str) or not name:
+        raise ProbekitError(f"feature name {name!r}; expected a non-empty string")
+    f = _as_tensor(f, f"feature {name!r}")
+    if f.shape != shape:
+        raise ProbekitError(f"feature {name!r} has shape {tuple(f.shape)}; expected the tokens' {tuple(shape)}")
+    if f.dtype == torch.bool:
+        return f.long()
+    if f.is_floating_point():
+        if torch.isinf(f).any():
+            raise ProbekitError(f"feature {name!r} holds inf; expected finite values (NaN = undefined)")
+        return f.float()
+    if f.is_complex():
+        raise ProbekitError(f"feature {name!r} has dtype {f.dtype}; expected integer (-1 = undefined) or float (NaN = undefined)")
+    if f.numel() and int(f.min()) < -1:
+        raise ProbekitError(f"integer feature {name!r} holds {int(f.min())}; expected values >= 0, or -1 where undefined")
+    return f.long()
 
 
 @runtime_checkable

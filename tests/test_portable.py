@@ -1,0 +1,242 @@
+"""Portable probes: a probe fitted by probekit on a Hugging Face GPT-2 (as a TransformerLens bridge), exported,
+and applied without probekit from plain torch, from nnsight and from pyvene; evaluation of a batch without a task.
+
+The GPT-2 is built locally from a `transformers.GPT2Config` (random weights, no download).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from probekit.activations import collect
+from probekit.evaluate import evaluate_batch
+from probekit.probes import Probe, ProbeModelWarning, fit_probe
+from probekit.tasks import Batch, ProbekitError
+
+HOOK = "blocks.1.hook_resid_post"  # <-> the output of transformer.h[1]
+VOCAB, K = 50, 6  # token ids 1..49 to copy, 0 the separator; K tokens copied
+
+
+def _gpt2(seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _bridge(hf, name: str):
+    """`TransformerBridge.boot_transformers` on a local model, with a local tokenizer (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", unk_token="t0")  # no BOS: nothing to fetch
+    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device="cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """(bridge, hf): the bridge wraps (and edits in place) one copy; ``hf`` is an untouched copy of the same weights."""
+    hf = _gpt2(0)
+    ref = copy.deepcopy(hf)
+    return _bridge(hf, "gpt2-tiny-local"), ref
+
+
+def copy_batch(n: int, seed: int) -> Batch:
+    """The toy copy task: K tokens, the separator 0, the same K tokens again (the answer).
+
+    Features: ``token`` (the token at each position, an integer class) and ``scaled`` (token / 49, a float;
+    NaN at the separator).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, VOCAB, (n, K), generator=g)
+    tokens = torch.cat([x, torch.zeros(n, 1, dtype=torch.long), x], 1)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, K + 1:] = True
+    scaled = tokens.float() / (VOCAB - 1)
+    scaled[:, K] = float("nan")
+    return Batch.from_tokens(tokens, mask, {"token": tokens, "scaled": scaled}, name="copy")
+
+
+def load_export(folder):
+    """The export format read with json + safetensors + torch only (no probekit)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "probe.json").read_text())
+    t = load_file(str(folder / "probe.safetensors"))
+
+    def apply(x):  # x [..., d] at meta["hook"] -> (logits [..., k], prediction [...])
+        if meta["normalisation"]:
+            x = (x - t[meta["normalisation"]["mean"]]) / t[meta["normalisation"]["std"]]
+        z = x @ t["W"].T + t["b"]
+        pred = z[..., 0] if meta["kind"] == "ridge" else torch.tensor(meta["classes"])[z.argmax(-1)]
+        return z, pred
+
+    return meta, apply
+
+
+@pytest.fixture(scope="module")
+def exported(gpt2, tmp_path_factory):
+    bridge, _ = gpt2
+    train = copy_batch(200, seed=0)
+    out = {}
+    for feature in ("token", "scaled"):
+        probe = fit_probe(bridge, train, feature, HOOK)
+        out[feature] = (probe, probe.save(tmp_path_factory.mktemp("export") / feature))
+    return out
+
+
+def _reference(bridge, probe, batch):
+    """probekit's own logits and predictions at every position, reshaped to [batch, pos, ...]."""
+    acts = collect(bridge, batch, probe.hook, positions="all")
+    z = probe.logits(acts).reshape(batch.n, batch.seq_len, -1)
+    return z, probe.predict(acts).reshape(batch.n, batch.seq_len)
+
+
+def test_probe_on_a_gpt2_bridge_records_its_model(gpt2, exported):
+    bridge, _ = gpt2
+    probe, folder = exported["token"]
+    meta = json.loads((folder / "probe.json").read_text())
+    assert meta["meta"]["model"] == "gpt2-tiny-local" and meta["meta"]["config_hash"] is None
+    assert meta["fingerprint"]["arch_fields"]["architecture"] == "GPT2LMHeadModel"
+    assert meta["fingerprint"]["arch_fields"]["d_model"] == 64
+    assert probe.kind == "logistic" and exported["scaled"][0].kind == "ridge"
+    assert probe.score(bridge, copy_batch(50, seed=1)).value > 0.9  # the token is linearly readable
+
+
+def test_export_round_trip_without_probekit(gpt2, exported):
+    bridge, _ = gpt2
+    batch = copy_batch(30, seed=2)
+    for feature, (probe, folder) in exported.items():
+        meta, apply = load_export(folder)
+        assert meta["hook"] == HOOK and meta["feature"] == feature and meta["probekit_version"]
+        acts = collect(bridge, batch, HOOK, feature=feature)
+        z, pred = apply(acts.acts[HOOK])
+        torch.testing.assert_close(z, probe.logits(acts), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pred, probe.predict(acts), atol=1e-5, rtol=0)
+        back = Probe.load(folder, model=bridge)  # and back into probekit
+        torch.testing.assert_close(back.logits(acts), probe.logits(acts))
+
+
+def test_nnsight_applies_the_exported_probe(gpt2, exported):
+    pytest.importorskip("nnsight")
+    from nnsight import NNsight
+
+    bridge, hf = gpt2
+    batch = copy_batch(8, seed=3)
+    traced = NNsight(copy.deepcopy(hf))
+    for probe, folder in exported.values():
+        _, apply = load_export(folder)
+        with torch.no_grad(), traced.trace(batch.tokens):
+            out = traced.transformer.h[1].output  # a tensor in transformers >= 5, (hidden, ...) before
+            resid = (out[0] if isinstance(out, tuple) else out).save()
+        z, pred = apply(resid)
+        z_ref, pred_ref = _reference(bridge, probe, batch)
+        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pred, pred_ref, atol=1e-5, rtol=0)
+
+
+def test_pyvene_applies_the_exported_probe(gpt2, exported):
+    pytest.importorskip("pyvene")
+    import pyvene as pv
+
+    bridge, hf = gpt2
+    batch = copy_batch(8, seed=4)
+    config = pv.IntervenableConfig([{"layer": 1, "component": "block_output",
+                                     "intervention": pv.CollectIntervention(keep_last_dim=True)}])
+    ipv = pv.IntervenableModel(config, model=copy.deepcopy(hf))
+    everywhere = [[list(range(batch.seq_len))] * batch.n]
+    with torch.no_grad():
+        (_, collected), _ = ipv(base={"input_ids": batch.tokens}, unit_locations={"base": everywhere})
+    resid = collected[0].reshape(batch.n, batch.seq_len, -1)
+    for probe, folder in exported.values():
+        _, apply = load_export(folder)
+        z, pred = apply(resid)
+        z_ref, pred_ref = _reference(bridge, probe, batch)
+        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pred, pred_ref, atol=1e-5, rtol=0)
+
+
+def test_gpt2_probe_warns_on_other_weights_and_refuses_other_architectures(gpt2, exported):
+    from probekit.model import ModelConfig, build_model
+
+    probe, folder = exported["token"]
+    other = _bridge(_gpt2(1), "gpt2-tiny-other")
+    with pytest.warns(ProbeModelWarning, match="fitted on other weights"):
+        Probe.load(folder, model=other)
+    fp = probe.meta["fingerprint"]
+    native = build_model(ModelConfig(n_layers=2, d_model=64, n_heads=4, d_vocab=VOCAB, n_ctx=32, positional="learned"))
+    with pytest.raises(ProbekitError, match=f"another architecture: probe arch={fp['arch']} "
+                                            r"\(architecture=GPT2LMHeadModel.*this model arch=.*TransformerLensNative"):
+        Probe.load(folder, model=native)
+
+
+def _hf_greedy(hf, batch):
+    """Greedy decoding with the plain Hugging Face model: the oracle for `evaluate_batch`."""
+    out = batch.tokens.clone()
+    with torch.no_grad():
+        for t in range(1, batch.seq_len):
+            rows = batch.answer_mask[:, t]
+            if rows.any():
+                out[rows, t] = hf(out[rows, :t]).logits[:, -1].argmax(-1)
+    return out
+
+
+def test_evaluate_batch_without_a_task(gpt2):
+    bridge, hf = gpt2
+    batch = copy_batch(12, seed=5)
+    rec = evaluate_batch(bridge, batch).records[0]
+    pred = _hf_greedy(hf, batch)
+    exact = (pred == batch.tokens).all(1)
+    assert rec["exact_match"] == pytest.approx(float(exact.float().mean()))
+    assert rec["token_acc"] == pytest.approx(float((pred == batch.tokens)[batch.answer_mask].float().mean()))
+    assert rec["per_position"] == [round(float(v), 4) for v in (pred == batch.tokens)[:, K + 1:].float().mean(0)]
+    # the model's own greedy output is, by construction, an exact match
+    solved = Batch.from_tokens(pred, batch.answer_mask)
+    assert evaluate_batch(bridge, solved).exact_match(solved.length) == 1.0
+    # rows with different answer layouts (ragged prompts) are decoded layout by layout
+    ragged_mask = batch.answer_mask.clone()
+    ragged_mask[::2, K + 1] = False
+    ragged = Batch.from_tokens(pred, ragged_mask)
+    assert evaluate_batch(bridge, ragged).records[0]["exact_match"] == 1.0
+    wrong = pred.clone()
+    wrong[0, -1] = (wrong[0, -1] + 1) % VOCAB
+    res = evaluate_batch(bridge, Batch.from_tokens(wrong, ragged_mask)).records[0]
+    assert res["exact_match"] == pytest.approx(11 / 12) and "per_position" not in res
+    with pytest.raises(ProbekitError, match="no answer position"):
+        evaluate_batch(bridge, Batch.from_tokens(pred, torch.zeros_like(ragged_mask)))
+    long_mask = torch.zeros(2, 40, dtype=torch.bool)
+    long_mask[:, 30:] = True
+    with pytest.raises(ProbekitError, match="n_ctx is 32"):
+        evaluate_batch(bridge, Batch.from_tokens(torch.ones(2, 40, dtype=torch.long), long_mask))
+
+
+def test_bring_your_own_lines(gpt2, tmp_path):
+    """The lines of docs/bring_your_own.md, on the GPT-2 bridge: a probe and a patching sweep on custom data."""
+    from probekit.corruptions import make_pair
+    from probekit.patching import sweep
+
+    model, _ = gpt2
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 50, (200, 6)).repeat(1, 2)  # a list, then the list again
+    answer = torch.zeros_like(tokens, dtype=torch.bool)
+    answer[:, 6:] = True  # the copy is the answer
+    batch = Batch.from_tokens(tokens, answer, {"token": tokens, "value": tokens / 49.0})
+    probe = fit_probe(model, batch, "token", "blocks.1.hook_resid_post")
+    assert probe.score(model, batch).value > 0.9
+    assert fit_probe(model, batch, "value", "blocks.1.hook_resid_post").kind == "ridge"
+    probe.save(tmp_path / "my_probe")
+    bad = tokens.clone()
+    bad[:, 0] = bad[:, 6] = bad[:, 0] % 49 + 1  # another first element, and its copy
+    res = sweep(model, make_pair(batch, Batch.from_tokens(bad, answer)), "resid_pre")
+    assert res.axes == ("layer", "pos") and tuple(res.values.shape) == (2, 12)
+    # layer 0, before any mixing: only the changed positions carry the difference
+    assert float(res.values[0, 0]) == pytest.approx(1.0, abs=1e-4)
+    assert res.values[0, 1:6].abs().max() < 1e-4
