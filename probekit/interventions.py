@@ -84,6 +84,7 @@ class Where:
         return ",".join(f"{k}={v}" for k, v in self.values)
 
     def resolve(self, batch: Batch) -> Int[Tensor, " batch"]:
+        """The matching position of each example (refuses an example with no match or several)."""
         mask = torch.ones_like(batch.answer_mask)
         for name, v in self.values:
             mask &= batch.feature(name) == v
@@ -113,6 +114,7 @@ def resolve_positions(pos: Positions, batch: Batch) -> Int[Tensor, " batch"]:
 
 
 def positions_label(pos: Positions) -> str:
+    """A short label for a position rule: ``digit_index=2``, ``7`` or ``per-example[n]``."""
     if isinstance(pos, Where):
         return pos.label
     p = torch.as_tensor(pos).flatten()
@@ -130,6 +132,7 @@ class Location:
 
     @property
     def hook(self) -> str:
+        """The TransformerLens hook name (``resid_mid`` is written through ``hook_attn_out``)."""
         s = self.site
         return f"blocks.{self.layer}.hook_{s}" if s in BLOCK_SITES else f"blocks.{self.layer}.{s}"
 
@@ -138,6 +141,7 @@ class Location:
         return f"{self.site}.L{self.layer}@{positions_label(self.pos)}"
 
     def check(self, model) -> None:
+        """Refuse a layer or site that ``model`` does not have."""
         n = model.cfg.n_layers
         if not (isinstance(self.layer, int) and 0 <= self.layer < n):
             raise ProbekitError(f"layer {self.layer!r} is outside a {n}-layer model; expected 0..{n - 1}")
@@ -205,6 +209,7 @@ class RotatedSubspaceInterchange(torch.nn.Module):
         return base + ((src - base) @ B.T) @ B
 
     def frozen(self) -> SubspaceInterchange:
+        """The current subspace as a fixed `SubspaceInterchange` (no gradients)."""
         return SubspaceInterchange(self.R[: self.k].detach().clone(), label="das")
 
 
@@ -352,9 +357,11 @@ class CounterfactualPairs:
         return self.base.n
 
     def answer_pos(self) -> Int[Tensor, " pair"]:
+        """The base run's predicting position of the answer step, per pair."""
         return resolve_positions(self.at, self.base)
 
     def select(self, idx) -> CounterfactualPairs:
+        """The pairs ``idx`` (same settings)."""
         idx = torch.as_tensor(idx, dtype=torch.int64)
         return replace(self, base=self.base.select(idx), source=self.source.select(idx), target=self.target[idx])
 
@@ -520,7 +527,8 @@ class DASFit:
     floor: float  # accuracy of the base run (no intervention) on the counterfactual answer
     history: list[dict] = field(default_factory=list)  # validation loss/IIA at each evaluation
     steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time of the fit (source activations + training), scoring excluded
+    cpu_seconds: float = 0.0  # the same in CPU time of this process (robust to a loaded machine)
     settings: dict = field(default_factory=dict)
 
     @property
@@ -532,11 +540,13 @@ class DASFit:
         return SubspaceInterchange(self.basis, label="das")
 
     def summary(self) -> dict:
+        """The scores as one flat record (the row of `to_frame`)."""
         c = self.control
         return {"location": self.location, "k": self.k, "iia": self.iia, "iia_lo": self.interval[0],
                 "iia_hi": self.interval[1], "control_mean": float(c.mean()) if c.numel() else float("nan"),
                 "control_std": float(c.std()) if c.numel() > 1 else float("nan"), "ceiling": self.ceiling,
-                "floor": self.floor, "n_test": int(self.correct.numel()), "steps": self.steps, "seconds": self.seconds}
+                "floor": self.floor, "n_test": int(self.correct.numel()), "steps": self.steps, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds}
 
     def to_dict(self) -> dict:
         return {**self.summary(), "control": self.control.tolist(), "history": self.history,
@@ -604,14 +614,14 @@ def fit_das(model, pairs: CounterfactualPairs, loc: Location, k: int, settings: 
     """
     fs = replace(settings or FitSettings(), **overrides)
     loc.check(model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fit_idx, val_idx, test_idx = split_pairs(pairs.n, fs)
     src = location_acts(model, pairs.source, loc, _source_pos(loc, pairs)).to(_device(model))
     d = src.shape[1]
     if not (isinstance(k, int) and 1 <= k <= d):
         raise ProbekitError(f"subspace size k={k!r} must be an integer in 1..{d} (the size of {loc.hook})")
     R, history, steps = _train_rotation(model, pairs, loc, src, fit_idx, val_idx, k, fs)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     test, src_t = pairs.select(test_idx), src[test_idx.to(src.device)]
     correct = interchange_correct(model, test, loc, SubspaceInterchange(R[:k]), src=src_t)
     control = torch.tensor([iia(model, test, loc, random_subspace(d, k, seed=fs.seed + 1 + i), src=src_t)
@@ -624,7 +634,7 @@ def fit_das(model, pairs: CounterfactualPairs, loc: Location, k: int, settings: 
                   "n_test": len(test_idx), "seconds_total": round(total, 3)}
     return DASFit(loc.label, k, R.cpu(), correct, float(correct.float().mean()),
                   bootstrap_interval(correct, fs.n_boot, fs.seed), control, ceiling, floor, history, steps,
-                  round(seconds, 3), settings_d)
+                  round(seconds, 3), round(cpu_seconds, 3), settings_d)
 
 
 # ---------------------------------------------------------------------------- sweep

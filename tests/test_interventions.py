@@ -142,7 +142,7 @@ def test_pairs_refuse_impossible_and_contradictory_matchings():
         I.counterfactual_pairs(task, 20, vary="target", at=I.Where(slot=0), target=tgt)
 
 
-@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post"])
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post", "attn.hook_z"])
 def test_full_interchange_matches_activation_patching(site):
     task = MultiplicationTask(digits=2, b_digits=1)
     model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_vocab=task.d_vocab, n_ctx=16,
@@ -155,7 +155,8 @@ def test_full_interchange_matches_activation_patching(site):
         logits = I.intervened_logits(model, base.tokens, loc, I.resolve_positions(pos, base), src, I.Interchange())
     read = torch.nonzero(base.pred_mask[0]).flatten()[step]
     ours = logits[:, read].softmax(-1).gather(-1, source.tokens[:, read + 1, None]).mean()
-    ref = patch(model, CorruptedPair(clean=source, corrupted=base), [Component(site, layer, pos=pos)],
+    component = Component("z" if site == "attn.hook_z" else site, layer, pos=pos)  # z: every head at pos
+    ref = patch(model, CorruptedPair(clean=source, corrupted=base), [component],
                 metric=Metric("prob", steps=(step,)), normalize=False)
     assert torch.allclose(ours, ref.extra["raw"][0].to(ours.dtype), atol=1e-5)
     assert _no_hooks(model)
@@ -206,6 +207,13 @@ def test_das_at_a_site_without_the_variable_is_at_the_floor(planted):
                 I.Location("resid_post", 0, I.Where(slot=0))):  # x0's position: never read by the answer
         fit = I.fit_das(model, pairs, loc, k=2, steps=60, n_controls=2)
         assert fit.iia < 0.2 and fit.ceiling < 0.2, loc.label
+
+
+def test_one_dimension_is_not_enough_for_a_two_dimensional_variable(planted, planted_fit):
+    model, _, _, pairs = planted
+    fit = I.fit_das(model, pairs, I.Location("resid_post", 0, I.Where(slot=LENGTH)), k=1, steps=200, lr=2e-2,
+                    n_controls=1)
+    assert fit.interval[1] < planted_fit.interval[0] and fit.iia < 0.6
 
 
 def test_rotation_stays_orthogonal(planted_fit):
