@@ -19,7 +19,7 @@ from probekit.corruptions import CorruptedPair
 from probekit.model import ModelConfig, build_model
 from probekit.patching import Component, Metric, patch
 from probekit.results import Result
-from probekit.tasks import Batch, MultiplicationTask, ProbekitError
+from probekit.tasks import Batch, MultiplicationTask, ProbekitError, SortingTask
 
 V, LENGTH, D_MODEL, D_HEAD = 6, 4, 32, 4
 SEP = V
@@ -129,6 +129,17 @@ def test_carry_pairs_hold_the_column_sum_and_vary_the_carry():
     assert pairs.target.tolist() == expected
     answer = pairs.base.tokens[torch.arange(pairs.n), pairs.answer_pos() + 1]
     assert (pairs.target != answer).all() and pairs.settings["target_differs_from_base"] == 1.0
+
+
+def test_sorting_successor_pairs_hold_the_previous_output():
+    task = SortingTask(n_values=64, objective="sort")
+    at = I.Where(step=3)
+    pairs = I.counterfactual_pairs(task, 100, 6, vary="target", hold=["prev_output"], at=at,
+                                   target=I.source_value("target", at), seed=0)
+    sv = I.step_values
+    assert torch.equal(sv(pairs.base, at, "prev_output"), sv(pairs.source, at, "prev_output"))
+    assert (sv(pairs.base, at, "target") != sv(pairs.source, at, "target")).all()
+    assert torch.equal(pairs.target, pairs.source.tokens[torch.arange(100), pairs.answer_pos() + 1])
 
 
 def test_pairs_refuse_impossible_and_contradictory_matchings():
