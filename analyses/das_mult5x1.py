@@ -1,6 +1,6 @@
 """DAS for the carry into one product digit of mult-5x1: the numbers and figure of docs/interventions.md.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python analyses/das_mult5x1.py [--digit 2] [--k 8] [--out runs/das-mult5x1]
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python analyses/das_mult5x1.py [--digit 2] [--k 8] [--out runs/das-mult5x1] [--k-scan]
 
 Writes ``fit.json`` (one DAS fit at resid_post), ``sweep.json``/``sweep.csv``/``sweep.png`` (sites x positions,
 column sum held) and ``free.json``/``free.csv`` (column sum free), and prints the tables of the doc.
@@ -28,6 +28,7 @@ ap.add_argument("--k", type=int, default=8)
 ap.add_argument("--n", type=int, default=2000)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--out", default="runs/das-mult5x1")
+ap.add_argument("--k-scan", action="store_true", help="also fit k = 1, 2, 4, 8, 16 at resid_mid and resid_post")
 args = ap.parse_args()
 torch.set_num_threads(1)
 out = Path(args.out)
@@ -63,3 +64,12 @@ table(sweep, "sweep")
 plot_iia(sweep, out / "sweep.png", title=f"mult-5x1: DAS for the carry into digit {args.digit} (k = {args.k}, "
                                          "column sum held)")
 table(das_sweep(model, free, k=args.k, sites=["resid_mid", "resid_post"], seed=args.seed, progress=True), "free")
+
+if args.k_scan:  # IIA against the subspace size at the answer step (column sum held)
+    print("\nk scan: | site | k | IIA | 95 % CI | random control | steps | s wall |")
+    for site in ("resid_mid", "resid_post"):
+        for k in (1, 2, 4, 8, 16):
+            f = fit_das(model, held, Location(site, 0, at), k=k, seed=args.seed)
+            s = f.summary()
+            print(f"| {site} | {k} | {s['iia']:.3f} | {s['iia_lo']:.3f}-{s['iia_hi']:.3f} | "
+                  f"{s['control_mean']:.3f} +- {s['control_std']:.3f} | {f.steps} | {f.seconds:.1f} |", flush=True)

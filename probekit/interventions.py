@@ -242,8 +242,15 @@ def _gather(act: Tensor, pos: Tensor) -> Tensor:
 
 
 def _scatter(act: Tensor, pos: Tensor, new: Tensor) -> Tensor:
-    rows = torch.arange(act.shape[0], device=act.device)
-    return act.index_put((rows, pos.to(act.device)), new.reshape(act[rows, pos].shape).to(act.dtype))
+    rows, pos = torch.arange(act.shape[0], device=act.device), pos.to(act.device)
+    return act.index_put((rows, pos), new.reshape(act[rows, pos].shape).to(act.dtype))
+
+
+def _apply(intervention, base: Tensor, src: Tensor) -> Tensor:
+    if src.shape != base.shape:
+        raise ProbekitError(f"source activations have shape {tuple(src.shape)} but the base's are {tuple(base.shape)}; "
+                            "expected both from the same location")
+    return intervention(base, src.to(base.device, base.dtype))
 
 
 @torch.no_grad()
@@ -272,7 +279,7 @@ def _hooks(loc: Location, pos: Tensor, src: Tensor, intervention) -> list:
     """Forward hooks that apply ``intervention`` at ``loc`` (rows: the run's examples, in order)."""
     if loc.site != "resid_mid":
         def edit(x, hook):
-            return _scatter(x, pos, intervention(_gather(x, pos), src.to(x.device, x.dtype)))
+            return _scatter(x, pos, _apply(intervention, _gather(x, pos), src))
         return [(loc.hook, edit)]
     pre: dict[str, Tensor] = {}
 
@@ -280,7 +287,7 @@ def _hooks(loc: Location, pos: Tensor, src: Tensor, intervention) -> list:
         pre["x"] = _gather(x, pos)
     def edit_mid(x, hook):  # attn_out := new resid_mid - resid_pre at the intervened positions
         mid = pre["x"] + _gather(x, pos)
-        return _scatter(x, pos, intervention(mid, src.to(x.device, x.dtype)) - pre["x"])
+        return _scatter(x, pos, _apply(intervention, mid, src) - pre["x"])
     return [(f"blocks.{loc.layer}.hook_resid_pre", grab), (f"blocks.{loc.layer}.hook_attn_out", edit_mid)]
 
 

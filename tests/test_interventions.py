@@ -320,3 +320,8 @@ def test_bad_locations_and_settings_are_refused(planted):
         I.fit_das(model, pairs, I.Location("resid_post", 0, 0), k=0)
     with pytest.raises(ProbekitError, match="steps"):
         I.fit_das(model, pairs, I.Location("resid_post", 0, 0), k=2, steps=0)
+    loc = I.Location("resid_post", 0, 0)
+    pos = I.resolve_positions(0, pairs.base)
+    with pytest.raises(ProbekitError, match="same location"):
+        I.intervened_logits(model, pairs.base.tokens, loc, pos, torch.zeros(pairs.n, D_MODEL + 1), I.Interchange())
+    assert _no_hooks(model)
