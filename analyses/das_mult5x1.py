@@ -17,9 +17,9 @@ from probekit.interventions import (
     Where,
     carry_counterfactual,
     counterfactual_pairs,
-    das_sweep,
     fit_das,
     plot_iia,
+    sweep_pairs,
 )
 
 ap = argparse.ArgumentParser()
@@ -59,11 +59,11 @@ def table(res, name):
 
 
 positions = [at, Where(operand=0, place=args.digit - 1), Where(operand=1, place=0)]
-sweep = das_sweep(model, held, k=args.k, positions=positions, seed=args.seed, progress=True)
+sweep = sweep_pairs(model, held, k=args.k, positions=positions, seed=args.seed, progress=True)
 table(sweep, "sweep")
 plot_iia(sweep, out / "sweep.png", title=f"mult-5x1: DAS for the carry into digit {args.digit} (k = {args.k}, "
                                          "column sum held)")
-table(das_sweep(model, free, k=args.k, sites=["resid_mid", "resid_post"], seed=args.seed, progress=True), "free")
+table(sweep_pairs(model, free, k=args.k, sites=["resid_mid", "resid_post"], seed=args.seed, progress=True), "free")
 
 if args.k_scan:  # IIA against the subspace size at the answer step (column sum held)
     print("\nk scan: | site | k | IIA | 95 % CI | random control | steps | s wall |")

@@ -11,7 +11,7 @@ Causal Variables and Distributed Neural Representations"; pyvene implements the 
                                  target=carry_counterfactual(at))
     fit = fit_das(model, pairs, Location("resid_mid", 0, at), k=4)
     fit.iia, fit.interval, fit.control, fit.ceiling, fit.floor
-    res = das_sweep(model, pairs, positions=[at, Where(operand=0, place=1)], k=4)   # Result (layer, pos)
+    res = sweep_pairs(model, pairs, positions=[at, Where(operand=0, place=1)], k=4)   # Result (layer, pos)
     plot_iia(res)
 
 *Where* and *what* are separate values. A `Location` is a site (``resid_pre``, ``resid_mid``,
@@ -111,6 +111,23 @@ def resolve_positions(pos: Positions, batch: Batch) -> Int[Tensor, " batch"]:
     if (p < 0).any() or (p >= batch.seq_len).any():
         raise ProbekitError(f"positions {sorted(set(p.tolist()))[:5]} out of range for {batch.seq_len}-token sequences")
     return p.clone()
+
+
+def parse_positions(spec: Positions | str) -> Positions:
+    """``"digit_index=2"`` / ``"operand=0,place=1"`` -> `Where`; ``"7"`` -> 7; other values unchanged."""
+    if not isinstance(spec, str):
+        return spec
+    text = spec.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    values = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip() or not value.strip().lstrip("-").isdigit():
+            raise ProbekitError(f"position {spec!r} is not FEATURE=INT[,FEATURE=INT] or an int; "
+                                "expected e.g. 'digit_index=2' or 'operand=0,place=1'")
+        values[name.strip()] = int(value)
+    return Where(**values)
 
 
 def positions_label(pos: Positions) -> str:
@@ -340,6 +357,22 @@ def carry_counterfactual(at: Positions) -> Callable[[Batch, Batch], Tensor]:
     def target(base: Batch, source: Batch) -> Tensor:
         return (step_values(base, at, "column_sum") + step_values(source, at, "carry_in")) % 10
     return target
+
+
+COUNTERFACTUAL_RULES = {"carry": carry_counterfactual}
+
+
+def counterfactual_rule(rule: str | Callable[[Batch, Batch], Tensor], at: Positions) -> Callable[[Batch, Batch], Tensor]:
+    """A counterfactual answer by name: ``"carry"`` (`carry_counterfactual`), ``"source:FEATURE"``
+    (`source_value`); a callable ``target(base, source)`` is returned unchanged."""
+    if callable(rule):
+        return rule
+    if isinstance(rule, str) and rule.startswith("source:") and len(rule) > 7:
+        return source_value(rule[7:], at)
+    if rule in COUNTERFACTUAL_RULES:
+        return COUNTERFACTUAL_RULES[rule](at)
+    raise ProbekitError(f"unknown counterfactual rule {rule!r}; expected one of {sorted(COUNTERFACTUAL_RULES)}, "
+                        "'source:FEATURE' or a callable target(base, source)")
 
 
 @dataclass(frozen=True)
@@ -654,9 +687,27 @@ def sweep_locations(model, sites: Sequence[str] | None = None, layers: Sequence[
     return [(s, int(L)) for L in layers for s in sites]
 
 
-def das_sweep(model, pairs: CounterfactualPairs, *, k: int, sites: Sequence[str] | None = None,
-              layers: Sequence[int] | None = None, positions: Sequence[Positions] | None = None,
-              settings: FitSettings | None = None, progress: bool = False, **overrides) -> Result:
+def das_sweep(model, task, *, vary: str, at: Positions | str, target: str | Callable[[Batch, Batch], Tensor],
+              k: int, hold: Sequence[str] = (), n: int = 2000, length: int | None = None, seed: int = 0,
+              sites: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+              positions: Sequence[Positions | str] | None = None, settings: FitSettings | None = None,
+              progress: bool = False, **overrides) -> Result:
+    """Counterfactual pairs from ``task`` (see `counterfactual_pairs`), then `sweep_pairs`: IIA by (layer, pos).
+
+    Plain values throughout, so a command line can call it: ``at="digit_index=2"``, ``target="carry"`` or
+    ``"source:target"`` (`counterfactual_rule`), ``positions=["digit_index=2", "operand=0,place=1"]``.
+    """
+    at = parse_positions(at)
+    pairs = counterfactual_pairs(task, n, length, vary=vary, hold=hold, at=at, target=counterfactual_rule(target, at),
+                                 seed=seed)
+    positions = None if positions is None else [parse_positions(p) for p in positions]
+    return sweep_pairs(model, pairs, k=k, sites=sites, layers=layers, positions=positions, settings=settings,
+                       progress=progress, seed=seed, **overrides)
+
+
+def sweep_pairs(model, pairs: CounterfactualPairs, *, k: int, sites: Sequence[str] | None = None,
+                layers: Sequence[int] | None = None, positions: Sequence[Positions] | None = None,
+                settings: FitSettings | None = None, progress: bool = False, **overrides) -> Result:
     """DAS at every (site, layer) x position: a `Result` of IIA with axes ``(layer, pos)``.
 
     ``layer`` has one row per (site, layer) in forward order (labels ``L0 resid_pre``); ``pos`` one column
@@ -700,7 +751,7 @@ def plot_iia(result: Result, path: str | Path | None = None, title: str | None =
     import matplotlib.pyplot as plt
 
     if not isinstance(result, Result) or result.kind != "iia" or result.axes != ("layer", "pos"):
-        raise ProbekitError("plot_iia needs the Result of das_sweep (kind 'iia', axes ('layer', 'pos'))")
+        raise ProbekitError("plot_iia needs the Result of das_sweep/sweep_pairs (kind 'iia', axes ('layer', 'pos'))")
     v = result.values.float()
     ctl, ceil = result.extra.get("control_mean"), result.extra.get("ceiling")
     lo, hi = result.extra.get("iia_lo"), result.extra.get("iia_hi")

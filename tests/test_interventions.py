@@ -278,7 +278,7 @@ def test_gradients_reach_the_rotation_only(planted):
 def test_sweep_result_and_figure(planted, tmp_path):
     model, _, _, pairs = planted
     positions = [I.Where(slot=LENGTH), I.Where(slot=1), I.Where(slot=0)]
-    res = I.das_sweep(model, pairs, k=2, positions=positions, steps=120, lr=2e-2, n_controls=2, n_boot=200)
+    res = I.sweep_pairs(model, pairs, k=2, positions=positions, steps=120, lr=2e-2, n_controls=2, n_boot=200)
     assert res.axes == ("layer", "pos") and res.values.shape == (2, 3)
     assert res.labels["layer"] == ["L0 resid_pre", "L0 resid_post"]  # attention-only: no resid_mid
     assert res.labels["pos"] == ["slot=4", "slot=1", "slot=0"]
@@ -298,6 +298,28 @@ def test_sweep_result_and_figure(planted, tmp_path):
     assert cbar.get_ylim() == (0.0, 1.0) and "IIA" in cbar.get_ylabel()
     with pytest.raises(ProbekitError, match="das_sweep"):
         I.plot_iia(Result("patch", torch.zeros(2), ("patch",)))
+
+
+def test_das_sweep_from_plain_values(planted):
+    model = planted[0]
+    res = I.das_sweep(model, CopyTask(), vary="target", hold=["first"], at="slot=4", target="source:target", k=2,
+                      n=300, sites=["resid_post"], positions=["slot=4", "0"], steps=150, lr=2e-2, n_controls=2)
+    assert res.labels == {"layer": ["L0 resid_post"], "pos": ["slot=4", "0"]}
+    assert res.values[0, 0] > 0.9 and res.values[0, 1] < 0.2
+    assert res.settings["pairs"]["vary"] == "target" and res.settings["pairs"]["n"] == 300
+
+
+def test_plain_value_parsers():
+    assert I.parse_positions("operand=0, place=1") == I.Where(operand=0, place=1)
+    assert I.parse_positions("7") == 7 and I.parse_positions(3) == 3
+    with pytest.raises(ProbekitError, match="FEATURE=INT"):
+        I.parse_positions("digit_index")
+    at = I.Where(digit_index=1)
+    batch = MultiplicationTask(digits=3, b_digits=1).sample(8, seed=0)
+    assert torch.equal(I.counterfactual_rule("carry", at)(batch, batch), I.step_values(batch, at, "digit"))
+    assert torch.equal(I.counterfactual_rule("source:target", at)(batch, batch), I.step_values(batch, at, "target"))
+    with pytest.raises(ProbekitError, match="unknown counterfactual rule"):
+        I.counterfactual_rule("nope", at)
 
 
 def test_fit_serialises(planted_fit):
