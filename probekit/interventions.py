@@ -49,6 +49,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -146,6 +147,16 @@ class Location:
     layer: int
     pos: Positions
     source_pos: Positions | None = None
+
+    @classmethod
+    def from_hook(cls, hook: str, pos: Positions, source_pos: Positions | None = None) -> Location:
+        """``Location.from_hook("blocks.0.hook_resid_mid", at)``: a location from a TransformerLens hook name."""
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", str(hook))
+        if not m:
+            raise ProbekitError(f"hook {hook!r} is not a block hook; expected e.g. 'blocks.0.hook_resid_pre'")
+        site = m.group(2)
+        site = site[5:] if site.startswith("hook_") and site[5:] in BLOCK_SITES else site
+        return cls(site, int(m.group(1)), pos, source_pos)
 
     @property
     def hook(self) -> str:

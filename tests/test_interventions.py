@@ -309,6 +309,15 @@ def test_das_sweep_from_plain_values(planted):
     assert res.settings["pairs"]["vary"] == "target" and res.settings["pairs"]["n"] == 300
 
 
+def test_locations_from_hook_names():
+    at = I.Where(digit_index=1)
+    assert I.Location.from_hook("blocks.1.hook_resid_mid", at) == I.Location("resid_mid", 1, at)
+    loc = I.Location.from_hook("blocks.0.attn.hook_z", 3)
+    assert loc.site == "attn.hook_z" and loc.hook == "blocks.0.attn.hook_z"
+    with pytest.raises(ProbekitError, match="not a block hook"):
+        I.Location.from_hook("hook_embed", 0)
+
+
 def test_plain_value_parsers():
     assert I.parse_positions("operand=0, place=1") == I.Where(operand=0, place=1)
     assert I.parse_positions("7") == 7 and I.parse_positions(3) == 3
