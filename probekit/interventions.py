@@ -425,6 +425,7 @@ def _match(vb: Tensor, vs: Tensor, hb: Tensor, hs: Tensor, rng) -> tuple[list[in
     for g in groups.values():
         rng.shuffle(g)
     bi, si = [], []
+    vb, vs = vb.tolist(), vs.tolist()
     for i, key in enumerate(map(tuple, hb.tolist())):
         g = groups.get(key, [])
         for c, j in enumerate(g):
