@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scaling import INSTRUMENTS, LABELS, X_NAMES
 
-TITLES = {"patching": "Activation patching sweep (every head at every position)",
+TITLES = {"patching": "Activation patching sweep (every head at the patched positions)",
           "path_patching": "Path patching (every head's direct path to the logits)",
           "probes": "Linear probes at every layer", "attribution": "Attribution patching",
           "decode": "Greedy decoding", "train_step": "One training step"}
@@ -34,7 +34,10 @@ def plot_instrument(res: dict, instrument: str, path: Path) -> Path:
 
     curves = [c for c in res["curves"] if c["instrument"] == instrument]
     impls = INSTRUMENTS[instrument][0]
-    fig, axs = plt.subplots(2, len(curves), figsize=(3.4 * len(curves), 6.2), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
+    fig, axs = plt.subplots(2, len(curves), figsize=(3.6 * len(curves), 6.6), squeeze=False)
+    per = "step" if instrument == "train_step" else "call"
     for j, c in enumerate(curves):
         xs = [p["x"] for p in c["points"]]
         for impl, style in zip(impls, ("o-", "s--"), strict=False):
@@ -44,21 +47,26 @@ def plot_instrument(res: dict, instrument: str, path: Path) -> Path:
                 pts = [(x, v) for x, v in pts if v is not None]
                 axs[row, j].plot([x for x, _ in pts], [v for _, v in pts], style,
                                  label=f"{LABELS[impl]} (slope {_fmt(fit[exp])})")
-        for i, ylab in enumerate(("time per call (s, median)", "peak memory of one call (MiB)")):
+        for i, ylab in enumerate((f"time per {per} (s, median)", "peak memory of one run (MiB)" if per == "step" else "peak memory of one call (MiB)")):
             ax = axs[i, j]
             ax.set_xscale("log")
-            if ax.lines and any(len(ln.get_ydata()) for ln in ax.lines):
+            if any(len(ln.get_ydata()) for ln in ax.lines):
                 ax.set_yscale("log")
             else:
-                ax.text(0.5, 0.5, "every peak below the\n1 MiB resolution", ha="center", va="center",
-                        transform=ax.transAxes)
+                ax.text(0.5, 0.62, "every peak below the\n1 MiB resolution:\nnot reported", ha="center",
+                        va="center", transform=ax.transAxes)
+                ax.set_yticks([])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(xs, [_fmt(float(x), 2) if x >= 1000 else str(x) for x in xs], fontsize=7)
+            ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)
             ax.set_xlabel(X_NAMES[c["axis"]])
             ax.set_ylabel(ylab)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6.5, loc="best", framealpha=0.8)
         axs[0, j].set_title(f"time vs {X_NAMES[c['axis']]}", fontsize=9)
         axs[1, j].set_title(f"memory vs {X_NAMES[c['axis']]}", fontsize=9)
-    fig.suptitle(f"{TITLES[instrument]}: how time and peak memory grow (log-log; others at the base size)")
+    fig.suptitle(f"{TITLES[instrument]}:\nhow time and peak memory grow with each axis (log-log, the others "
+                 "held at the base size)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
