@@ -200,6 +200,20 @@ def _positions(s: dict, T: int) -> list[int]:
     return sorted({round(i * (T - 1) / (k - 1)) for i in range(k)}) if k > 1 else [T - 1]
 
 
+def tl_logit_diff(pair):
+    """The mean logit difference (clean vs corrupted answer token at the pair's read positions), as a
+    ``transformer_lens.patching`` metric: full logits -> scalar."""
+    read = _read_positions(pair)
+    nxt = [r + 1 for r in read]
+    correct, wrong = pair.clean.tokens[:, nxt], pair.corrupted.tokens[:, nxt]
+
+    def metric(logits):
+        lg = logits[:, read]
+        return (lg.gather(-1, correct[..., None]) - lg.gather(-1, wrong[..., None])).mean()
+
+    return metric
+
+
 def calls_patching(s: dict) -> tuple[dict, dict]:
     import pandas as pd
     import torch
@@ -214,11 +228,7 @@ def calls_patching(s: dict) -> tuple[dict, dict]:
     Ps = _positions(s, T)
     rows = [(L, p, h) for L in range(cfg.n_layers) for p in Ps for h in range(cfg.n_heads)]
     df = pd.DataFrame(rows, columns=["layer", "pos", "head_index"])
-    correct, wrong = pair.clean.tokens[:, [r + 1 for r in read]], pair.corrupted.tokens[:, [r + 1 for r in read]]
-
-    def metric(logits):
-        lg = logits[:, read]
-        return (lg.gather(-1, correct[..., None]) - lg.gather(-1, wrong[..., None])).mean()
+    metric = tl_logit_diff(pair)
 
     def ours():
         return sweep(model, pair, "z", by_pos=True, positions=Ps, metric="logit-diff", normalize=False).values.flatten()
