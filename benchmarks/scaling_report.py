@@ -165,7 +165,9 @@ def write_report(res: dict, md_path: Path, fig_dir: Path) -> None:
         diffs = [p["info"].get("max_abs_diff_probekit_vs_peer") for c in res["curves"] if c["instrument"] == ins
                  for p in c["points"]]
         if any(d is not None for d in diffs):
-            lines += ["", f"Largest |probekit - peer| over all sizes: {_fmt(max(d for d in diffs if d is not None))}."]
+            what = {"patching": "patching metric", "probes": "test accuracy", "decode": "decoded token ids"}[ins]
+            lines += ["", f"Largest |probekit - peer| over all sizes ({what}): "
+                          f"{_fmt(max(d for d in diffs if d is not None))}."]
         lines += ["", f"![{TITLES[ins]}]({rel})"]
     lines += ["", "## Distance to the limit", "", "Smallest and largest size of each curve.", ""] + _limit_rows(res)
     md_path.parent.mkdir(parents=True, exist_ok=True)
