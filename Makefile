@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint setup clean
+.PHONY: demo test bench bench-scaling bench-scaling-quick lint setup clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench/bench.json
+
+# time and memory curves of every instrument -> docs/performance.md, docs/figures/performance/ (~10 min, quiet machine)
+bench-scaling: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/scaling.py
+
+bench-scaling-quick: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/scaling.py --quick --out bench/scaling-quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check probekit tests analyses benchmarks

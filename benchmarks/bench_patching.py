@@ -6,16 +6,22 @@ denoising) on the same randomly initialised model of the shipped size (2 layers,
 corrupted answer token): ``mult-5x5`` reads all 10 answer digits (the least favourable case: the
 last layer must be recomputed at 10 positions per patch), ``mult-5x5-digit5`` is a carry-flip read
 at answer digit 5, ``sort-20`` a successor-change read at answer step 10 (length-20 lists, 42
-tokens). One thread; each method runs in a fresh process after the same warm-up (a 2-example
-sweep), so its peak memory (``ru_maxrss`` growth over the set-up) is its own. Reported: seconds,
-speed-up, max |difference| between the two result tensors, peak MiB.
+tokens). One thread.
+
+Time: both implementations in one fresh process, warmed up, then called alternately (``repeats`` each);
+the medians and their ratio. Memory: each implementation in its own fresh process, one call after a
+warm-up, measured by `measure.measure_fresh` (peak resident set above the baseline taken right before the
+call, and the Python heap's peak from tracemalloc; None below the 1 MiB resolution).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import resource
+import statistics
 import time
+
+from measure import measure_fresh, run_fresh
+
+METHODS = ("probekit", "transformer_lens")
 
 
 def _setup(case: str, n: int):
@@ -40,63 +46,69 @@ def _setup(case: str, n: int):
     return model, pair
 
 
-def _worker(method: str, case: str, n: int, q):
+def prepare(method: str, case: str, n: int):
+    """The measured call of one implementation (built in the calling process), and facts about the case."""
     import torch
+    from scaling import tl_logit_diff
 
-    model, pair = _setup(case, n)
-    from probekit.corruptions import make_pair
-    from probekit.metrics import BoundMetric
     from probekit.patching import sweep
 
-    def go(p):
-        if method == "tl":
-            import transformer_lens.patching as tlp
+    model, pair = _setup(case, n)
+    if method == "transformer_lens":
+        import transformer_lens.patching as tlp
 
-            bm = BoundMetric.bind("logit-diff", p)
+        def go():
             with torch.no_grad():
-                _, cache = model.run_with_cache(p.clean.tokens)
-                return tlp.get_act_patch_attn_head_out_by_pos(model, p.corrupted.tokens, cache, bm.tl_metric())
-        return sweep(model, p, "z", by_pos=True, metric="logit-diff", normalize=False).values
-
-    two = torch.arange(2)
-    go(make_pair(pair.clean.select(two), pair.corrupted.select(two), pair.kind))  # warm-up, same for both
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    vals = go(pair)
-    secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    q.put({"seconds": secs, "values": vals.tolist(), "peak_mib": (peak - base) / 1024,
-           "seq_len": pair.clean.seq_len, "patches": vals.numel()})
+                _, cache = model.run_with_cache(pair.clean.tokens)
+                return tlp.get_act_patch_attn_head_out_by_pos(model, pair.corrupted.tokens, cache, tl_logit_diff(pair))
+    else:
+        def go():
+            return sweep(model, pair, "z", by_pos=True, metric="logit-diff", normalize=False).values
+    return go, {"seq_len": pair.clean.seq_len}
 
 
-def _run_one(method: str, case: str, n: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(method, case, n, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+def timing(case: str, n: int, repeats: int) -> dict:
+    """Both implementations in this process: one warm-up each, then ``repeats`` alternating calls each."""
+    calls = {m: prepare(m, case, n)[0] for m in METHODS}
+    vals = {m: fn() for m, fn in calls.items()}
+    secs = {m: [] for m in METHODS}
+    for _ in range(repeats):
+        for m, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            secs[m].append(time.perf_counter() - t0)
+    diff = float((vals["probekit"] - vals["transformer_lens"]).abs().max())
+    return {"seconds": secs, "max_abs_diff": diff, "patches": vals["probekit"].numel()}
 
 
 def run(quick: bool = False) -> dict:
-    import torch
-
     cases = [("mult-5x5", 16)] if quick else [("mult-5x5", 64), ("mult-5x5-digit5", 64), ("sort-20", 64)]
-    out: dict = {"threads": 1, "what": "head x position hook_z sweep, mean logit-diff (clean vs corrupted answer), "
+    repeats = 1 if quick else 3
+    out: dict = {"threads": 1, "repeats": repeats,
+                 "what": "head x position hook_z sweep, mean logit-diff (clean vs corrupted answer), "
                  "denoising; mult-5x5: all answer digits; mult-5x5-digit5: carry-flip, digit 5; sort-20: step 10"}
     for case, n in cases:
-        ours = _run_one("probekit", case, n)
-        tl = _run_one("tl", case, n)
-        diff = float((torch.tensor(ours["values"]) - torch.tensor(tl["values"])).abs().max())
-        out[case] = {"n": n, "seq_len": ours["seq_len"], "patches": ours["patches"],
-                     "probekit_s": round(ours["seconds"], 3), "transformer_lens_s": round(tl["seconds"], 3),
-                     "speedup": round(tl["seconds"] / ours["seconds"], 2), "max_abs_diff": diff,
-                     "probekit_peak_mib": round(ours["peak_mib"], 1), "transformer_lens_peak_mib": round(tl["peak_mib"], 1)}
+        t = run_fresh("bench_patching:timing", {"case": case, "n": n, "repeats": repeats})
+        med = {m: statistics.median(t["seconds"][m]) for m in METHODS}
+        row = {"n": n, "patches": t["patches"], "probekit_s": round(med["probekit"], 3),
+               "transformer_lens_s": round(med["transformer_lens"], 3),
+               "speedup": round(med["transformer_lens"] / med["probekit"], 2), "max_abs_diff": t["max_abs_diff"],
+               "seconds_all": t["seconds"]}
+        for m in METHODS:
+            mem = measure_fresh("bench_patching:prepare", {"method": m, "case": case, "n": n})
+            row["seq_len"] = mem["seq_len"]
+            row[f"{m}_peak_rss_mib"] = mem["peak_rss_mib"]
+            row[f"{m}_python_heap_peak_mib"] = mem["python_heap_peak_mib"]
+            row["memory_method"] = mem["method"]
+            for k in ("peak_rss_note", "python_heap_note"):
+                if k in mem:
+                    row[f"{m}_{k}"] = mem[k]
+        out[case] = row
     return out
 
 
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(run(quick=True), indent=2))
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

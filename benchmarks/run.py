@@ -1,6 +1,8 @@
 """`make bench`: run every benchmark module in this folder and write one JSON file.
 
-Each `bench_*.py` exposes ``run(quick: bool = False) -> dict``.
+Each `bench_*.py` exposes ``run(quick: bool = False) -> dict``. ``--scaling`` runs `scaling.py` instead
+(time and memory curves -> docs/performance.md). The JSON records the machine (CPU, cores, threads, BLAS,
+load average at the start) so that two runs can be compared.
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ def main() -> int:
     ap.add_argument("--out", default="bench/bench.json")
     ap.add_argument("--only", default=None, help="run only bench_<name>")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scaling", action="store_true", help="run the scaling curves (benchmarks/scaling.py) instead")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
-    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads(), "processor": platform.processor()}}
+    if args.scaling:
+        import scaling
+
+        return scaling.main(["--quick"] if args.quick else [])
+    from scaling import machine_info
+
+    results = {"machine": {**machine_info(torch.get_num_threads()), "processor": platform.processor()}}
     for mod_path in sorted(HERE.glob("bench_*.py")):
         name = mod_path.stem[len("bench_"):]
         if args.only and name != args.only:
