@@ -122,7 +122,7 @@ CASES = {
     # failures found only after the model is loaded: still nothing written
     "patch corruption of another task": (["patch", *MULT, "--corruption", "swap", "--n", "8", "--out", "{ws}/o"],
                                          "not defined for task"),
-    "eval length past n_ctx": (["eval", "--model", "mult-5x1", "--lengths", "50", "--n", "4", "--out", "{ws}/o"],
+    "eval length past n_ctx": (["eval", "--model", "sort-baseline", "--lengths", "200", "--n", "4", "--out", "{ws}/o"],
                                "n_ctx"),
     # a shipped model's metrics.json is replaced only with --overwrite
     "eval save-metrics into models/": ([*EVAL, "--save-metrics"], "pass --overwrite"),
