@@ -20,6 +20,7 @@ from probekit.model import MODELS_DIR, shipped_models
 pytestmark = pytest.mark.skipif(not {"sort-baseline", "mult-5x1"} <= set(shipped_models()),
                                 reason="needs the shipped models sort-baseline and mult-5x1")
 
+GRID = str(Path(__file__).resolve().parent.parent / "analyses" / "zoo" / "sort-extrap.json")
 TINY = {"name": "tiny", "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "n_ctx": 40},
         "task": {"name": "sorting", "n_values": 10}, "train": {"steps": 4, "batch_size": 4, "lengths": [2, 4]}}
 
@@ -124,6 +125,11 @@ CASES = {
                                          "not defined for task"),
     "eval length past n_ctx": (["eval", "--model", "sort-baseline", "--lengths", "200", "--n", "4", "--out", "{ws}/o"],
                                "n_ctx"),
+    # sweep: the grid and --jobs are checked before Ray starts or a folder is made
+    "sweep grid missing": (["sweep", "{ws}/nogrid.json", "--out", "{ws}/o"], "not found"),
+    "sweep grid not a grid": (["sweep", "{ws}/cfg.json", "--out", "{ws}/o"], "grid"),
+    "sweep unknown job": (["sweep", GRID, "--out", "{ws}/o", "--jobs", "nosuch"], "nosuch"),
+    "sweep empty jobs": (["sweep", GRID, "--out", "{ws}/o", "--jobs", ","], "--jobs is empty"),
     # a shipped model's metrics.json is replaced only with --overwrite
     "eval save-metrics into models/": ([*EVAL, "--save-metrics"], "pass --overwrite"),
 }
