@@ -10,13 +10,22 @@ norms, unembedding), and every variant is built from the same pieces:
   for K row groups at once (the activation-patching engine);
 - `decode_step`: new tokens against a key/value cache (greedy decoding);
 - `attention_forward`: the attention module's own forward, installed on the native modules of
-  models with a length temperature, so that the bridge's forward (and its hooks) uses it too.
+  models with a length temperature, so that the bridge's forward (and its hooks) uses it too;
+- `place_model_forward`: the native model's own forward for ``positional="place"`` models (the
+  positional table indexed by `place_ids`), installed by `probekit.model.build_model`.
 
 An ``edit(site, layer, act, pos)`` is called with every activation as it is computed and returns
 the activation to continue with: `keep` leaves it, a recorder stores it, a patch overwrites it.
 
 ``length_temperature="log"`` multiplies the attention scores of the query at position t by
 ln(t + 2), before the causal mask.
+
+``positional="place"`` (per-digit place indices): the positional table is indexed not by the token's
+position but by `place_ids`, a causal function of the tokens: 0 for a token that is not a digit, and
+``1 + i`` for the digit that is the i-th (from 0) of the current run of consecutive digit tokens. It
+is the only function that computes them; every forward here, the bridge's forward and training use
+it. A `KVCache` carries each row's digit run length so decoding continues the run incrementally.
+Attention itself never sees place ids: the temperature and the causal mask use sequence positions.
 
 Axis names: ``rows`` (batch rows; in a patching pass K groups of the N examples), ``pos`` (query
 positions), ``key_pos``, ``head``, ``d_head``, ``d_model``, ``d_vocab``. Layouts: residual and
@@ -135,6 +144,7 @@ class Native:
     layers: tuple[Layer, ...]
     ln_final: Callable
     unembed: Callable
+    place_tokens: int | None = None  # positional="place": token ids 0..place_tokens-1 are digits
 
 
 def supports_native(model) -> bool:
@@ -158,6 +168,12 @@ def log_temperature(model) -> bool:
     return getattr(cfg, "length_temperature", None) == "log"
 
 
+def place_tokens_of(model) -> int | None:
+    """``ModelConfig.place_tokens`` of a ``positional="place"`` model; None for any other model."""
+    cfg = getattr(model, "probekit_config", None)
+    return cfg.place_tokens if getattr(cfg, "positional", None) == "place" else None
+
+
 def native(model) -> Native:
     """The `Native` modules of a TL-native bridge (check `supports_native` first)."""
     nm = model.original_model
@@ -167,7 +183,56 @@ def native(model) -> Native:
                          None if attn_only else _norm(b.ln2), None if attn_only else _mlp(b.mlp))
                    for b in model.blocks)
     pos = _raw(nm.pos) if nm.pos is not None else None
-    return Native(_raw(nm.tok_embed), pos, layers, _norm(model.ln_final), _raw(nm.head))
+    return Native(_raw(nm.tok_embed), pos, layers, _norm(model.ln_final), _raw(nm.head), place_tokens_of(model))
+
+
+# ---------------------------------------------------------------------------- place indices
+
+
+def place_ids(tokens: Int[Tensor, "rows pos"], place_tokens: int, run_before: Int[Tensor, "rows"] | None = None,
+              offset: Int[Tensor, "rows"] | None = None) -> tuple[Int[Tensor, "rows pos"], Int[Tensor, "rows"]]:
+    """Place ids of ``tokens`` and each row's digit run length after its last token.
+
+    A token with id in ``0..place_tokens-1`` is a digit; its place id is ``1 + offset + i`` where i is
+    its index (from 0) in the run of consecutive digits it belongs to; any other token gets 0. Causal:
+    the id at t depends on tokens up to t only. ``run_before``: the length of the run the first token
+    continues (the tokens follow cached ones, see `KVCache.run`); ``offset``: a per-row shift of the
+    digits' ids (training), 0 by default.
+    """
+    digit = (tokens >= 0) & (tokens < place_tokens)
+    seen = digit.long().cumsum(1)  # digits up to t
+    run = seen - torch.where(digit, 0, seen).cummax(1).values  # digits since the last non-digit, up to t
+    if run_before is not None:
+        run = run + torch.where((~digit).long().cumsum(1) == 0, run_before[:, None], 0)
+    after = run[:, -1] if tokens.shape[1] else (run_before if run_before is not None else run.new_zeros(len(tokens)))
+    ids = run if offset is None else torch.where(digit, run + offset[:, None], 0)
+    return ids, after
+
+
+def check_place_ids(ids: Tensor, n_rows: int) -> None:
+    """Refuse place ids past the positional table (a digit run longer than the table allows)."""
+    top = int(ids.max()) if ids.numel() else 0
+    if top >= n_rows:
+        from probekit.tasks import ProbekitError
+
+        raise ProbekitError(f"place id {top} (a run of digits, plus any offset) is past the place table of {n_rows} "
+                            f"rows (n_ctx); expected runs of at most {n_rows - 1} digits")
+
+
+def place_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+    """``NativeModel.forward`` of a ``positional="place"`` model: ``position_ids`` default to `place_ids`.
+
+    Installed on the native model by `probekit.model.build_model` (with ``self.place_tokens``), so
+    ``model(tokens)`` and ``model.run_with_cache(tokens)`` embed places. ``position_ids`` given
+    explicitly are taken as place ids (training passes them with its offsets). The native blocks
+    receive them too; their attention (no rotary) ignores them, and the tempered `attention_forward`
+    uses sequence positions for a model without rotary.
+    """
+    if position_ids is None and input_ids is not None:
+        position_ids, _ = place_ids(input_ids, self.place_tokens)
+    if position_ids is not None:
+        check_place_ids(position_ids, self.cfg.n_ctx)
+    return type(self).forward(self, input_ids, attention_mask, position_ids, inputs_embeds, **kwargs)
 
 
 # ---------------------------------------------------------------------------- attention pieces
@@ -213,6 +278,7 @@ class KVCache:
     keys: list[Tensor | None]
     values: list[Tensor | None]
     length: int = 0
+    run: Tensor | None = None  # place models: each row's digit run length after the cached tokens
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
@@ -247,7 +313,8 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
     bridge's projections, so the bridge's hooks (and ``pattern_fn``, its ``hook_pattern``) apply.
     """
     seq = hidden_states.shape[1]
-    pos = position_ids[0] if position_ids is not None else torch.arange(seq, device=hidden_states.device)
+    given = position_ids is not None and self.rotary is not None  # without rotary they may be place ids
+    pos = position_ids[0] if given else torch.arange(seq, device=hidden_states.device)
     seen = {}
 
     def edit(site, L, act, p):
@@ -278,9 +345,19 @@ def block(layer: Layer, L: int, x: Tensor, pos: Tensor, cache: KVCache | None = 
     return after_attention(layer, L, x, z, pos, edit)
 
 
-def embed(nat: Native, tokens: Int[Tensor, "rows pos"], pos: Int[Tensor, "pos"]) -> Float[Tensor, "rows pos d_model"]:
+def embed(nat: Native, tokens: Int[Tensor, "rows pos"], pos: Int[Tensor, "pos"],
+          cache: KVCache | None = None) -> Float[Tensor, "rows pos d_model"]:
+    """Token plus positional embedding; a place model's table is indexed by `place_ids` (the cache's run continued)."""
     x = nat.tok_embed(tokens)
-    return x + nat.pos_embed(pos)[None] if nat.pos_embed is not None else x
+    if nat.pos_embed is None:
+        return x
+    if nat.place_tokens is None:
+        return x + nat.pos_embed(pos)[None]
+    ids, run = place_ids(tokens, nat.place_tokens, cache.run if cache is not None else None)
+    check_place_ids(ids, nat.pos_embed.weight.shape[0])
+    if cache is not None:
+        cache.run = run
+    return x + nat.pos_embed(ids)
 
 
 def forward(nat: Native, tokens: Int[Tensor, "rows pos"], edit: Edit = keep, logits_pos=None,
@@ -291,7 +368,7 @@ def forward(nat: Native, tokens: Int[Tensor, "rows pos"], edit: Edit = keep, log
     """
     start = cache.length if cache is not None else 0
     pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-    x = embed(nat, tokens, pos)
+    x = embed(nat, tokens, pos, cache)
     for L, layer in enumerate(nat.layers[:n_layers]):
         x = block(layer, L, x, pos, cache, edit)
     if cache is not None:
@@ -441,4 +518,5 @@ def recompute_layer(nat: Native, L: int, base: Mapping[tuple[str, int], Tensor],
 
 __all__ = ["Attention", "KVCache", "Layer", "Native", "Recording", "after_attention", "attention_forward",
            "attention_pattern", "block", "decode_step", "expand_kv", "forward", "hook_name", "keep", "native",
-           "project", "record", "record_sites", "recompute_layer", "rope", "self_attention", "supports_native"]
+           "place_ids", "place_model_forward", "place_tokens_of", "project", "record", "record_sites",
+           "recompute_layer", "rope", "self_attention", "supports_native"]

@@ -12,9 +12,31 @@ config whose parameters and attention masks (`model_bytes`) would take more than
 (4 GiB), before anything is allocated.
 
 Positional options: ``learned`` (absolute, trained), ``rotary``, ``none`` (NoPE: the native model's
-learned table, zeroed and frozen). ``length_temperature="log"`` multiplies the attention scores of
-the query at position t by ln(t + 2), a fixed function of the number of visible keys, so attention
-can stay sharp as the context grows.
+learned table, zeroed and frozen), ``place`` (per-digit place indices, below). ``length_temperature="log"``
+multiplies the attention scores of the query at position t by ln(t + 2), a fixed function of the
+number of visible keys, so attention can stay sharp as the context grows.
+
+``positional="place"`` ("abacus" embeddings, McLeish et al. 2024): each digit token gets a learned
+embedding indexed by its place within its number, so that digits of equal significance share an
+embedding whatever the numbers' lengths (with operands and answers written least significant digit
+first, place i is the power 10**i). Details:
+
+- Token ids ``0..place_tokens-1`` are digits (``place_tokens=10`` for multiplication's ``0..9 * =``).
+- The place table is the native model's positional table (``n_ctx`` rows, ``hook_pos_embed``, ``W_pos``).
+  Row 0 is reserved for every token that is not a digit; the i-th digit (from 0) of a run of
+  consecutive digit tokens gets row ``1 + i``. The ids are a causal function of the token ids alone
+  (`probekit.forward.place_ids`, the one function computing them), so a key/value-cached decode
+  continues them incrementally.
+- Training adds a random offset in ``[0, place_offset_max]`` to every digit's row, one per sequence,
+  drawn from the step's batch seed (a resumed run equals an unbroken one), so rows beyond the trained
+  lengths are trained too; evaluation and every instrument use offset 0. Training refuses lengths whose
+  longest digit run plus ``place_offset_max`` would pass row ``n_ctx - 1``.
+- ``build_model`` installs `probekit.forward.place_model_forward` on the native model, so the bridge's
+  own forward (``model(tokens)``, ``run_with_cache``, hook-based instruments) embeds places as
+  `probekit.forward` does. Attention sees sequence positions only (causal mask, length temperature).
+
+``place_tokens`` and ``place_offset_max`` belong to ``place`` models only: other configs refuse them
+and leave them out of `ModelConfig.to_dict` (so their hashes, and saved models, are unchanged).
 """
 
 from __future__ import annotations
@@ -35,7 +57,7 @@ from probekit.io import atomic_write, ensure_empty_dir, write_json
 from probekit.tasks import ProbekitError, Task, task_from_spec
 
 __version__ = "0.1.0"
-POSITIONAL = ("learned", "rotary", "none")
+POSITIONAL = ("learned", "rotary", "none", "place")
 NORMALIZATION = ("LN", "LNPre", "RMS", "RMSPre", None)
 ACT_FNS = ("relu", "gelu", "gelu_new", "silu", "swish", "solu", "solu_ln")  # TransformerLens's native MLP
 MAX_MODEL_BYTES = 4 * 2**30  # a config may not ask for more memory than this (see `model_bytes`)
@@ -56,9 +78,12 @@ class ModelConfig:
     positional: str = field(default="none", metadata=bounds(choices=POSITIONAL))
     length_temperature: str | None = field(default=None, metadata=bounds(choices=("log",)))  # None or "log"
     seed: int = field(default=0, metadata=bounds(lo=0, hi=2**63 - 1))
+    place_tokens: int | None = field(default=None, metadata=bounds(lo=1))  # place: ids 0..place_tokens-1 are digits
+    place_offset_max: int = field(default=0, metadata=bounds(lo=0))  # place: training offsets in [0, this]
 
     def __post_init__(self):
         check_fields(self, "ModelConfig")
+        self._check_place()
         if self.d_head is None and self.d_model % self.n_heads:
             raise ProbekitError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head")
         if self.positional == "rotary" and self.head_dim % 2:
@@ -68,6 +93,20 @@ class ModelConfig:
             raise ProbekitError(f"ModelConfig asks for about {need / 2**30:.1f} GiB (parameters + attention masks, "
                                 f"n_layers={self.n_layers}, d_model={self.d_model}, n_ctx={self.n_ctx}); "
                                 f"expected at most {MAX_MODEL_BYTES / 2**30:.0f} GiB")
+
+    def _check_place(self) -> None:
+        if self.positional != "place":
+            if self.place_tokens is not None or self.place_offset_max:
+                raise ProbekitError(f"ModelConfig.place_tokens = {self.place_tokens!r}, place_offset_max = "
+                                    f"{self.place_offset_max} with positional={self.positional!r}; expected them "
+                                    "unset (null, 0) unless positional='place'")
+            return
+        if self.place_tokens is None or self.place_tokens > self.d_vocab:
+            raise ProbekitError(f"ModelConfig.place_tokens = {self.place_tokens!r} with positional='place'; expected "
+                                f"the number of digit tokens (ids 0..place_tokens-1), 1..d_vocab={self.d_vocab}")
+        if self.place_offset_max + 2 > self.n_ctx:
+            raise ProbekitError(f"ModelConfig.place_offset_max = {self.place_offset_max} with n_ctx = {self.n_ctx}; "
+                                f"expected at most n_ctx - 2 = {self.n_ctx - 2} (the place table has n_ctx rows)")
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +121,10 @@ class ModelConfig:
         return cls(**_checked_fields(cls, d, "model config"))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.positional != "place":  # configs without place fields hash as they did before them
+            del d["place_tokens"], d["place_offset_max"]
+        return d
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -138,6 +180,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
         for block in model.blocks:
             attn = block.attn.original_component
             attn.forward = attention_forward.__get__(attn)
+    if cfg.positional == "place":  # the bridge's own forward indexes the positional table by place ids
+        from probekit.forward import place_model_forward
+
+        native.place_tokens = cfg.place_tokens
+        native.forward = place_model_forward.__get__(native)
     model.probekit_config = cfg
     model.eval()
     return model

@@ -19,6 +19,10 @@ Resuming: the same call on the same folder continues from the checkpoint, after 
 configs differ (the differing fields are named; ``train.extra`` is notes and may differ) and dropping
 the log records past the checkpoint's step. A folder with this run's ``run.json`` and log but no
 checkpoint yet (killed early) is started again from step 0.
+
+Place models (``ModelConfig(positional="place")``): each training sequence's digit place ids get a
+random offset in ``[0, place_offset_max]`` (`place_offsets`, drawn from ``(seed, step)`` like the
+batch), passed to the native model as explicit ``position_ids``; nothing else sees them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from probekit.checks import bounds, check_fields
+from probekit.forward import place_ids
 from probekit.io import atomic_write, ensure_empty_dir, open_append, write_json, write_text
 from probekit.model import (
     ModelConfig,
@@ -155,6 +160,28 @@ def _check_fits(mcfg: ModelConfig, task: Task, tcfg: TrainConfig) -> None:
         T = t.seq_len(tcfg.lengths[1])
         if T > mcfg.n_ctx:
             raise ProbekitError(f"length {tcfg.lengths[1]} ({name}) makes sequences of {T} tokens but n_ctx is {mcfg.n_ctx}")
+        if mcfg.positional == "place":
+            top = int(place_ids(t.sample(8, length=tcfg.lengths[1], seed=0).tokens, mcfg.place_tokens)[0].max())
+            if top + mcfg.place_offset_max >= mcfg.n_ctx:
+                raise ProbekitError(f"length {tcfg.lengths[1]} ({name}) makes digit runs with place ids up to {top}; "
+                                    f"with place_offset_max = {mcfg.place_offset_max} they pass the place table of "
+                                    f"n_ctx = {mcfg.n_ctx} rows; expected a smaller offset or a larger n_ctx")
+
+
+def place_offsets(mcfg: ModelConfig, cfg: TrainConfig, step: int, n: int) -> torch.Tensor | None:
+    """The per-sequence place offsets of the batch at ``step`` (a pure function of the seed and step);
+    None for a model that is not ``positional="place"``."""
+    if mcfg.positional != "place":
+        return None
+    return torch.from_numpy(np.random.default_rng([cfg.seed, step, 11]).integers(0, mcfg.place_offset_max + 1, n))
+
+
+def train_logits(native, mcfg: ModelConfig, tokens: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """The native model's logits on a training batch; a place model's place ids shifted by ``offsets``."""
+    if mcfg.positional != "place":
+        return native(tokens)
+    ids, _ = place_ids(tokens, mcfg.place_tokens, offset=offsets.to(tokens.device))
+    return native(tokens, position_ids=ids)
 
 
 # ---------------------------------------------------------------------------- the output folder
@@ -324,7 +351,7 @@ def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path 
         if _prepare_out(out, run, overwrite):
             start, prev_elapsed = _load_checkpoint(out, model, opt, run)
     t0 = time.time()
-    step = _steps(native, opt, params, mixture, cfg, start, out, stop_after, progress, device,
+    step = _steps(native, model_cfg, opt, params, mixture, cfg, start, out, stop_after, progress, device,
                   save=lambda s: _save_checkpoint(out, model, opt, s, prev_elapsed + time.time() - t0, run))
     native.eval()
     model.eval()
@@ -340,7 +367,7 @@ def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path 
     return model
 
 
-def _steps(native, opt, params, mixture: Mixture, cfg: TrainConfig, start: int, out: Path | None,
+def _steps(native, mcfg: ModelConfig, opt, params, mixture: Mixture, cfg: TrainConfig, start: int, out: Path | None,
            stop_after: int | None, progress: bool, device, save) -> int:
     """Run steps ``start..cfg.steps - 1`` (or ``stop_after`` of them); log and checkpoint. The next step."""
     log_f = open_append(out / LOG_FILE) if out is not None else None
@@ -359,7 +386,8 @@ def _steps(native, opt, params, mixture: Mixture, cfg: TrainConfig, start: int, 
             batch = mixture.sample(cfg.batch_size, length=step_length(cfg, step), seed=batch_seed(cfg.seed, step)).to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            loss, acc = answer_loss(native(batch.tokens), batch.tokens, batch.answer_mask)
+            logits = train_logits(native, mcfg, batch.tokens, place_offsets(mcfg, cfg, step, len(batch.tokens)))
+            loss, acc = answer_loss(logits, batch.tokens, batch.answer_mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:

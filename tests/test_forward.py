@@ -1,5 +1,6 @@
 """The one functional forward: equal to the bridge's own forward and cache on every shipped model and
-on random architectures; decoding steps equal to full forwards; the length temperature as specified."""
+on random architectures; decoding steps equal to full forwards; the length temperature as specified;
+place ids (``positional="place"``) against a pure-Python oracle, in every forward."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from probekit import forward as F
 from probekit.model import ModelConfig, build_model, load, shipped_models
-from probekit.tasks import ProbekitError, SortingTask
+from probekit.tasks import MultiplicationTask, ProbekitError, SortingTask
 
 ATOL = dict(atol=1e-6, rtol=0)
 ACT_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -27,6 +28,9 @@ ARCHS = {
     "three-layers": dict(n_layers=3, positional="learned"),
     "log-temperature": dict(length_temperature="log"),
     "rotary-log-temperature": dict(positional="rotary", length_temperature="log", n_layers=3),
+    # sorting values 0..15: ids 0..9 count as digits, so the lists hold runs of several lengths
+    "place": dict(positional="place", place_tokens=10, place_offset_max=4),
+    "place-log-temperature": dict(positional="place", place_tokens=10, length_temperature="log"),
 }
 
 
@@ -109,7 +113,8 @@ def test_record_restricted_to_positions_and_layers():
         F.record(model, tokens, ["blocks.9.hook_resid_pre"])
 
 
-@pytest.mark.parametrize("arch", ["rotary-log-temperature", "attn-only", "d-head", "rms"])
+@pytest.mark.parametrize("arch", ["rotary-log-temperature", "attn-only", "d-head", "rms", "place",
+                                  "place-log-temperature"])
 def test_decode_steps_equal_full_forwards(arch):
     """Feeding a prefix, then one token at a time against the cache, gives the full forward's logits."""
     model, tokens = _random(arch)
@@ -137,3 +142,70 @@ def test_recompute_layer_without_changes_is_the_recorded_run():
             got = F.recompute_layer(nat, 1, base, x, pos, base["resid_pre", 1][:, new_pos].repeat(2, 1, 1), new_pos,
                                     key_pos, groups=2)
             torch.testing.assert_close(got, base["resid_post", 1][:, pos].repeat(2, 1, 1), **ACT_TOL)
+
+
+# ---------------------------------------------------------------------------- place ids
+
+
+def _place_oracle(row: list[int], place_tokens: int, offset: int = 0) -> list[int]:
+    """0 for a non-digit; 1 + offset + (index of the digit in its run of consecutive digits)."""
+    out, run = [], 0
+    for t in row:
+        run = run + 1 if 0 <= t < place_tokens else 0
+        out.append(offset + run if run else 0)
+    return out
+
+
+def test_place_ids_match_the_oracle_whole_and_in_chunks():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        rows, T, P = 4, int(torch.randint(1, 30, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen))
+        tokens = torch.randint(0, 14, (rows, T), generator=gen)
+        if trial % 4 == 0:
+            tokens[0] = torch.randint(0, P, (T,), generator=gen)  # a row of digits only
+        offset = torch.randint(0, 9, (rows,), generator=gen)
+        ids, run = F.place_ids(tokens, P, offset=offset)
+        assert ids.tolist() == [_place_oracle(r, P, int(o)) for r, o in zip(tokens.tolist(), offset.tolist(), strict=True)]
+        plain = [_place_oracle(r, P) for r in tokens.tolist()]
+        assert F.place_ids(tokens, P)[0].tolist() == plain
+        assert run.tolist() == [p[-1] for p in plain]  # the run length after the last token
+        cut = int(torch.randint(0, T + 1, (1,), generator=gen))  # a prefix (maybe empty), then the rest
+        head, carry = F.place_ids(tokens[:, :cut], P, run_before=torch.zeros(rows, dtype=torch.long))
+        tail, _ = F.place_ids(tokens[:, cut:], P, run_before=carry)
+        assert torch.cat([head, tail], 1).tolist() == plain
+
+
+def _place_mult(**kw):
+    task = MultiplicationTask(digits=4, b_digits=1, reverse_operands=True)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_vocab=task.d_vocab, n_ctx=16, positional="place",
+                      place_tokens=10, seed=1, **kw)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.1))
+    return model, task.sample(6, length=4, seed=3).tokens
+
+
+def test_place_model_embeds_places_in_every_forward():
+    """The bridge's forward, run_with_cache and probekit.forward all add W_pos[place ids], not W_pos[position]."""
+    model, tokens = _place_mult(length_temperature="log")
+    _check_against_bridge(model, tokens)
+    W_pos = model.original_model.pos.weight
+    want = W_pos[torch.tensor([_place_oracle(r, 10) for r in tokens.tolist()])]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="hook_pos_embed")
+    torch.testing.assert_close(cache["hook_pos_embed"], want, **ATOL)
+    # a learned-position model with the same weights embeds positions, so its logits differ
+    learned = build_model(ModelConfig(**(model.probekit_config.to_dict() | {"positional": "learned", "place_tokens": None})))
+    learned.load_state_dict(model.state_dict())
+    assert not torch.allclose(learned(tokens), model(tokens), atol=1e-3)
+
+
+def test_place_ids_past_the_table_are_refused():
+    model, _ = _place_mult()
+    digits = torch.zeros(1, 16, dtype=torch.long)  # 16 digits in a row: place id 16, the table has 16 rows
+    with pytest.raises(ProbekitError, match="past the place table of 16 rows"):
+        F.forward(F.native(model), digits)
+    with pytest.raises(ProbekitError, match="past the place table of 16 rows"):
+        model(digits)

@@ -116,3 +116,37 @@ def test_load_refuses_bad_config(saved, edit, message):
 def test_load_unknown_name():
     with pytest.raises(ProbekitError, match="no model folder or shipped model named 'no-such-model'"):
         load_model("no-such-model")
+
+
+# ---------------------------------------------------------------------------- place positions
+
+
+def test_place_config_checks_and_unchanged_hashes():
+    with pytest.raises(ProbekitError, match="place_tokens = None with positional='place'; expected the number"):
+        small(positional="place")
+    with pytest.raises(ProbekitError, match="place_tokens = 99 with positional='place'"):
+        small(positional="place", place_tokens=99)
+    with pytest.raises(ProbekitError, match=r"place_offset_max = 39 with n_ctx = 40; expected at most n_ctx - 2 = 38"):
+        small(positional="place", place_tokens=10, place_offset_max=39)
+    with pytest.raises(ProbekitError, match="expected them unset .* unless positional='place'"):
+        small(positional="learned", place_tokens=10)
+    with pytest.raises(ProbekitError, match="expected them unset"):
+        small(place_offset_max=3)
+    with pytest.raises(ProbekitError, match="ModelConfig.place_offset_max = -1; expected"):
+        small(positional="place", place_tokens=10, place_offset_max=-1)
+    # configs without place fields are written, and hashed, as before the fields existed
+    assert "place_tokens" not in small().to_dict() and "place_offset_max" not in small().to_dict()
+    assert ModelConfig().hash() == "ff268201ab2c7de5"
+    place = small(positional="place", place_tokens=10, place_offset_max=8)
+    assert ModelConfig.from_dict(place.to_dict()) == place
+    assert place.hash() != small(positional="place", place_tokens=10).hash()
+
+
+def test_place_model_save_load_round_trip(tmp_path):
+    model = build_model(small(positional="place", place_tokens=10, place_offset_max=4, seed=4))
+    with torch.no_grad():
+        model.original_model.pos.weight.normal_()
+    loaded, _, conf = load_model(save_model(model, tmp_path / "m", TASK))
+    x = TASK.sample(3, length=6).tokens
+    assert torch.equal(model(x), loaded(x))
+    assert conf["model"]["place_tokens"] == 10 and loaded.probekit_config == model.probekit_config

@@ -156,6 +156,51 @@ def test_multiplication_features_rebuild_product(a, b, reverse):
     assert batch.meta["n_carries"][0].item() == sum(1 for ki in range(10) if by_k[ki][2] > 0)
 
 
+def _written_oracle(a: int, b: int, wa: int, wb: int, reverse: bool, reverse_operands: bool):
+    """Tokens, operand features and position labels of ``a x b``, by hand from the digits' strings."""
+    sa, sb, sp = str(a).zfill(wa), str(b).zfill(wb), str(a * b).zfill(wa + wb)
+    wa_, wb_ = (sa[::-1], sb[::-1]) if reverse_operands else (sa, sb)
+    pa = list(range(wa)) if reverse_operands else list(range(wa))[::-1]
+    pb = list(range(wb)) if reverse_operands else list(range(wb))[::-1]
+    prod = sp[::-1] if reverse else sp
+    tokens = [int(c) for c in wa_] + [10] + [int(c) for c in wb_] + [11] + [int(c) for c in prod]
+    ks = list(range(wa + wb)) if reverse else list(range(wa + wb))[::-1]
+    labels = [f"a{i}" for i in pa] + ["*"] + [f"b{j}" for j in pb] + ["="] + [f"d{k}" for k in ks]
+    return tokens, pa, pb, labels
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 6), st.integers(1, 3), st.booleans(), st.booleans())
+def test_multiplication_written_order_matches_oracle(seed, da, db, reverse, reverse_operands):
+    """Tokens, place/operand_digit features and position labels, in both operand orders, against strings."""
+    task = MultiplicationTask(digits=da, b_digits=db, reverse=reverse, reverse_operands=reverse_operands)
+    batch = task.sample(3, seed=seed)
+    for r in range(3):
+        a, b = int(batch.meta["a"][r]), int(batch.meta["b"][r])
+        tokens, pa, pb, labels = _written_oracle(a, b, da, db, reverse, reverse_operands)
+        f = {k: v[r].tolist() for k, v in batch.features.items()}
+        assert batch.tokens[r].tolist() == tokens and list(batch.pos_labels) == labels
+        assert f["place"][:da] == pa and f["place"][da + 1:da + 1 + db] == pb
+        assert f["operand_digit"][:da + 1 + db] == tokens[:da] + [-1] + tokens[da + 1:da + 1 + db]
+        # product digit k, read where its logits are, is the k-th digit of a*b from the units
+        pp = batch.pred_mask[r]
+        digits = [int(c) for c in str(a * b).zfill(da + db)[::-1]]
+        assert [digits[k] for k in batch.features["digit_index"][r][pp].tolist()] == batch.features["digit"][r][pp].tolist()
+    assert task_from_spec(task.spec()) == task
+    assert ("reverse_operands" in task.spec()) == reverse_operands  # older specs read as they did
+
+
+def test_reverse_operands_corruptions_edit_the_same_digits():
+    """The task's corruption rules pick the same digit edits whichever order the operands are written in."""
+    fwd, rev = MultiplicationTask(digits=5, b_digits=1), MultiplicationTask(digits=5, b_digits=1, reverse_operands=True)
+    for kind, opts in [("carry-flip", {"digit": 3}), ("operand-digit", {"place": 2}), ("random-digit", {})]:
+        edits = [t.corruptions()[kind](t.sample(64, seed=4), np.random.default_rng(0), **opts) for t in (fwd, rev)]
+        assert np.array_equal(edits[0].valid, edits[1].valid) and edits[0].valid.any()
+        for k in ("a", "b"):
+            assert torch.equal(edits[0].corrupted.meta[k], edits[1].corrupted.meta[k])
+        assert {k: v.tolist() for k, v in edits[0].record.items()} == {k: v.tolist() for k, v in edits[1].record.items()}
+
+
 def test_multiplication_edges_zeros_and_nines():
     task = MultiplicationTask(digits=3)
     z = task.batch_from_operands([0], [0])

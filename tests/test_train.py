@@ -7,10 +7,19 @@ import json
 import pytest
 import torch
 
+from probekit import forward as F
 from probekit.evaluate import evaluate
 from probekit.model import ModelConfig
-from probekit.tasks import ProbekitError, SortingTask
-from probekit.train import TrainConfig, answer_loss, checkpoint_meta, lr_at, train
+from probekit.tasks import MultiplicationTask, ProbekitError, SortingTask
+from probekit.train import (
+    TrainConfig,
+    answer_loss,
+    checkpoint_meta,
+    lr_at,
+    place_offsets,
+    train,
+    train_logits,
+)
 
 TASK = SortingTask(n_values=10)
 CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=40, d_vocab=TASK.d_vocab, seed=0)
@@ -209,3 +218,44 @@ def test_old_checkpoint_format_refused(tmp_path):
 def test_warmup_longer_than_run_warns():
     with pytest.warns(UserWarning, match="warmup_steps = 10 >= steps = 3"):
         train(CFG, TASK, TrainConfig(steps=3, batch_size=4, lengths=(2, 3), warmup_steps=10), progress=False)
+
+
+# ---------------------------------------------------------------------------- place positions
+
+MULT = MultiplicationTask(digits=3, b_digits=1, reverse_operands=True)
+PLACE = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=20, d_vocab=MULT.d_vocab, positional="place",
+                    place_tokens=10, place_offset_max=6, seed=0)
+
+
+def test_place_offsets_are_seeded_in_range_and_reach_the_logits():
+    tc = TrainConfig(seed=3)
+    offs = torch.stack([place_offsets(PLACE, tc, s, 64) for s in range(20)])
+    assert offs.min() == 0 and offs.max() == 6 and len(set(offs.flatten().tolist())) == 7
+    assert torch.equal(place_offsets(PLACE, tc, 5, 64), offs[5])
+    assert not torch.equal(place_offsets(PLACE, TrainConfig(seed=4), 5, 64), offs[5])
+    assert place_offsets(CFG, tc, 5, 64) is None
+    from probekit.model import build_model
+
+    model = build_model(PLACE)
+    with torch.no_grad():
+        model.original_model.pos.weight.normal_()
+    tokens = MULT.sample(64, seed=0).tokens
+    native = model.original_model
+    zero = torch.zeros(64, dtype=torch.long)
+    assert torch.equal(train_logits(native, PLACE, tokens, zero), model(tokens))  # offset 0: the model's own forward
+    shifted = train_logits(native, PLACE, tokens, offs[5])
+    want = model.original_model(tokens, position_ids=F.place_ids(tokens, 10, offset=offs[5])[0])
+    assert torch.equal(shifted, want) and not torch.allclose(shifted, model(tokens), atol=1e-3)
+
+
+def test_place_model_resume_equals_unbroken_and_refuses_runs_past_the_table(tmp_path):
+    tc = TrainConfig(steps=16, batch_size=16, lengths=(1, 3), warmup_steps=2, checkpoint_every=8, log_every=4)
+    a = train(PLACE, MULT, tc, out=tmp_path / "a", progress=False).state_dict()
+    train(PLACE, MULT, tc, out=tmp_path / "b", progress=False, stop_after=9)
+    b = train(PLACE, MULT, tc, out=tmp_path / "b", progress=False).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    unshifted = train(ModelConfig(**(PLACE.to_dict() | {"place_offset_max": 0})), MULT, tc, progress=False).state_dict()
+    assert not torch.allclose(a["pos_embed.weight"], unshifted["pos_embed.weight"])
+    # 3 x 1 digits: a product run of 4 digits, place ids up to 4; + 16 passes row 19
+    with pytest.raises(ProbekitError, match="place ids up to 4; with place_offset_max = 16 they pass the place table"):
+        train(ModelConfig(**(PLACE.to_dict() | {"place_offset_max": 16})), MULT, tc, progress=False)

@@ -2,11 +2,14 @@
 
 Worked example, 3 x 2 digits, 123 x 45 = 5535 (product padded to 3 + 2 = 5 digits)::
 
-    reversed   1 2 3 * 4 5 = 5 3 5 5 0
-    forward    1 2 3 * 4 5 = 0 5 5 3 5
+    reversed                          1 2 3 * 4 5 = 5 3 5 5 0
+    forward                           1 2 3 * 4 5 = 0 5 5 3 5
+    reversed, reverse_operands=True   3 2 1 * 5 4 = 5 3 5 5 0
 
-Operands are written most significant digit first and zero-padded to their width; every product
-digit is predicted. With digits a_i, b_j (i, j = 0 at the units), answer digit k has
+Operands are written most significant digit first (``reverse_operands=True``: units first, so that
+the i-th digit of a number is its place i, as the i-th digit of the reversed product is product digit
+i; what a per-digit place embedding, ``ModelConfig(positional="place")``, needs) and zero-padded to
+their width; every product digit is predicted. With digits a_i, b_j (i, j = 0 at the units), answer digit k has
 
     column sum  S_k = sum_{i + j = k} a_i * b_j
     carry       c_0 = 0,  c_{k+1} = (S_k + c_k) div 10      (carries can exceed 1)
@@ -24,7 +27,9 @@ uniform below 10**digits, so some have leading zeros. A fraction ``simple_fracti
 multiplier with a single non-zero digit (Qiu et al.'s "simple samples"). They are a training device:
 set them in ``TrainConfig.task_overrides`` so that evaluation samples uniform operands.
 
-Position labels: ``a2 a1 a0 * b0 = d0 d1 ...`` (operand digit by place, product digit k).
+Position labels: ``a2 a1 a0 * b0 = d0 d1 ...`` (operand digit by place, product digit k); with
+``reverse_operands``: ``a0 a1 a2 * b0 = d0 d1 ...``. ``spec()`` leaves ``reverse_operands`` out when
+False, so specs saved before the option read as they did.
 
 Corruptions (`corruptions`; digits units first ``a_i``, ``b_j``; product digit k; carry ``c_k`` into digit k):
 
@@ -71,6 +76,7 @@ class MultiplicationTask:
     b_digits: int | None = None  # None: b has as many digits as a
     pad_to: int | None = None  # minimum operand width; None: the digit count
     reverse: bool = True
+    reverse_operands: bool = False  # operands written units first
     simple_fraction: float = 0.0
     objective: str = "product"
     name: str = "multiplication"
@@ -99,8 +105,9 @@ class MultiplicationTask:
         return replace(self, objective=objective)
 
     def spec(self) -> dict:
-        return {"name": self.name, "digits": self.digits, "b_digits": self.b_digits, "pad_to": self.pad_to,
+        spec = {"name": self.name, "digits": self.digits, "b_digits": self.b_digits, "pad_to": self.pad_to,
                 "reverse": self.reverse, "simple_fraction": self.simple_fraction}
+        return {**spec, "reverse_operands": True} if self.reverse_operands else spec
 
     def corruptions(self) -> dict[str, CorruptionRule]:
         """The corruption rules of this task (module docstring), ``{kind: rule(batch, rng, **options)}``."""
@@ -185,10 +192,13 @@ class MultiplicationTask:
         assert (carry[:, P] == 0).all()
 
         T = wa + 1 + wb + 1 + P
+        a_w, b_w = (a_d, b_d) if self.reverse_operands else (a_d[:, ::-1], b_d[:, ::-1])  # as written
+        a_place, b_place = (np.arange(wa), np.arange(wb)) if self.reverse_operands else \
+            (np.arange(wa)[::-1], np.arange(wb)[::-1])  # the place of each written operand digit
         tokens = np.zeros((n, T), dtype=np.int64)
-        tokens[:, :wa] = a_d[:, ::-1]
+        tokens[:, :wa] = a_w
         tokens[:, wa] = TIMES
-        tokens[:, wa + 1:wa + 1 + wb] = b_d[:, ::-1]
+        tokens[:, wa + 1:wa + 1 + wb] = b_w
         eq = wa + 1 + wb
         tokens[:, eq] = EQUALS
         ans = eq + 1 + np.arange(P)  # token positions of the answer
@@ -202,10 +212,10 @@ class MultiplicationTask:
         f = {k: np.full((n, T), -1, dtype=np.int64) for k in names}
         f["operand"][:, :wa] = 0
         f["operand"][:, wa + 1:eq] = 1
-        f["place"][:, :wa] = np.arange(wa)[::-1]
-        f["place"][:, wa + 1:eq] = np.arange(wb)[::-1]
-        f["operand_digit"][:, :wa] = a_d[:, ::-1]
-        f["operand_digit"][:, wa + 1:eq] = b_d[:, ::-1]
+        f["place"][:, :wa] = a_place
+        f["place"][:, wa + 1:eq] = b_place
+        f["operand_digit"][:, :wa] = a_w
+        f["operand_digit"][:, wa + 1:eq] = b_w
         pp = ans - 1
         f["digit_index"][:, pp] = k_at
         f["step"][:, pp] = np.arange(P)
@@ -217,9 +227,9 @@ class MultiplicationTask:
 
         labels = ["*"] * T
         for t in range(wa):
-            labels[t] = f"a{wa - 1 - t}"
+            labels[t] = f"a{a_place[t]}"
         for j in range(wb):
-            labels[wa + 1 + j] = f"b{wb - 1 - j}"
+            labels[wa + 1 + j] = f"b{b_place[j]}"
         labels[eq] = "="
         for t, k in zip(ans, k_at, strict=True):
             labels[t] = f"d{k}"
@@ -334,10 +344,11 @@ class MultiplicationTask:
 
 
 def _digits(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-    """Operand digits units first, at their padded widths."""
-    op = batch.features["operand"][0].numpy()
+    """Operand digits units first, at their padded widths (in either written order)."""
+    op, place = batch.features["operand"][0].numpy(), batch.features["place"][0].numpy()
     tok = batch.tokens.numpy()
-    return tok[:, np.flatnonzero(op == 0)][:, ::-1].copy(), tok[:, np.flatnonzero(op == 1)][:, ::-1].copy()
+    at = [np.flatnonzero(op == o) for o in (0, 1)]
+    return tuple(tok[:, p[np.argsort(place[p])]].copy() for p in at)
 
 
 def _carries(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
