@@ -155,8 +155,9 @@ CASES = {
     # failures found only after the model is loaded: still nothing written
     "patch corruption of another task": (["patch", *MULT, "--corruption", "swap", "--n", "8", "--out", "{ws}/o"],
                                          "not defined for task"),
-    "eval length past n_ctx": (["eval", "--model", "mult-5x1", "--lengths", "50", "--n", "4", "--out", "{ws}/o"],
-                               "n_ctx"),
+    "eval length past n_ctx": (["eval", *SORT, "--lengths", "200", "--n", "4", "--out", "{ws}/o"], "n_ctx"),
+    "eval length past the task's range": (["eval", *MULT, "--lengths", "50", "--n", "4", "--out", "{ws}/o"],
+                                          "expected an integer in 1..12"),
     # a shipped model's metrics.json is replaced only with --overwrite
     "eval save-metrics into models/": ([*EVAL, "--save-metrics"], "pass --overwrite"),
 }
