@@ -36,7 +36,7 @@ VOCAB, K = 50, 6  # token ids 1..49 copied, 0 the separator
 
 def tiny_gpt2(seed: int = 0):
     """A Hugging Face GPT-2 with random weights (eval mode), built locally. The weights are drawn 10x wider than
-    GPT-2's default (std 0.2, not 0.02) so that patches move the metric by whole logits, not by 1e-3."""
+    GPT-2's default (std 0.2, not 0.02) so that patches move the metric by tenths of a logit, not by thousandths."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
