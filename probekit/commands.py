@@ -489,6 +489,8 @@ def _parse_head_spec(heads: str | None, m) -> list | None:
 def _circuits_figure(report, path: Path) -> list[Path]:
     """One figure: a row per head (QK | OV circuit, each column on a shared colour scale), then the Q-, K-
     and V-composition scores minus their random baseline (writer head x reader head)."""
+    import math
+
     import matplotlib.pyplot as plt
     import torch
 
@@ -498,21 +500,26 @@ def _circuits_figure(report, path: Path) -> list[Path]:
 
     qk, ov, comp = report.qk, report.ov, list(report.composition.values())
     heads, n_tok = qk.labels["head"], qk.values.shape[-1]
-    fig = plt.figure(figsize=(11, 2.6 * len(heads) + 3.6), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * len(heads), 3.4])
-    axs = top.subplots(len(heads), 2, squeeze=False)
+    per_row = 1 if len(heads) <= 4 else 2  # heads side by side past four, so that the figure stays readable
+    n_rows = math.ceil(len(heads) / per_row)
+    fig = plt.figure(figsize=(11 * per_row, 2.6 * n_rows + 3.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * n_rows, 3.4])
+    axs = top.subplots(n_rows, 2 * per_row, squeeze=False)
+    for ax in axs.flat[2 * len(heads):]:
+        ax.axis("off")
     ticks = list(range(0, n_tok, max(1, n_tok // 10)))
     for j, (res, what) in enumerate(((qk, "QK: query token x key token"), (ov, "OV: source token x output logit"))):
         lim = robust_limit(res.values)
         for i, head in enumerate(heads):
-            ax = axs[i, j]
+            r, ax = i // per_row, axs[i // per_row, 2 * (i % per_row) + j]
             im = ax.imshow(res.values[i].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
             ax.set_title(f"{head} {what}", fontsize=8)
             ax.set_yticks(ticks, [res.label(res.axes[1], t) for t in ticks], fontsize=6)
             ax.set_xticks(ticks, [res.label(res.axes[2], t) for t in ticks], fontsize=6)
             ax.set_ylabel(res.axes[1].replace("_", " "), fontsize=7)
-            ax.set_xlabel(res.axes[2].replace("_", " ") if i == len(heads) - 1 else "", fontsize=7)
-        top.colorbar(im, ax=axs[:, j], shrink=0.8).set_label(res.settings["units"], fontsize=8)
+            ax.set_xlabel(res.axes[2].replace("_", " ") if r == n_rows - 1 else "", fontsize=7)
+        top.colorbar(im, ax=axs[:, j::2], shrink=0.8, location="left" if j == 0 else "right").set_label(
+            res.settings["units"], fontsize=8)
     nL, nH = comp[0].values.shape[:2]
     names = [head_label(L, h) for L in range(nL) for h in range(nH)]
     diffs = [(r.values - r.settings["baseline_mean"]).reshape(nL * nH, nL * nH) for r in comp]
@@ -573,7 +580,7 @@ def run_circuits(model: str, heads: str | None = None, ln: str = "embed", n_rand
         files = [write_json(out / "circuits.json", {**json.loads(rep.to_json()), "command": command}, indent=None),
                  write_csv(out / "circuits.csv", rep.scores.to_frame()),
                  write_csv(out / "circuits_composition.csv", comp), *_circuits_figure(rep, out / "circuits.png")]
-    return Outcome(lines=_circuits_lines(rep), files=files, out=out, json=rep.to_json())
+    return Outcome(lines=_circuits_lines(rep), files=files, out=out)
 
 
 # ---------------------------------------------------------------------------- das
