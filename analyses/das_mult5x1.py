@@ -1,4 +1,4 @@
-"""DAS for the carry into one product digit of mult-5x1: the numbers and figure of docs/interventions.md.
+"""DAS for the carry into one product digit of mult-5x1: the numbers and figure of docs/guide.md (DAS).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python analyses/das_mult5x1.py [--digit 2] [--k 8] [--out runs/das-mult5x1] [--k-scan]
 

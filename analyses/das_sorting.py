@@ -1,4 +1,4 @@
-"""DAS for the successor (the next sorted element) in a sorting model: the sorting numbers of docs/interventions.md.
+"""DAS for the successor (the next sorted element) in a sorting model: the sorting numbers of docs/guide.md (DAS).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python analyses/das_sorting.py [--model sort-successor] [--step 5] [--k 16]
 

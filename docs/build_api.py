@@ -29,6 +29,8 @@ MODULES = [
     "probekit.corruptions",
     "probekit.patching",
     "probekit.attribution",
+    "probekit.circuits",
+    "probekit.interventions",
     "probekit.groundtruth",
     "probekit.viz",
     "probekit.studies",

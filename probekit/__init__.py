@@ -1,4 +1,5 @@
-"""probekit: linear probes, activation patching and head attribution for small transformers.
+"""probekit: linear probes, activation patching, head attribution, weight-based circuits and interchange
+interventions (DAS) for small transformers.
 
     model, task = probekit.load("sort-successor")
     batch = task.sample(256, length=20, seed=0)
@@ -45,6 +46,15 @@ _LAZY = {
     "ablate_heads": "probekit.attribution",
     "attribution_patching": "probekit.attribution",
     "head_attention_to": "probekit.attribution",
+    "circuit_report": "probekit.circuits",
+    "qk_circuit": "probekit.circuits",
+    "ov_circuit": "probekit.circuits",
+    "composition_scores": "probekit.circuits",
+    "Location": "probekit.interventions",
+    "Where": "probekit.interventions",
+    "counterfactual_pairs": "probekit.interventions",
+    "fit_das": "probekit.interventions",
+    "das_sweep": "probekit.interventions",
     "run_report": "probekit.report",
 }
 

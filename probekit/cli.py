@@ -216,6 +216,67 @@ def probe_cmd(
                     save_probes=save_probes, out=out, overwrite=overwrite, device=device))
 
 
+@app.command("circuits")
+def circuits_cmd(
+    model: str = MODEL,
+    heads: str = typer.Option("all", help="Heads to draw, e.g. L1H0,L1H2, or all."),
+    ln: str = typer.Option("embed", help="LayerNorm in the circuits: embed | fixed | none."),
+    n_random: int = typer.Option(20, help="Random matrix pairs for the composition baseline (2 to 10000)."),
+    seed: int = SEED,
+    out: Path = typer.Option(..., help="Output folder: circuits.json, circuits.csv, circuits.png."),
+    overwrite: bool = OVERWRITE,
+    device: str = DEVICE,
+):
+    """Weight-based circuits: QK and OV of each head, composition vs random.
+
+    The QK and OV circuits of the chosen heads read through the embeddings, their copying and
+    successor scores, and the Q-, K-, V-composition scores of every head pair against the same
+    score for random matrices. Weights only: no data is sampled.
+
+    Example: probekit circuits --model sort-successor --heads L1H0,L1H2 --out runs/circuits
+    """
+    from probekit.commands import run_circuits
+
+    _emit(run_circuits(model, heads=heads, ln=ln, n_random=n_random, seed=seed, out=out, overwrite=overwrite,
+                       device=device))
+
+
+@app.command("das")
+def das_cmd(
+    model: str = MODEL,
+    vary: str = typer.Option(..., help="Feature that differs between base and source, e.g. carry_in."),
+    at: str = typer.Option(..., help="Answer step as FEATURE=INT, e.g. digit_index=2 (sorting: step=3)."),
+    target: str = typer.Option(..., help="Counterfactual answer: carry | source:FEATURE (e.g. source:target)."),
+    hold: str | None = typer.Option(None, help="Features held equal at the step, e.g. column_sum."),
+    k: int = typer.Option(4, help="Subspace dimensions (1 to d_model)."),
+    sites: str | None = typer.Option(None, help="Sites, e.g. resid_pre,resid_post (default: resid_pre, "
+                                                "resid_mid, resid_post of every layer)."),
+    n: int = typer.Option(2000, help="Counterfactual pairs (8 to 100000; split fit/validation/test)."),
+    length: int | None = typer.Option(None, help="Input length (default: the task's default)."),
+    steps: int = typer.Option(300, help="Most optimiser steps per fit (early stopping on validation)."),
+    seed: int = SEED,
+    out: Path = typer.Option(..., help="Output folder: das.json, das.csv, das.png."),
+    overwrite: bool = OVERWRITE,
+    device: str = DEVICE,
+):
+    """Where a causal variable lives: DAS subspaces and their IIA.
+
+    At every (site, layer), learn a k-dimensional subspace whose interchange from a source input
+    makes the model give the counterfactual answer; report held-out IIA with its interval, random
+    subspaces of the same k (control) and the full-vector interchange (ceiling).
+
+    Example: probekit das --model mult-5x1 --vary carry_in --hold column_sum --at digit_index=2
+    --target carry --k 4 --n 2000 --out runs/das-carry
+    """
+    from probekit.commands import run_das
+
+    _emit(run_das(model, vary, at, target, k=k, hold=hold, sites=sites, n=n, length=length, steps=steps,
+                  seed=seed, out=out, overwrite=overwrite, device=device))
+
+
+# `probekit edges` (probekit.commands.run_edges -> probekit.edges.edge_report) goes here, in the same shape.
+
+
 def _error(message: str, code: int = 2) -> int:
     typer.echo("error: " + " ".join(str(message).split()), err=True)
     return code

@@ -18,6 +18,9 @@ folder (``model.safetensors``, ``config.json``, ``train_log.jsonl``); ``report``
     probekit attribute attribute.json|csv|png (dla: heads x positions; ablate: the head sweep;
                        attrib-patch: attribution to heads) + attribute_<part>.*, attribute_<plot>.png,
                        attribute_attention.html (--html)
+    probekit circuits  circuits.json (QK/OV circuits, scores, composition), circuits.csv (scores),
+                       circuits_composition.csv, circuits.png
+    probekit das       das.json, das.csv, das.png (IIA, random-subspace control, full-vector ceiling)
 """
 
 from __future__ import annotations
@@ -469,3 +472,168 @@ def run_attribute(model: str, method: str, out: Path, n: int = 256, seed: int = 
             viz.attention_html(m, batch, task=task, path=out / "attribute_attention.html")
             files.append(out / "attribute_attention.html")
     return Outcome(lines=lines, files=files, out=out)
+
+
+# ---------------------------------------------------------------------------- circuits
+
+
+def _parse_head_spec(heads: str | None, m) -> list | None:
+    """``--heads``: ``all`` (or unset) -> None (every head); ``L1H0,L1H2`` -> checked (layer, head) pairs."""
+    from probekit.attribution import parse_heads
+
+    if heads is None or heads.strip().lower() == "all":
+        return None
+    return parse_heads(heads, m)
+
+
+def _circuits_figure(report, path: Path) -> list[Path]:
+    """One figure: a row per head (QK | OV circuit, each column on a shared colour scale), then the Q-, K-
+    and V-composition scores minus their random baseline (writer head x reader head)."""
+    import math
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from probekit.attribution import head_label
+    from probekit.circuits import robust_limit
+    from probekit.viz import save_figure
+
+    qk, ov, comp = report.qk, report.ov, list(report.composition.values())
+    heads, n_tok = qk.labels["head"], qk.values.shape[-1]
+    per_row = 1 if len(heads) <= 4 else 2  # heads side by side past four, so that the figure stays readable
+    n_rows = math.ceil(len(heads) / per_row)
+    fig = plt.figure(figsize=(11 * per_row, 2.6 * n_rows + 3.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * n_rows, 3.4])
+    axs = top.subplots(n_rows, 2 * per_row, squeeze=False)
+    for ax in axs.flat[2 * len(heads):]:
+        ax.axis("off")
+    ticks = list(range(0, n_tok, max(1, n_tok // 10)))
+    for j, (res, what) in enumerate(((qk, "QK: query token x key token"), (ov, "OV: source token x output logit"))):
+        lim = robust_limit(res.values)
+        for i, head in enumerate(heads):
+            r, ax = i // per_row, axs[i // per_row, 2 * (i % per_row) + j]
+            im = ax.imshow(res.values[i].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+            ax.set_title(f"{head} {what}", fontsize=8)
+            ax.set_yticks(ticks, [res.label(res.axes[1], t) for t in ticks], fontsize=6)
+            ax.set_xticks(ticks, [res.label(res.axes[2], t) for t in ticks], fontsize=6)
+            ax.set_ylabel(res.axes[1].replace("_", " "), fontsize=7)
+            ax.set_xlabel(res.axes[2].replace("_", " ") if r == n_rows - 1 else "", fontsize=7)
+        top.colorbar(im, ax=axs[:, j::2], shrink=0.8, location="left" if j == 0 else "right").set_label(
+            res.settings["units"], fontsize=8)
+    nL, nH = comp[0].values.shape[:2]
+    names = [head_label(L, h) for L in range(nL) for h in range(nH)]
+    diffs = [(r.values - r.settings["baseline_mean"]).reshape(nL * nH, nL * nH) for r in comp]
+    lim = robust_limit(torch.stack(diffs))
+    cax = bottom.subplots(1, len(comp), squeeze=False)[0]
+    for ax, r, d in zip(cax, comp, diffs, strict=True):
+        ax.set_facecolor("0.85")  # undefined: the writer is not in an earlier layer
+        im = ax.imshow(d.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_title(f"{r.settings['mode']}-composition (baseline {r.settings['baseline_mean']:.3f} "
+                     f"+/- {r.settings['baseline_std']:.3f})", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_xlabel("reader head", fontsize=8)
+    cax[0].set_ylabel("writer head", fontsize=8)
+    bottom.colorbar(im, ax=cax, shrink=0.8).set_label("score minus random baseline", fontsize=8)
+    fig.suptitle(f"{qk.settings.get('model') or 'model'}: weight-based circuits (LN: {qk.settings['ln']}); "
+                 "grey: undefined (same or later layer)")
+    return save_figure(fig, path)
+
+
+def _circuits_lines(report) -> list[str]:
+    from probekit.attribution import head_label
+
+    lines = [f"{name}: " + ", ".join(f"{h} {v:.2f}" for h, v in report.top(name, 3))
+             for name in ("qk_succ_top", "qk_copy_top", "ov_copy_top")]
+    for r in report.composition.values():
+        z = r.extra["z"].nan_to_num(float("-inf"))
+        i = int(z.argmax())
+        wL, wh, rL, rh = (i // z[0].numel(), i // z[0, 0].numel() % z.shape[1], i // z.shape[3] % z.shape[2],
+                          i % z.shape[3])
+        best = "undefined (one layer)" if r.extra["z"].isnan().all() else \
+            f"highest {head_label(wL, wh)} -> {head_label(rL, rh)}, z = {float(z.max()):.1f}"
+        lines.append(f"{r.settings['mode']}-composition vs random baseline "
+                     f"{r.settings['baseline_mean']:.3f} +/- {r.settings['baseline_std']:.3f}: {best}")
+    return lines
+
+
+def run_circuits(model: str, heads: str | None = None, ln: str = "embed", n_random: int = 20, seed: int = 0,
+                 out: Path | None = None, overwrite: bool = False, device: str = "cpu") -> Outcome:
+    """QK/OV circuits of the chosen heads, their scores and the composition scores (weights only, no data);
+    ``circuits.json`` (every result), ``circuits.csv`` (scores, long form), ``circuits_composition.csv``,
+    ``circuits.png`` in ``out``."""
+    import pandas as pd
+
+    from probekit.circuits import LN_MODES, circuit_report
+    from probekit.io import write_csv, write_json
+
+    if out is None:
+        raise ProbekitError("--out is required; expected a folder for circuits.json, circuits.csv and circuits.png")
+    if ln not in LN_MODES:
+        raise ProbekitError(f"unknown --ln {ln!r}; expected one of {list(LN_MODES)}")
+    check_int(n_random, "--n-random", 2, 10_000), check_seed(seed), check_device(device)
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        rep = circuit_report(m, task=task, heads=_parse_head_spec(heads, m), ln=ln, n_random=n_random, seed=seed)
+        command = {"model": model, "heads": heads or "all", "ln": ln, "n_random": n_random, "seed": seed}
+        comp = pd.concat([r.to_frame().assign(mode=r.settings["mode"]) for r in rep.composition.values()])
+        files = [write_json(out / "circuits.json", {**json.loads(rep.to_json()), "command": command}, indent=None),
+                 write_csv(out / "circuits.csv", rep.scores.to_frame()),
+                 write_csv(out / "circuits_composition.csv", comp), *_circuits_figure(rep, out / "circuits.png")]
+    return Outcome(lines=_circuits_lines(rep), files=files, out=out)
+
+
+# ---------------------------------------------------------------------------- das
+
+
+def _check_das_features(m, task, vary: str, hold: list[str], at, target: str, k: int, sites, length) -> None:
+    """Refuse, before any fitting, a feature the task does not have, a site the model lacks, ``k > d_model``."""
+    from probekit.evaluate import check_fits
+    from probekit.interventions import BLOCK_SITES, Location, Where
+
+    check_fits(m, task, length)
+    batch = task.sample(2, length=length, seed=0)
+    named = [vary, *hold] + ([n for n, _ in at.values] if isinstance(at, Where) else [])
+    named += [target[len("source:"):]] if target.startswith("source:") else ["column_sum", "carry_in"]
+    for name in named:
+        batch.feature(name)
+    for site in sites or ["resid_pre"]:
+        Location(site, 0, at).check(m)
+        if site in BLOCK_SITES and k > m.cfg.d_model:
+            raise ProbekitError(f"--k {k} is more than d_model = {m.cfg.d_model} (the size of {site})")
+
+
+def run_das(model: str, vary: str, at: str, target: str, k: int = 4, hold: str | None = None,
+            sites: str | None = None, n: int = 2000, length: int | None = None, steps: int = 300, seed: int = 0,
+            out: Path | None = None, overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Outcome:
+    """DAS at every (site, layer): held-out IIA with its interval, the random-subspace control and the
+    full-vector ceiling; ``das.json|csv|png`` in ``out``."""
+    from probekit.interventions import das_sweep, parse_positions, plot_iia
+
+    if out is None:
+        raise ProbekitError("--out is required; expected a folder for das.json, das.csv and das.png")
+    if not (target == "carry" or (target.startswith("source:") and len(target) > len("source:"))):
+        raise ProbekitError(f"unknown --target {target!r}; expected 'carry' or 'source:FEATURE' (e.g. source:target)")
+    check_int(k, "--k"), check_int(n, "--n", 8, N_MAX), check_int(steps, "--steps", 1, 100_000), check_seed(seed)
+    check_int(length, "--length"), check_device(device)
+    pos, held = parse_positions(at), [h.strip() for h in (hold or "").split(",") if h.strip()]
+    site_list = None if sites is None else [s.strip() for s in sites.split(",") if s.strip()]
+    if site_list == []:
+        raise ProbekitError("--sites is empty; expected e.g. resid_pre,resid_mid,resid_post")
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        _check_das_features(m, task, vary, held, pos, target, k, site_list, length)
+        res = das_sweep(m, task, vary=vary, at=pos, target=target, k=k, hold=held, n=n, length=length, seed=seed,
+                        sites=site_list, steps=steps, progress=progress)
+        res.settings["command"] = {"model": model, "vary": vary, "hold": held, "at": at, "target": target, "k": k,
+                                   "sites": site_list, "n": n, "length": length, "steps": steps, "seed": seed}
+        files = _write_result(res, out, "das", plot_iia)
+    lines = [f"{s['location']}: IIA {s['iia']:.3f} [{s['iia_lo']:.3f}, {s['iia_hi']:.3f}], random subspace "
+             f"{s['control_mean']:.3f}, full vector {s['ceiling']:.3f}, base run {s['floor']:.3f}"
+             for s in res.settings["fits"]]
+    return Outcome(lines=lines, files=files, out=out, json=res.to_json())
+
+
+# ---------------------------------------------------------------------------- edges
+# `probekit edges` (probekit.edges.edge_report) goes here: a `run_edges` in the same shape as
+# `run_circuits` / `run_das` (validate, then work inside `_out`, write edges.json|csv|png).

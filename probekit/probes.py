@@ -48,7 +48,7 @@ Export format (format_version 2; `Probe.save`), a folder readable with ``json`` 
 
 ``logits = ((x - norm_mean) / norm_std) @ W.T + b`` (without normalisation: ``x @ W.T + b``) for x the hook's
 activation flattened to d; the prediction is ``classes[argmax(logits)]`` or, for ridge, ``logits[..., 0]``.
-Folders of format 1 (``weight [d, k]``, ``bias``) still load. See docs/probes.md.
+Folders of format 1 (``weight [d, k]``, ``bias``) still load. See docs/guide.md (Portable probes).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from probekit.cli import main
+from probekit.model import shipped_models
 
 TINY = {
     "name": "cli-tiny",
@@ -116,7 +117,7 @@ def test_config_that_is_a_directory(tmp_path, capsys):
     _bad(["train", "--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys, "is a directory")
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "probe", "patch", "attribute", "report"])
+@pytest.mark.parametrize("command", ["train", "eval", "probe", "patch", "attribute", "report", "circuits", "das"])
 def test_help_fits_80_columns_with_an_example(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     assert main([command, "--help"]) == 0
@@ -138,3 +139,56 @@ def test_eval_out_and_save_metrics_into_a_model_folder(trained, capsys):
     assert (out / "eval.csv").read_text().count("\n") == 3
     assert main(["eval", "--model", str(trained / "run"), "--lengths", "3", "--n", "4", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+needs_shipped = pytest.mark.skipif(
+    not {"sort-successor", "mult-5x1"} <= set(shipped_models()), reason="needs the shipped models sort-successor and mult-5x1")
+
+
+@needs_shipped
+def test_circuits_writes_what_the_library_computes(tmp_path, capsys):
+    import torch
+
+    from probekit.circuits import circuit_report
+    from probekit.model import load_model
+
+    out = tmp_path / "circ"
+    assert main(["circuits", "--model", "sort-successor", "--heads", "L1H0,L1H2", "--ln", "fixed", "--n-random", "5",
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["circuits.csv", "circuits.json", "circuits.png",
+                                                    "circuits_composition.csv"]
+    assert "V-composition vs random baseline" in capsys.readouterr().out
+    d = json.loads((out / "circuits.json").read_text())
+    assert d["command"]["heads"] == "L1H0,L1H2" and d["qk_circuit"]["labels"]["head"] == ["L1H0", "L1H2"]
+    m, task, _ = load_model("sort-successor")
+    rep = circuit_report(m, task=task, heads=[(1, 0), (1, 2)], ln="fixed", n_random=5)
+    assert torch.allclose(torch.tensor(d["ov_circuit"]["values"]), rep.ov.values, atol=1e-5)
+    comp = torch.tensor([[[[float("nan") if v is None else v for v in r] for r in h] for h in L]
+                         for L in d["composition_v"]["values"]])
+    assert torch.allclose(comp, rep.composition["V"].values, equal_nan=True, atol=1e-6)
+    # the scores table: one row per (head, score)
+    assert (out / "circuits.csv").read_text().count("\n") == 1 + 2 * len(rep.scores.labels["score"])
+
+
+@needs_shipped
+def test_das_writes_what_the_library_computes(tmp_path, capsys):
+    from probekit.interventions import das_sweep
+    from probekit.model import load_model
+
+    out = tmp_path / "das"
+    argv = ["das", "--model", "mult-5x1", "--vary", "carry_in", "--hold", "column_sum", "--at", "digit_index=2",
+            "--target", "carry", "--k", "2", "--n", "120", "--steps", "20", "--sites", "resid_pre,resid_post",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["das.csv", "das.json", "das.png"]
+    printed = capsys.readouterr().out
+    assert "resid_post.L0@digit_index=2: IIA" in printed and "full vector" in printed
+    d = json.loads((out / "das.json").read_text())
+    assert d["labels"]["layer"] == ["L0 resid_pre", "L0 resid_post"]
+    m, task, _ = load_model("mult-5x1")
+    res = das_sweep(m, task, vary="carry_in", hold=["column_sum"], at="digit_index=2", target="carry", k=2, n=120,
+                    sites=["resid_pre", "resid_post"], steps=20)
+    assert d["values"] == res.values.tolist()
+    for key in ("control_mean", "ceiling", "floor"):
+        assert d["extra"][key] == res.extra[key].tolist()
+

@@ -70,6 +70,9 @@ PROBE = ["probe", *MULT, "--feature", "carry_out", "--hooks", "resid_pre", "--tr
 PATCH = ["patch", *MULT, "--corruption", "carry-flip", "--n", "8"]
 ATTR = ["attribute", *SORT, "--method", "ablate", "--n", "8", "--length", "5"]
 REPORT = ["report", "--quick", "--study", "overview"]
+CIRC = ["circuits", *SORT]
+DAS = ["das", *MULT, "--vary", "carry_in", "--hold", "column_sum", "--at", "digit_index=2", "--target", "carry",
+       "--n", "40", "--steps", "2", "--sites", "resid_post"]
 
 CASES = {
     # usage errors from the parser: one line too
@@ -107,6 +110,34 @@ CASES = {
     "patch length 0": ([*PATCH, "--length", "0", "--out", "{ws}/o"], "--length must be positive"),
     "patch layers -1": ([*PATCH, "--layers", "-1", "--out", "{ws}/o"], "--layers must hold integers >= 0"),
     "patch top 0": ([*PATCH, "--top", "0", "--json"], "--top must be positive"),
+    # circuits: heads, LN mode, the random baseline
+    "circuits missing --out": (CIRC, "Missing option '--out'"),
+    "circuits unknown head": ([*CIRC, "--heads", "L1H9", "--out", "{ws}/o"], "head 9 is out of range"),
+    "circuits head not LxHy": ([*CIRC, "--heads", "L1,H2", "--out", "{ws}/o"], "is not of the form L<layer>H<head>"),
+    "circuits layer past the model": ([*CIRC, "--heads", "L5H0", "--out", "{ws}/o"], "layer 5 is out of range"),
+    "circuits bad ln": ([*CIRC, "--ln", "rms", "--out", "{ws}/o"], "unknown --ln 'rms'"),
+    "circuits n-random 1": ([*CIRC, "--n-random", "1", "--out", "{ws}/o"], "--n-random must be >= 2"),
+    "circuits seed -1": ([*CIRC, "--seed", "-1", "--out", "{ws}/o"], "--seed must be >= 0"),
+    # das: features, positions, targets, k, sites
+    "das missing --vary": (["das", *MULT, "--at", "digit_index=2", "--target", "carry", "--out", "{ws}/o"],
+                           "Missing option '--vary'"),
+    "das k 0": ([*DAS, "--k", "0", "--out", "{ws}/o"], "--k must be positive, got 0"),
+    "das k over d_model": ([*DAS, "--k", "97", "--out", "{ws}/o"], "--k 97 is more than d_model = 96"),
+    "das unknown vary feature": ([*DAS, "--vary", "carry", "--out", "{ws}/o"], "feature 'carry' is not defined"),
+    "das unknown hold feature": ([*DAS, "--hold", "colsum", "--out", "{ws}/o"], "feature 'colsum' is not defined"),
+    "das at unknown feature": ([*DAS, "--at", "nope=2", "--out", "{ws}/o"], "feature 'nope' is not defined"),
+    "das at no such step": ([*DAS, "--at", "digit_index=9", "--out", "{ws}/o"], "matches 0 positions"),
+    "das at not FEATURE=INT": ([*DAS, "--at", "digit_index:2", "--out", "{ws}/o"], "is not FEATURE=INT"),
+    "das unknown target": ([*DAS, "--target", "source-value", "--out", "{ws}/o"], "unknown --target 'source-value'"),
+    "das target of another task": (["das", *SORT, "--vary", "target", "--at", "step=2", "--target", "carry", "--n",
+                                    "40", "--out", "{ws}/o"], "feature 'column_sum' is not defined"),
+    "das source feature unknown": ([*DAS, "--target", "source:nope", "--out", "{ws}/o"], "feature 'nope'"),
+    "das unknown site": ([*DAS, "--sites", "resid_pre,embed", "--out", "{ws}/o"], "unknown site 'embed'"),
+    "das empty sites": ([*DAS, "--sites", ",", "--out", "{ws}/o"], "--sites is empty"),
+    "das n 2": ([*DAS, "--n", "2", "--out", "{ws}/o"], "--n must be >= 8"),
+    "das steps 0": ([*DAS, "--steps", "0", "--out", "{ws}/o"], "--steps must be positive"),
+    "das vary also held": ([*DAS, "--hold", "carry_in", "--out", "{ws}/o"], "both varied and held"),
+    "sweep empty --jobs": (["sweep", "{ws}/cfg.json", "--out", "{ws}/o", "--jobs", ","], "--jobs is empty"),
     # --out: a file, under a file, the user's non-empty folder
     "train out is a file": ([*TRAIN, "--out", "{ws}/afile"], "is a file"),
     "eval out under a file": ([*EVAL, "--out", "{ws}/afile/sub"], "is under the file"),
@@ -120,16 +151,18 @@ CASES = {
     "patch out non-empty": ([*PATCH, "--out", "{ws}/keep"], "is not empty"),
     "attribute out non-empty": ([*ATTR, "--out", "{ws}/keep"], "is not empty"),
     "report out non-empty": ([*REPORT, "--out", "{ws}/keep"], "is not empty"),
+    "circuits out non-empty": ([*CIRC, "--out", "{ws}/keep"], "is not empty"),
+    "das out is a file": ([*DAS, "--out", "{ws}/afile"], "is a file"),
     # failures found only after the model is loaded: still nothing written
     "patch corruption of another task": (["patch", *MULT, "--corruption", "swap", "--n", "8", "--out", "{ws}/o"],
                                          "not defined for task"),
-    "eval length past n_ctx": (["eval", "--model", "sort-baseline", "--lengths", "200", "--n", "4", "--out", "{ws}/o"],
-                               "n_ctx"),
+    "eval length past n_ctx": (["eval", *SORT, "--lengths", "200", "--n", "4", "--out", "{ws}/o"], "n_ctx"),
+    "eval length past the task's range": (["eval", *MULT, "--lengths", "50", "--n", "4", "--out", "{ws}/o"],
+                                          "expected an integer in 1..12"),
     # sweep: the grid and --jobs are checked before Ray starts or a folder is made
     "sweep grid missing": (["sweep", "{ws}/nogrid.json", "--out", "{ws}/o"], "not found"),
     "sweep grid not a grid": (["sweep", "{ws}/cfg.json", "--out", "{ws}/o"], "grid"),
     "sweep unknown job": (["sweep", GRID, "--out", "{ws}/o", "--jobs", "nosuch"], "nosuch"),
-    "sweep empty jobs": (["sweep", GRID, "--out", "{ws}/o", "--jobs", ","], "--jobs is empty"),
     # a shipped model's metrics.json is replaced only with --overwrite
     "eval save-metrics into models/": ([*EVAL, "--save-metrics"], "pass --overwrite"),
 }
@@ -167,7 +200,7 @@ def test_a_locked_out_is_refused_at_once(ws, capsys):
     """A second command on a folder another command holds: refused, and the holder's files survive."""
     with io.output_dir(ws / "busy"):
         io.write_json(ws / "busy" / "patch.json", {"first": True})
-        for argv in (EVAL, PATCH, ATTR, PROBE, REPORT, TRAIN):
+        for argv in (EVAL, PATCH, ATTR, PROBE, REPORT, TRAIN, CIRC, DAS):
             refuses([*argv, "--out", "{ws}/busy"], ws, capsys, "in use by another probekit command")
     assert json.loads((ws / "busy" / "patch.json").read_text()) == {"first": True}
     assert sorted(os.listdir(ws / "busy")) == ["patch.json"]

@@ -219,7 +219,8 @@ def test_evaluate_batch_without_a_task(gpt2):
 
 
 def test_bring_your_own_lines(gpt2, tmp_path):
-    """The lines of docs/bring_your_own.md, on the GPT-2 bridge: a probe and a patching sweep on custom data."""
+    """The lines of docs/guide.md ("Your own model and your own data") on the GPT-2 bridge: a probe and a patching
+    sweep on custom data."""
     from probekit.corruptions import make_pair
     from probekit.patching import sweep
 
