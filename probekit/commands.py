@@ -245,19 +245,13 @@ def _corruption_options(task, corruption: str, digit: int | None, operand: str |
 
 def _patch_figure(res, corruption: str, metric: str, raw: bool):
     def draw(r, path):
-        import matplotlib.pyplot as plt
-
         from probekit import viz
-        from probekit.io import save_figure
 
-        kw = {"rows": "layer"}
-        if r.values.ndim >= 2:
-            kw["cols"] = r.axes[1]
-        if r.values.ndim == 3:
-            kw["facet"] = "head"
-        fig = viz.heatmap(r, None, title=f"{r.kind}: {corruption}, {metric}" + ("" if raw else " (normalised)"), **kw)
-        save_figure(fig, path, dpi=120)
-        plt.close(fig)
+        if r.values.ndim == 3:  # (layer, pos, head): one row per head, labelled L<l>H<h>
+            fig = viz.layer_pos_heatmap(r)
+        else:
+            fig = viz.heatmap(r, rows="layer", cols=r.axes[1] if r.values.ndim >= 2 else None)
+        viz.save_figure(fig, path)
 
     return draw
 
@@ -300,7 +294,10 @@ def run_patch(model: str, corruption: str, site: str = "head", by_pos: bool = Tr
     lines = [f"{pair.kind}: {s['n']} pairs ({pair.n_invalid} had no valid corruption, {pair.invalid_policy}d); "
              f"metric {metric} clean {s['clean_metric']:.4f}, corrupted {s['corrupted_metric']:.4f}; "
              f"values {'raw' if raw else 'normalised (0 = corrupted, 1 = clean)'}"]
-    lines += ["  " + "  ".join(f"{k} {c:>4}" for k, c in coords.items()) + f"  {v:+.4f}" for coords, v in res.top(top)]
+    rows = [(coords, v) for coords, v in res.top(top) if abs(v) >= 5e-5]  # rows that print as 0.0000 say nothing
+    lines += ["  " + "  ".join(f"{k} {c:>4}" for k, c in coords.items()) + f"  {v:+.4f}" for coords, v in rows]
+    if len(rows) < min(top, res.values.numel()):
+        lines.append(f"  (every other component: 0.0000; {len(rows)} non-zero shown)")
     return Outcome(lines=lines, files=files, out=out, json=res.to_json())
 
 
