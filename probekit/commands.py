@@ -466,3 +466,63 @@ def run_attribute(model: str, method: str, out: Path, n: int = 256, seed: int = 
             viz.attention_html(m, batch, task=task, path=out / "attribute_attention.html")
             files.append(out / "attribute_attention.html")
     return Outcome(lines=lines, files=files, out=out)
+
+
+# ---------------------------------------------------------------------------- compare
+
+_COMPARE_FIGURES = {"accuracy": "compare_accuracy", "probe": "compare_probe", "patch": "compare_heatmap",
+                    "attribution": "compare_heatmap"}
+
+
+def _compare_lines(cmp) -> list[str]:
+    from probekit.compare import entry
+
+    a, b = cmp.names
+    acc = cmp.parts["accuracy"]
+    lines = [f"exact match by length: {a} (A) vs {b} (B), B - A with its 95 % interval"]
+    for i, L in enumerate(acc.labels["length"]):
+        lo, hi = float(acc.extra["ci_low"][2, i]), float(acc.extra["ci_high"][2, i])
+        lines.append(f"  length {L:>4}  A {float(acc.values[0, i]):.3f}  B {float(acc.values[1, i]):.3f}  "
+                     f"B - A {float(acc.values[2, i]):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    for part in ("patch", "attribution"):
+        r = cmp.parts[part]
+        diff = entry(r, 2)
+        top = [(c, v) for c, v in diff.top(3) if abs(v) >= 5e-5]
+        lines.append(f"largest {part} differences (B - A): " + ("; ".join(
+            " ".join(f"{k} {c}" for k, c in coords.items()) + f" {v:+.3f}" for coords, v in top) or "none"))
+    return lines
+
+
+def run_compare(models: list[str], lengths: str, n: int = 200, seed: int = 0, feature: str | None = None,
+                hook: str = "resid_post", train_length: int | None = None, corruption: str | None = None,
+                site: str = "head", metric: str = "logit-diff", attribution: str = "dla", length: int | None = None,
+                max_batch: int = 512, out: Path | None = None, overwrite: bool = False,
+                device: str = "cpu") -> Outcome:
+    """Two models on one task: ``compare.json`` + ``compare_<part>.json|csv|png`` (A, B, B - A) in ``out``."""
+    from probekit import patching as P
+    from probekit import viz
+    from probekit.compare import ATTRIBUTIONS, compare_models
+    from probekit.io import write_json
+    from probekit.metrics import check_metric
+
+    if len(models) != 2:
+        raise ProbekitError(f"--model must be given exactly twice (A, then B), got {len(models)}")
+    if out is None:
+        raise ProbekitError("--out is required; expected a folder for compare.json and compare_<part>.*")
+    if attribution not in ATTRIBUTIONS:
+        raise ProbekitError(f"unknown --attribution {attribution!r}; expected one of {list(ATTRIBUTIONS)}")
+    check_n(n), check_seed(seed), check_int(train_length, "--train-length"), check_int(length, "--length")
+    check_int(max_batch, "--max-batch"), check_device(device), check_metric(metric), P.canonical_site(site)
+    lens = parse_ints(lengths, "--lengths")
+    with _out(out, overwrite):
+        (ma, ta), (mb, tb) = _load(models[0], device), _load(models[1], device)
+        ma.probekit_name, mb.probekit_name = (Path(m).name for m in models)
+        cmp = compare_models(ma, ta, mb, tb, lens, n=n, seed=seed, feature=feature, hook=hook,
+                             train_length=train_length, corruption=corruption, site=site, metric=metric,
+                             attribution=attribution, length=length, max_batch=max_batch)
+        cmp.settings["command"] = {"models": models, "lengths": lens, "n": n, "seed": seed}
+        files = [write_json(out / "compare.json", cmp.settings)]
+        for part, r in cmp.parts.items():
+            draw = getattr(viz, _COMPARE_FIGURES[part])
+            files += _write_result(r, out, f"compare_{part}", lambda res, p, d=draw: viz.save_figure(d(res), p))
+    return Outcome(lines=_compare_lines(cmp), files=files, out=out)

@@ -118,10 +118,13 @@ def describe(result: Result) -> tuple[str, str]:
     return kind.replace("_", " "), "value"
 
 
-def robust_limits(values, symmetric: bool = True, percentile: float = 99.0) -> tuple[float, float]:
+def robust_limits(values, symmetric: bool = True, percentile: float = 99.0,
+                  floor: float | None = None) -> tuple[float, float]:
     """Colour limits that one outlier cannot set: the ``percentile`` of |values| (symmetric) or of the values.
 
     numpy's ``higher`` method: with fewer than 100 finite values the limits are the extremes (nothing clipped).
+    ``floor`` (symmetric only): never clip a value whose |value| is at most ``floor`` (for a normalised patch,
+    1: a share restored is never clipped inside [-1, 1]).
     """
     import numpy as np
 
@@ -130,11 +133,19 @@ def robust_limits(values, symmetric: bool = True, percentile: float = 99.0) -> t
     if v.size == 0:
         return (-1.0, 1.0) if symmetric else (0.0, 1.0)
     if symmetric:
-        m = float(np.percentile(np.abs(v), percentile, method="higher")) or float(np.abs(v).max()) or 1.0
+        m = float(np.percentile(np.abs(v), percentile, method="higher"))
+        if floor is not None:
+            m = max(m, min(floor, float(np.abs(v).max())))
+        m = m or float(np.abs(v).max()) or 1.0
         return -m, m
     lo = float(np.percentile(v, 100 - percentile, method="lower"))
     hi = float(np.percentile(v, percentile, method="higher"))
     return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
+def scale_floor(result: Result) -> float | None:
+    """1 for a normalised patching result (its natural scale, see `robust_limits`), else None."""
+    return 1.0 if result.kind.startswith("patch_") and result.settings.get("normalized", True) else None
 
 
 def _grid(n_f: int, n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -243,7 +254,7 @@ def heatmap(result: Result, path: str | Path | None = None, rows: str | None = N
     plt = _plt()
     v, rows, cols, facet = _heatmap_order(result, rows, cols, facet)
     n_rows, n_cols, n_f = v.shape
-    vmin, vmax = limits if limits is not None else robust_limits(v, symmetric, percentile)
+    vmin, vmax = limits if limits is not None else robust_limits(v, symmetric, percentile, scale_floor(result))
     nr, nc = _grid(n_f, n_rows, n_cols)
     size, _ = _figsize(nr, nc, n_rows, n_cols)
     words = describe(result)
@@ -580,11 +591,6 @@ def _check_comparison(result: Result, what: str) -> tuple[str, str]:
     return a, b
 
 
-def _part(result: Result, i: int) -> Result:
-    labels = {k: v for k, v in result.labels.items() if k != "model"}
-    return Result(result.kind, result.values[i], result.axes[1:], labels, result.settings)
-
-
 def _as_rows_cols(result: Result) -> tuple[Result, str, str | None]:
     """A 1-, 2- or 3-D map as (rows, cols): heads flattened to ``L<l>H<h>`` when there are positions too."""
     if "layer" in result.axes and "head" in result.axes and result.values.ndim == 3:
@@ -602,12 +608,15 @@ def compare_heatmap(result: Result, path: str | Path | None = None, title: str |
     """Model A, model B (one shared colour scale) and B - A (a diverging map, its own symmetric scale)."""
     name_a, name_b = _check_comparison(result, "compare_heatmap")
     plt = _plt()
-    parts = [_as_rows_cols(_part(result, i)) for i in range(3)]
+    from probekit.compare import entry
+
+    parts = [_as_rows_cols(entry(result, i)) for i in range(3)]
     r0, rows, cols = parts[0]
     img = [p[0].values.float() if cols else p[0].values.float()[:, None] for p in parts]
     n_rows, n_cols = img[0].shape
-    shared = robust_limits(torch.cat([img[0].reshape(-1), img[1].reshape(-1)]))
-    diff = robust_limits(img[2])
+    floor = scale_floor(r0)
+    shared = robust_limits(torch.cat([img[0].reshape(-1), img[1].reshape(-1)]), floor=floor)
+    diff = robust_limits(img[2], floor=floor)
     nr, nc = (3, 1) if n_cols > 2.2 * n_rows and n_cols > 12 else (1, 3)
     size, _ = _figsize(nr, nc, n_rows, n_cols, extra_w=2.4)
     words = describe(r0)
@@ -625,7 +634,7 @@ def compare_heatmap(result: Result, path: str | Path | None = None, title: str |
                     _colorbar(fig, im, [axs[0], axs[1]], words[1], tuple(clipped), shared[1])
             else:
                 _colorbar(fig, im, [axs[2]], f"B - A: {words[1]}", c, diff[1])
-        fig.suptitle(title or f"{words[0]}: {name_a} vs {name_b}")
+        fig.suptitle(title or f"{words[0]}\n{name_a} vs {name_b}")
     return _finish(fig, path)
 
 
