@@ -37,14 +37,15 @@ def _emit(outcome, as_json: bool = False) -> None:
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., help="JSON with 'model', 'task' and 'train' (a model's config.json works)."),
+    config: Path = typer.Option(..., help="JSON with 'model', 'task' and 'train' (a model's config.json works), "
+                                          "or a shipped model's name (its config.json)."),
     out: Path = typer.Option(..., help="Output folder (resumed if it holds a checkpoint)."),
     overwrite: bool = typer.Option(False, help="Retrain into a non-empty --out instead of refusing."),
     device: str = DEVICE,
 ):
     """Train a model from a config file.
 
-    Example: probekit train --config models/sort-baseline/config.json --out runs/sort-baseline
+    Example: probekit train --config sort-baseline --out runs/sort-baseline
     """
     from probekit.commands import run_train
 

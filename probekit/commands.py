@@ -129,12 +129,28 @@ def _write_result(res, out: Path, stem: str, figure=None) -> list[Path]:
 # ---------------------------------------------------------------------------- train
 
 
+def config_path(config: str | Path) -> Path:
+    """``config`` itself, or ``models/<name>/config.json`` when ``config`` is not a path but a shipped model's name
+    (``probekit train --config sort-baseline`` retrains the shipped sort-baseline)."""
+    from probekit.model import MODELS_DIR, shipped_models
+
+    p = Path(config)
+    if not p.exists():
+        names = shipped_models()
+        if str(config) in names:
+            return MODELS_DIR / str(config) / "config.json"
+        if p.suffix != ".json" and len(p.parts) == 1:
+            raise ProbekitError(f"--config {str(config)!r} is neither a file nor a shipped model; "
+                                f"expected a JSON config or one of {names}")
+    return p
+
+
 def run_train(config: Path, out: Path, overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Outcome:
     """Train from a config file into ``out`` (a folder holding a checkpoint is resumed)."""
     from probekit.train import load_run_config, train
 
     check_device(device)
-    mcfg, task, tcfg, conf = load_run_config(config)
+    mcfg, task, tcfg, conf = load_run_config(config_path(config))
     from probekit.train import CHECKPOINT, RUN_FILE
 
     resumable = Path(out).is_dir() and any((Path(out) / f).exists() for f in (CHECKPOINT, RUN_FILE))
