@@ -193,11 +193,11 @@ def _mark_clipped(ax, img, vmin: float, vmax: float) -> tuple[bool, bool]:
 
 def _colorbar(fig, im, axs, label: str, clipped: tuple[bool, bool], limit: float | None = None):
     extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get(clipped, "neither")
+    text = "\n".join(textwrap.wrap(label, 34))
     if extend != "neither":
-        label += f"\n(triangles: beyond the colour scale, {limit:.3g})" if limit is not None else \
-            "\n(triangles: beyond the colour scale)"
+        text += f"\n(\u25b2 \u25bc: beyond \u00b1{limit:.3g})" if limit is not None else "\n(\u25b2 \u25bc: beyond the scale)"
     cb = fig.colorbar(im, ax=axs, extend=extend, aspect=25)
-    cb.set_label("\n".join(textwrap.wrap(label, 34)))
+    cb.set_label(text)
     return cb
 
 
