@@ -87,7 +87,7 @@ METRIC_WORDS = {"logit-diff": ("logit difference", "logits"), "logit": ("correct
                 "margin": ("logit margin", "logits"), "acc": ("accuracy", "fraction correct"),
                 "exact-match": ("exact match", "fraction correct")}
 AXIS_WORDS = {"pos": "position (token)", "component": "component"}
-MIN_CELL, MAX_CELL, MAX_W, MAX_H = 0.16, 0.42, 14.0, 11.0  # inches
+MIN_CELL, MAX_CELL, MAX_W, MAX_H = 0.16, 0.55, 14.0, 11.0  # inches
 
 
 def _metric_words(metric) -> tuple[str, str]:
@@ -414,6 +414,24 @@ def probe_chance(sweep: Result) -> float:
     return float(torch.nan_to_num(sweep.extra["majority"][:, :, p, -1], nan=0.0).max())
 
 
+def _probe_wilson(sweep: Result) -> Tensor | None:
+    """Distances from each held-out probe accuracy to its 95 % Wilson bounds, (2, hook, layer, length), from the
+    rows scored (``extra['n']``); None for R^2 probes or without row counts."""
+    from probekit.evaluate import wilson
+
+    if sweep.settings.get("metric") != "accuracy" or "n" not in sweep.extra:
+        return None
+    p = sweep.labels["position"].index("all")
+    cols = [i for i, s in enumerate(sweep.labels["split"]) if s != "train"]
+    acc, n = sweep.values[:, :, p, cols].float(), sweep.extra["n"][:, :, p, cols].float()
+    out = torch.full((2, *acc.shape), float("nan"))
+    for idx in torch.nonzero(torch.isfinite(acc) & (n > 0)).tolist():
+        k, m = round(float(acc[tuple(idx)] * n[tuple(idx)])), int(n[tuple(idx)])
+        lo, hi = wilson(k, m)
+        out[(0, *idx)], out[(1, *idx)] = float(acc[tuple(idx)]) - lo, hi - float(acc[tuple(idx)])
+    return out
+
+
 def probe_accuracy(result: Result, path: str | Path | None = None, title: str | None = None,
                    chance: float | None = None):
     """Probe accuracy by layer, one line per length; a third axis gives one panel per index.
@@ -421,8 +439,10 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
     A `probekit.probes.ProbeSweep` is drawn as `probe_by_length` of it, with `probe_chance` as ``chance``.
     """
     _check_result(result, "probe_accuracy")
+    band = None
     if _is_probe_sweep(result):
         chance = probe_chance(result) if chance is None else chance
+        band = _probe_wilson(result)
         result = probe_by_length(result)
     if "layer" not in result.axes or "length" not in result.axes or result.values.ndim not in (2, 3):
         raise ProbekitError(f"probe_accuracy got a {result.kind!r} result with axes {result.axes}; "
@@ -442,8 +462,12 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
         for f in range(nF):
             ax = axs[0, f]
             for j in range(nLen):
-                ax.plot(range(nL), v[:, j, f].numpy(), marker="o", color=cmap(j / max(1, nLen - 1)),
+                color = cmap(j / max(1, nLen - 1))
+                ax.plot(range(nL), v[:, j, f].numpy(), marker="o", color=color,
                         label=f"length {result.label('length', j)}")
+                if band is not None and facet == "hook":
+                    ax.errorbar(range(nL), v[:, j, f].numpy(), yerr=band[:, f, :, j].abs().numpy(), fmt="none",
+                                ecolor=color, elinewidth=0.8, capsize=2)
             if chance is not None:
                 ax.axhline(float(chance), color="grey", ls=":", lw=1, label="chance")
             ax.set_xticks(range(nL), [result.label("layer", i) for i in range(nL)])
@@ -451,11 +475,12 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
             ax.set_xlim(-0.3, nL - 0.7)
             ax.set_ylim(0, 1.02)
             if facet:
-                ax.set_title(f"{facet} {result.label(facet, f)}")
+                label = result.label(facet, f)
+                ax.set_title(label.removeprefix("hook_") if facet == "hook" else f"{facet} {label}")
         axs[0, 0].set_ylabel("probe accuracy (fraction correct)")
         axs[0, -1].legend(loc="best", frameon=False, title="test length" if nLen > 1 else None)
         fig.suptitle(title or f"Linear probe for {result.settings.get('feature', 'the feature')}: held-out "
-                     "accuracy by layer")
+                     "accuracy by layer" + (" (bars: 95 % Wilson intervals)" if band is not None else ""))
         fig.tight_layout()
     return _finish(fig, path)
 
@@ -712,6 +737,13 @@ def compare_probe(result: Result, path: str | Path | None = None, title: str | N
 # ---------------------------------------------------------------------------- training
 
 
+def _running_mean(y: list[float], w: int) -> list[float]:
+    import numpy as np
+
+    a = np.asarray(y, dtype=float)
+    return [float(np.nanmean(a[max(0, i - w + 1):i + 1])) for i in range(len(a))]
+
+
 def plot_training_log(log_path: str | Path, out_png: str | Path | None = None):
     """Loss and token accuracy against step from a ``train_log.jsonl``; written to ``out_png`` (atomically)."""
     import json
@@ -724,10 +756,15 @@ def plot_training_log(log_path: str | Path, out_png: str | Path | None = None):
     steps = [r["step"] for r in rows]
     with plt.rc_context(STYLE):
         fig, (a0, a1) = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
-        a0.plot(steps, [r["loss"] for r in rows], color="C0")
+        for ax, key, color in ((a0, "loss", "C0"), (a1, "token_acc", "C1")):
+            y = [float("nan") if r.get(key) is None else r[key] for r in rows]
+            w = max(1, len(y) // 20)
+            ax.plot(steps, y, color=color, alpha=0.35 if w > 1 else 1.0, lw=1, label="logged")
+            if w > 1:
+                ax.plot(steps, _running_mean(y, w), color=color, lw=1.6, label=f"running mean of {w}")
+                ax.legend(frameon=False, loc="best")
         a0.set_yscale("log")
         a0.set_ylabel("training loss (cross-entropy, nats)")
-        a1.plot(steps, [r.get("token_acc") for r in rows], color="C1")
         a1.set_ylim(-0.02, 1.02)
         a1.set_ylabel("token accuracy on answer positions")
         for ax in (a0, a1):
