@@ -18,6 +18,8 @@ folder (``model.safetensors``, ``config.json``, ``train_log.jsonl``); ``report``
     probekit attribute attribute.json|csv|png (dla: heads x positions; ablate: the head sweep;
                        attrib-patch: attribution to heads) + attribute_<part>.*, attribute_<plot>.png,
                        attribute_attention.html (--html)
+    probekit compare   compare.json (settings), compare_<part>.json|csv|png for accuracy, probe, patch and
+                       attribution: each a result with a leading model axis (A, B, B - A)
 """
 
 from __future__ import annotations
