@@ -12,6 +12,16 @@ and files are written atomically (temporary file, then rename).
 - `attention_html`: circuitsvis attention heads with the task's tokens as labels, the JavaScript bundle
   inlined (circuitsvis's ``str()`` loads it from a CDN, which fails offline; we use ``.local_src``).
 - `mechanism_vs_length`: a mechanism metric and accuracy against length, one line pair per model.
+- `compare_heatmap`, `compare_accuracy`, `compare_probe`: model A, model B (one shared scale) and B - A
+  (a diverging map; an interval band for accuracy), from a `probekit.compare` result.
+- `plot_training_log`: loss and token accuracy against step from a run's ``train_log.jsonl``.
+
+What every figure does: a title in words (`describe`: "Head-output patching, carry-flip: share of logit
+difference restored", never a result's kind), a colour bar labelled with the metric and its units, one
+colour scale shared by every facet, limits that one outlier cannot set (`robust_limits`: the 99th
+percentile of |values|; cells beyond it marked with triangles; a normalised patch is never clipped
+inside [-1, 1]), integer ticks on integer axes, facets wrapped into a grid, and cells of a sensible size
+(`MIN_CELL`..`MAX_CELL` inches, the figure within `MAX_W` x `MAX_H`), so a one-layer model is not a strip.
 
 Reshaping for the figures (no new numbers): `flatten_heads` (layer, head -> ``L<l>H<h>``),
 `probe_by_length` and `probe_by_site` (a probe sweep as the plots' axes), `probe_chance` (its
