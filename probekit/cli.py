@@ -297,7 +297,8 @@ def sweep_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    model: list[str] = typer.Option(..., help="Model A, then model B (give --model twice); one shared task."),
+    model: list[str] = typer.Option(..., metavar="NAME", help="Model A, then model B (give --model twice); one "
+                                                               "shared task."),
     lengths: str = typer.Option(..., help="Comma-separated lengths: accuracy by length and probe test lengths."),
     out: Path = typer.Option(..., help="Output folder: compare.json, compare_<part>.json|csv|png "
                                        "(accuracy, probe, patch, attribution)."),
