@@ -37,14 +37,15 @@ def _emit(outcome, as_json: bool = False) -> None:
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., help="JSON with 'model', 'task' and 'train' (a model's config.json works)."),
+    config: Path = typer.Option(..., help="JSON with 'model', 'task' and 'train' (a model's config.json works), "
+                                          "or a shipped model's name (its config.json)."),
     out: Path = typer.Option(..., help="Output folder (resumed if it holds a checkpoint)."),
     overwrite: bool = typer.Option(False, help="Retrain into a non-empty --out instead of refusing."),
     device: str = DEVICE,
 ):
     """Train a model from a config file.
 
-    Example: probekit train --config models/sort-baseline/config.json --out runs/sort-baseline
+    Example: probekit train --config sort-baseline --out runs/sort-baseline
     """
     from probekit.commands import run_train
 
@@ -353,3 +354,37 @@ def sweep_cmd(
     typer.echo(run.describe())
     if run.failed:
         raise SystemExit(1)
+
+
+@app.command("compare")
+def compare_cmd(
+    model: list[str] = typer.Option(..., metavar="NAME", help="Model A, then model B (give --model twice); one "
+                                                               "shared task."),
+    lengths: str = typer.Option(..., help="Comma-separated lengths: accuracy by length and probe test lengths."),
+    out: Path = typer.Option(..., help="Output folder: compare.json, compare_<part>.json|csv|png "
+                                       "(accuracy, probe, patch, attribution)."),
+    n: int = typer.Option(200, help="Examples per length, probe batch, patching pairs (1 to 100000)."),
+    seed: int = SEED,
+    feature: str | None = typer.Option(None, help="Probe feature (default: target for sorting, carry_out for "
+                                                  "multiplication)."),
+    hook: str = typer.Option("resid_post", help="Probe hook kind (every layer), e.g. resid_pre | resid_post."),
+    train_length: int | None = typer.Option(None, help="Probe training length (default --length)."),
+    corruption: str | None = typer.Option(None, help="Patching corruption (default: the task's first)."),
+    site: str = typer.Option("head", help="Patching site, as in probekit patch."),
+    metric: str = typer.Option("logit-diff", help="Patching metric, as in probekit patch (normalised)."),
+    attribution: str = typer.Option("dla", help="dla (by head and position) | ablate (zero-ablate each head)."),
+    length: int | None = typer.Option(None, help="Input length of probe fit, patching and attribution "
+                                                 "(default: the task's default)."),
+    max_batch: int = typer.Option(512, help="Rows per forward pass (>= 1)."),
+    overwrite: bool = OVERWRITE,
+    device: str = DEVICE,
+):
+    """Two models on one task, side by side and as differences (B - A).
+
+    Example: probekit compare --model sort-baseline --model sort-successor --lengths 10,20,30 --n 200 --out runs/cmp
+    """
+    from probekit.commands import run_compare
+
+    _emit(run_compare(model, lengths, n=n, seed=seed, feature=feature, hook=hook, train_length=train_length,
+                      corruption=corruption, site=site, metric=metric, attribution=attribution, length=length,
+                      max_batch=max_batch, out=out, overwrite=overwrite, device=device))

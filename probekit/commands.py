@@ -21,6 +21,8 @@ folder (``model.safetensors``, ``config.json``, ``train_log.jsonl``); ``report``
     probekit circuits  circuits.json (QK/OV circuits, scores, composition), circuits.csv (scores),
                        circuits_composition.csv, circuits.png
     probekit das       das.json, das.csv, das.png (IIA, random-subspace control, full-vector ceiling)
+    probekit compare   compare.json (settings), compare_<part>.json|csv|png for accuracy, probe, patch and
+                       attribution: each a result with a leading model axis (A, B, B - A)
 """
 
 from __future__ import annotations
@@ -132,12 +134,28 @@ def _write_result(res, out: Path, stem: str, figure=None) -> list[Path]:
 # ---------------------------------------------------------------------------- train
 
 
+def config_path(config: str | Path) -> Path:
+    """``config`` itself, or ``models/<name>/config.json`` when ``config`` is not a path but a shipped model's name
+    (``probekit train --config sort-baseline`` retrains the shipped sort-baseline)."""
+    from probekit.model import MODELS_DIR, shipped_models
+
+    p = Path(config)
+    if not p.exists():
+        names = shipped_models()
+        if str(config) in names:
+            return MODELS_DIR / str(config) / "config.json"
+        if p.suffix != ".json" and len(p.parts) == 1:
+            raise ProbekitError(f"--config {str(config)!r} is neither a file nor a shipped model; "
+                                f"expected a JSON config or one of {names}")
+    return p
+
+
 def run_train(config: Path, out: Path, overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Outcome:
     """Train from a config file into ``out`` (a folder holding a checkpoint is resumed)."""
     from probekit.train import load_run_config, train
 
     check_device(device)
-    mcfg, task, tcfg, conf = load_run_config(config)
+    mcfg, task, tcfg, conf = load_run_config(config_path(config))
     from probekit.train import CHECKPOINT, RUN_FILE
 
     resumable = Path(out).is_dir() and any((Path(out) / f).exists() for f in (CHECKPOINT, RUN_FILE))
@@ -248,19 +266,13 @@ def _corruption_options(task, corruption: str, digit: int | None, operand: str |
 
 def _patch_figure(res, corruption: str, metric: str, raw: bool):
     def draw(r, path):
-        import matplotlib.pyplot as plt
-
         from probekit import viz
-        from probekit.io import save_figure
 
-        kw = {"rows": "layer"}
-        if r.values.ndim >= 2:
-            kw["cols"] = r.axes[1]
-        if r.values.ndim == 3:
-            kw["facet"] = "head"
-        fig = viz.heatmap(r, None, title=f"{r.kind}: {corruption}, {metric}" + ("" if raw else " (normalised)"), **kw)
-        save_figure(fig, path, dpi=120)
-        plt.close(fig)
+        if r.values.ndim == 3:  # (layer, pos, head): one row per head, labelled L<l>H<h>
+            fig = viz.layer_pos_heatmap(r)
+        else:
+            fig = viz.heatmap(r, rows="layer", cols=r.axes[1] if r.values.ndim >= 2 else None)
+        viz.save_figure(fig, path)
 
     return draw
 
@@ -303,7 +315,10 @@ def run_patch(model: str, corruption: str, site: str = "head", by_pos: bool = Tr
     lines = [f"{pair.kind}: {s['n']} pairs ({pair.n_invalid} had no valid corruption, {pair.invalid_policy}d); "
              f"metric {metric} clean {s['clean_metric']:.4f}, corrupted {s['corrupted_metric']:.4f}; "
              f"values {'raw' if raw else 'normalised (0 = corrupted, 1 = clean)'}"]
-    lines += ["  " + "  ".join(f"{k} {c:>4}" for k, c in coords.items()) + f"  {v:+.4f}" for coords, v in res.top(top)]
+    rows = [(coords, v) for coords, v in res.top(top) if abs(v) >= 5e-5]  # rows that print as 0.0000 say nothing
+    lines += ["  " + "  ".join(f"{k} {c:>4}" for k, c in coords.items()) + f"  {v:+.4f}" for coords, v in rows]
+    if len(rows) < min(top, res.values.numel()):
+        lines.append(f"  (every other component: 0.0000; {len(rows)} non-zero shown)")
     return Outcome(lines=lines, files=files, out=out, json=res.to_json())
 
 
@@ -637,3 +652,61 @@ def run_das(model: str, vary: str, at: str, target: str, k: int = 4, hold: str |
 # ---------------------------------------------------------------------------- edges
 # `probekit edges` (probekit.edges.edge_report) goes here: a `run_edges` in the same shape as
 # `run_circuits` / `run_das` (validate, then work inside `_out`, write edges.json|csv|png).
+# ---------------------------------------------------------------------------- compare
+
+_COMPARE_FIGURES = {"accuracy": "compare_accuracy", "probe": "compare_probe", "patch": "compare_heatmap",
+                    "attribution": "compare_heatmap"}
+
+
+def _compare_lines(cmp) -> list[str]:
+    from probekit.compare import entry
+
+    a, b = cmp.names
+    acc = cmp.parts["accuracy"]
+    lines = [f"exact match by length: {a} (A) vs {b} (B), B - A with its 95 % interval"]
+    for i, L in enumerate(acc.labels["length"]):
+        lo, hi = float(acc.extra["ci_low"][2, i]), float(acc.extra["ci_high"][2, i])
+        lines.append(f"  length {L:>4}  A {float(acc.values[0, i]):.3f}  B {float(acc.values[1, i]):.3f}  "
+                     f"B - A {float(acc.values[2, i]):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    for part in ("patch", "attribution"):
+        r = cmp.parts[part]
+        diff = entry(r, 2)
+        top = [(c, v) for c, v in diff.top(3) if abs(v) >= 5e-5]
+        lines.append(f"largest {part} differences (B - A): " + ("; ".join(
+            " ".join(f"{k} {c}" for k, c in coords.items()) + f" {v:+.3f}" for coords, v in top) or "none"))
+    return lines
+
+
+def run_compare(models: list[str], lengths: str, n: int = 200, seed: int = 0, feature: str | None = None,
+                hook: str = "resid_post", train_length: int | None = None, corruption: str | None = None,
+                site: str = "head", metric: str = "logit-diff", attribution: str = "dla", length: int | None = None,
+                max_batch: int = 512, out: Path | None = None, overwrite: bool = False,
+                device: str = "cpu") -> Outcome:
+    """Two models on one task: ``compare.json`` + ``compare_<part>.json|csv|png`` (A, B, B - A) in ``out``."""
+    from probekit import patching as P
+    from probekit import viz
+    from probekit.compare import ATTRIBUTIONS, compare_models
+    from probekit.io import write_json
+    from probekit.metrics import check_metric
+
+    if len(models) != 2:
+        raise ProbekitError(f"--model must be given exactly twice (A, then B), got {len(models)}")
+    if out is None:
+        raise ProbekitError("--out is required; expected a folder for compare.json and compare_<part>.*")
+    if attribution not in ATTRIBUTIONS:
+        raise ProbekitError(f"unknown --attribution {attribution!r}; expected one of {list(ATTRIBUTIONS)}")
+    check_n(n), check_seed(seed), check_int(train_length, "--train-length"), check_int(length, "--length")
+    check_int(max_batch, "--max-batch"), check_device(device), check_metric(metric), P.canonical_site(site)
+    lens = parse_ints(lengths, "--lengths")
+    with _out(out, overwrite):
+        (ma, ta), (mb, tb) = _load(models[0], device), _load(models[1], device)
+        ma.probekit_name, mb.probekit_name = (Path(m).name for m in models)
+        cmp = compare_models(ma, ta, mb, tb, lens, n=n, seed=seed, feature=feature, hook=hook,
+                             train_length=train_length, corruption=corruption, site=site, metric=metric,
+                             attribution=attribution, length=length, max_batch=max_batch)
+        cmp.settings["command"] = {"models": models, "lengths": lens, "n": n, "seed": seed}
+        files = [write_json(out / "compare.json", cmp.settings)]
+        for part, r in cmp.parts.items():
+            draw = getattr(viz, _COMPARE_FIGURES[part])
+            files += _write_result(r, out, f"compare_{part}", lambda res, p, d=draw: viz.save_figure(d(res), p))
+    return Outcome(lines=_compare_lines(cmp), files=files, out=out)

@@ -5,6 +5,7 @@
     res.labels["pos"]     # e.g. ["SORT", "5", "3", "|", ...] (strings, one per index)
     res.settings          # everything needed to rerun it (model, task, corruption, metric, seed, ...)
     res.to_frame()        # long form: one column per axis (index and label) + "value"
+    res.to_xarray()       # labelled array (needs the optional xarray)
     Result.from_json(res.to_json()) == res
 """
 
@@ -73,6 +74,23 @@ class Result:
             if v.shape == self.values.shape:
                 data[k] = v.reshape(-1).numpy()
         return pd.DataFrame(data)
+
+    def to_xarray(self):
+        """An ``xarray.DataArray``: one dimension per axis, the labels as coordinates (``<axis>_label``
+        beside the integer index), ``extra`` tensors of the same shape as a ``Dataset``'s other variables
+        when there are any (then a ``Dataset`` with ``value`` and each of them). Needs xarray."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise ProbekitError("Result.to_xarray needs xarray; install it with: pip install xarray") from None
+        coords = {ax: range(n) for ax, n in zip(self.axes, self.values.shape, strict=True)}
+        coords |= {f"{ax}_label": (ax, list(lab)) for ax, lab in self.labels.items()}
+        attrs = {"kind": self.kind, "settings": self.settings}
+        da = xr.DataArray(self.values.numpy(), dims=self.axes, coords=coords, name="value", attrs=attrs)
+        same = {k: v for k, v in self.extra.items() if v.shape == self.values.shape}
+        if not same:
+            return da
+        return xr.Dataset({"value": da, **{k: (self.axes, v.numpy()) for k, v in same.items()}}, attrs=attrs)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "axes": list(self.axes), "shape": list(self.values.shape),

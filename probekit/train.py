@@ -13,7 +13,8 @@ Output folder: ``run.json`` (the run's model, task and train configs) and ``trai
 record per ``log_every`` steps); while running, ``checkpoint.safetensors``: weights, optimizer state, and
 in its metadata the step, the elapsed time and the run's configs, written whole to a temporary name
 and renamed, so a kill at any moment leaves the previous checkpoint or the new one. At the end:
-``model.safetensors`` + ``config.json`` (``run.json`` and the checkpoint are removed).
+``model.safetensors`` + ``config.json`` (``run.json`` and the checkpoint are removed) and ``train_log.png``
+(`probekit.viz.plot_training_log`).
 
 Resuming: the same call on the same folder continues from the checkpoint, after refusing a run whose
 configs differ (the differing fields are named; ``train.extra`` is notes and may differ) and dropping
@@ -189,6 +190,7 @@ def train_logits(native, mcfg: ModelConfig, tokens: torch.Tensor, offsets: torch
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "probekit-train-checkpoint-2"
 RUN_FILE, LOG_FILE = "run.json", "train_log.jsonl"
+LOG_PLOT = "train_log.png"  # loss and token accuracy against step, drawn from LOG_FILE at the end of a run
 
 
 def run_spec(model_cfg: ModelConfig, task: Task, cfg: TrainConfig) -> dict:
@@ -362,6 +364,10 @@ def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path 
         save_model(model, out, task, train_config=tdict, name=name, overwrite=True)
         for f in (CHECKPOINT, RUN_FILE):
             (out / f).unlink(missing_ok=True)
+        if (out / LOG_FILE).is_file() and (out / LOG_FILE).stat().st_size:
+            from probekit.viz import plot_training_log
+
+            plot_training_log(out / LOG_FILE, out / LOG_PLOT)
     elif out is not None:
         _save_checkpoint(out, model, opt, step, prev_elapsed + time.time() - t0, run)
     return model

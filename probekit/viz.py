@@ -12,6 +12,16 @@ and files are written atomically (temporary file, then rename).
 - `attention_html`: circuitsvis attention heads with the task's tokens as labels, the JavaScript bundle
   inlined (circuitsvis's ``str()`` loads it from a CDN, which fails offline; we use ``.local_src``).
 - `mechanism_vs_length`: a mechanism metric and accuracy against length, one line pair per model.
+- `compare_heatmap`, `compare_accuracy`, `compare_probe`: model A, model B (one shared scale) and B - A
+  (a diverging map; an interval band for accuracy), from a `probekit.compare` result.
+- `plot_training_log`: loss and token accuracy against step from a run's ``train_log.jsonl``.
+
+What every figure does: a title in words (`describe`: "Head-output patching, carry-flip: share of logit
+difference restored", never a result's kind), a colour bar labelled with the metric and its units, one
+colour scale shared by every facet, limits that one outlier cannot set (`robust_limits`: the 99th
+percentile of |values|; cells beyond it marked with triangles; a normalised patch is never clipped
+inside [-1, 1]), integer ticks on integer axes, facets wrapped into a grid, and cells of a sensible size
+(`MIN_CELL`..`MAX_CELL` inches, the figure within `MAX_W` x `MAX_H`), so a one-layer model is not a strip.
 
 Reshaping for the figures (no new numbers): `flatten_heads` (layer, head -> ``L<l>H<h>``),
 `probe_by_length` and `probe_by_site` (a probe sweep as the plots' axes), `probe_chance` (its
@@ -21,9 +31,12 @@ majority-class baseline). In a notebook, `show` displays a figure inline and `sh
 from __future__ import annotations
 
 import html as _html
+import math
+import textwrap
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from probekit.io import save_figure as _save_atomic
 from probekit.io import write_text
@@ -74,17 +87,147 @@ def _check_result(result, what: str) -> None:
         raise ProbekitError(f"{what} needs a probekit Result, got {type(result).__name__}")
 
 
+# ---------------------------------------------------------------------------- words, scales, layout
+
+SITE_WORDS = {"z": "Head-output", "q": "Query", "k": "Key", "v": "Value", "pattern": "Attention-pattern",
+              "resid_pre": "Residual-stream (block input)", "resid_mid": "Residual-stream (after attention)",
+              "resid_post": "Residual-stream (block output)", "attn_out": "Attention-output", "mlp_out": "MLP-output"}
+METRIC_WORDS = {"logit-diff": ("logit difference", "logits"), "logit": ("correct-token logit", "logits"),
+                "logprob": ("correct-token log-probability", "nats"), "prob": ("correct-token probability", "0-1"),
+                "margin": ("logit margin", "logits"), "acc": ("accuracy", "fraction correct"),
+                "exact-match": ("exact match", "fraction correct")}
+AXIS_WORDS = {"pos": "position (token)", "component": "component"}
+MIN_CELL, MAX_CELL, MAX_W, MAX_H = 0.16, 0.55, 14.0, 11.0  # inches
+
+
+def _metric_words(metric) -> tuple[str, str]:
+    return METRIC_WORDS.get(str(metric), (str(metric), "units of the metric"))
+
+
+def describe(result: Result) -> tuple[str, str]:
+    """(title, colour-bar label) in plain words for a result of a known kind; the kind itself otherwise."""
+    s, kind = result.settings, result.kind
+    words, units = _metric_words(s.get("metric"))
+    if kind.startswith("patch_"):
+        site = SITE_WORDS.get(s.get("site"), str(s.get("site")))
+        corr = (s.get("corruption") or {}).get("kind", "corrupted run")
+        if s.get("normalized", True):
+            return (f"{site} patching, {corr}: share of {words} restored",
+                    f"share of {words} restored (0 = corrupted, 1 = clean)")
+        return f"{site} patching, {corr}: {words}", f"{words} ({units})"
+    if kind.startswith("dla_"):
+        unit = {"head": "head", "layer": "component", "component": "component"}.get(kind[4:], kind[4:])
+        return f"Direct logit attribution by {unit} ({words})", f"direct logit attribution ({units})"
+    if kind == "head_ablation_sweep":
+        return (f"Head ablation ({s.get('method', 'zero')}): change in {words}",
+                f"change in {words} when ablated ({units})")
+    if kind.startswith("attrib_patch"):
+        return f"Attribution patching: estimated {words} restored", f"estimated change in {words} ({units})"
+    if kind.startswith("probe"):
+        return f"Linear probe for {s.get('feature', 'the feature')}", "probe accuracy (fraction correct)"
+    return kind.replace("_", " "), "value"
+
+
+def robust_limits(values, symmetric: bool = True, percentile: float = 99.0,
+                  floor: float | None = None) -> tuple[float, float]:
+    """Colour limits that one outlier cannot set: the ``percentile`` of |values| (symmetric) or of the values.
+
+    numpy's ``higher`` method: with fewer than 100 finite values the limits are the extremes (nothing clipped).
+    ``floor`` (symmetric only): never clip a value whose |value| is at most ``floor`` (for a normalised patch,
+    1: a share restored is never clipped inside [-1, 1]).
+    """
+    import numpy as np
+
+    v = np.asarray(torch.as_tensor(values).float().reshape(-1))
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
+    if symmetric:
+        m = float(np.percentile(np.abs(v), percentile, method="higher"))
+        if floor is not None:
+            m = max(m, min(floor, float(np.abs(v).max())))
+        m = m or float(np.abs(v).max()) or 1.0
+        return -m, m
+    lo = float(np.percentile(v, 100 - percentile, method="lower"))
+    hi = float(np.percentile(v, percentile, method="higher"))
+    return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
+def scale_floor(result: Result) -> float | None:
+    """1 for a normalised patching result (its natural scale, see `robust_limits`), else None."""
+    return 1.0 if result.kind.startswith("patch_") and result.settings.get("normalized", True) else None
+
+
+def _grid(n_f: int, n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(rows, cols) of panels for ``n_f`` facets of ``n_rows`` x ``n_cols`` cells: the grid closest to 3:2."""
+    best = None
+    for nc in range(1, min(n_f, 6) + 1):
+        nr = -(-n_f // nc)
+        aspect = (nc * (n_cols + 3)) / max(1, nr * (n_rows + 4))
+        score = abs(math.log(aspect / 1.5)) + 0.3 * (nr * nc - n_f)
+        best = min(best or (score, nr, nc), (score, nr, nc))
+    return best[1], best[2]
+
+
+def _figsize(nr: int, nc: int, n_rows: int, n_cols: int, extra_w: float = 1.4) -> tuple[tuple[float, float], float]:
+    """Figure size (inches) and cell size for a grid of panels; cells square, within [MIN_CELL, MAX_CELL]."""
+    cell = min(MAX_CELL, (MAX_W - extra_w - 1.0 * nc) / max(1, nc * n_cols), (MAX_H - 1.0 * nr) / max(1, nr * n_rows))
+    cell = max(MIN_CELL, cell)
+    w = nc * (n_cols * cell + 1.0) + extra_w
+    h = nr * (max(n_rows * cell, 0.55) + 1.1) + 0.4
+    return (min(MAX_W, max(4.0, w)), min(MAX_H, max(2.4, h))), cell
+
+
+def _integer_axis(ax, which: str = "x", values=None) -> None:
+    """Integer ticks: at each value when there are few, else matplotlib's integer locator."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    if values is not None and len(values) <= 12:
+        (ax.set_xticks if which == "x" else ax.set_yticks)(sorted({int(v) for v in values}))
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _mark_clipped(ax, img, vmin: float, vmax: float) -> tuple[bool, bool]:
+    """Triangles on cells beyond the colour limits (up: above, down: below). (any above, any below)."""
+    import numpy as np
+
+    a = np.asarray(img, dtype=float)
+    hi, lo = np.argwhere(a > vmax + 1e-12), np.argwhere(a < vmin - 1e-12)
+    for idx, marker in ((hi, "^"), (lo, "v")):
+        if len(idx):
+            ax.scatter(idx[:, 1], idx[:, 0], marker=marker, s=14, c="white", edgecolors="black", linewidths=0.5)
+    return bool(len(hi)), bool(len(lo))
+
+
+def _colorbar(fig, im, axs, label: str, clipped: tuple[bool, bool], limit: float | None = None):
+    extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get(clipped, "neither")
+    text = "\n".join(textwrap.wrap(label, 34))
+    if extend != "neither":
+        text += f"\n(\u25b2 \u25bc: beyond \u00b1{limit:.3g})" if limit is not None else "\n(\u25b2 \u25bc: beyond the scale)"
+    cb = fig.colorbar(im, ax=axs, extend=extend, aspect=25)
+    cb.set_label(text)
+    return cb
+
+
+def _draw_panel(ax, img, result: Result, rows: str, cols: str | None, vmin, vmax, cmap):
+    im = ax.imshow(img, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_ylabel(AXIS_WORDS.get(rows, rows))
+    ax.set_yticks(range(img.shape[0]), [result.label(rows, i) for i in range(img.shape[0])])
+    if cols:
+        ax.set_xlabel(AXIS_WORDS.get(cols, cols))
+        labels = [result.label(cols, i) for i in range(img.shape[1])]
+        ax.set_xticks(range(img.shape[1]), labels, rotation=90 if max(map(len, labels), default=0) > 2 else 0)
+    else:
+        ax.set_xticks([])
+    return im, _mark_clipped(ax, img, vmin, vmax)
+
+
 # ---------------------------------------------------------------------------- heatmaps
 
 
-def heatmap(result: Result, path: str | Path | None = None, rows: str | None = None, cols: str | None = None,
-            facet: str | None = None, title: str | None = None, cmap: str = "RdBu_r", symmetric: bool = True):
-    """Heatmap of a 1-, 2- or 3-D `Result` (3-D: one panel per index of ``facet``). Saves PNG/SVG by suffix.
-
-    Returns the matplotlib figure.
-    """
-    _check_result(result, "heatmap")
-    plt = _plt()
+def _heatmap_order(result: Result, rows, cols, facet) -> tuple[Tensor, str, str | None, str | None]:
     axes = list(result.axes)
     if result.values.ndim not in (1, 2, 3):
         raise ProbekitError(f"heatmap needs a 1-, 2- or 3-D result, got axes {result.axes}")
@@ -105,28 +248,41 @@ def heatmap(result: Result, path: str | Path | None = None, rows: str | None = N
         v = v[:, None]
     if facet is None:
         v = v[..., None]
-    n_f = v.shape[2]
-    vmax = float(v.abs().nan_to_num(0).max()) or 1.0
-    width = max(4.0, 0.35 * v.shape[1] + 2)
+    return v, rows, cols, facet
+
+
+def heatmap(result: Result, path: str | Path | None = None, rows: str | None = None, cols: str | None = None,
+            facet: str | None = None, title: str | None = None, cmap: str = "RdBu_r", symmetric: bool = True,
+            label: str | None = None, limits: tuple[float, float] | None = None, percentile: float = 99.0):
+    """Heatmap of a 1-, 2- or 3-D `Result` (3-D: a grid of panels, one per index of ``facet``, one shared
+    colour scale). Saves PNG/SVG by suffix. Returns the matplotlib figure.
+
+    Colour limits: ``limits``, else `robust_limits` (the ``percentile`` of |values|); cells beyond them are
+    marked with triangles. ``title`` and the colour bar ``label`` default to `describe` of the result.
+    """
+    _check_result(result, "heatmap")
+    plt = _plt()
+    v, rows, cols, facet = _heatmap_order(result, rows, cols, facet)
+    n_rows, n_cols, n_f = v.shape
+    vmin, vmax = limits if limits is not None else robust_limits(v, symmetric, percentile, scale_floor(result))
+    nr, nc = _grid(n_f, n_rows, n_cols)
+    size, _ = _figsize(nr, nc, n_rows, n_cols)
+    words = describe(result)
     with plt.rc_context(STYLE):
-        fig, axs = plt.subplots(1, n_f, figsize=(min(24, width * n_f), max(2.5, 0.35 * v.shape[0] + 1.5)),
-                                squeeze=False)
-        for f in range(n_f):
-            ax = axs[0, f]
-            kw = dict(vmin=-vmax, vmax=vmax) if symmetric else {}
-            im = ax.imshow(v[:, :, f].numpy(), aspect="auto", cmap=cmap, interpolation="nearest", **kw)
-            ax.set_ylabel(rows)
-            ax.set_yticks(range(v.shape[0]), [result.label(rows, i) for i in range(v.shape[0])])
-            if cols:
-                ax.set_xlabel(cols)
-                ax.set_xticks(range(v.shape[1]), [result.label(cols, i) for i in range(v.shape[1])], rotation=90)
-            else:
-                ax.set_xticks([])
+        fig, axs = plt.subplots(nr, nc, figsize=size, squeeze=False, layout="constrained")
+        above = below = False
+        for f in range(nr * nc):
+            ax = axs.flat[f]
+            if f >= n_f:
+                ax.set_visible(False)
+                continue
+            im, (a, b) = _draw_panel(ax, v[:, :, f].numpy(), result, rows, cols, vmin, vmax, cmap)
+            above, below = above or a, below or b
             if facet:
                 ax.set_title(f"{facet} {result.label(facet, f)}")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        fig.suptitle(title or result.kind)
-        fig.tight_layout()
+        _colorbar(fig, im, axs[:, :].ravel().tolist(), label or words[1], (above, below),
+                  vmax if symmetric else None)
+        fig.suptitle(title or words[0])
     return _finish(fig, path)
 
 
@@ -182,8 +338,10 @@ def layer_head_heatmap(result: Result, path: str | Path | None = None, title: st
     r = _mean_over(r, {"layer", "head"})
     others = [a for a in result.axes if a not in ("layer", "head")]
     note = f" (mean{' |.|' if absolute else ''} over {', '.join(others)})" if others else ""
-    return heatmap(r, path, rows="layer", cols="head", title=(title or result.kind) + note,
-                   cmap="viridis" if absolute else "RdBu_r", symmetric=not absolute)
+    words = describe(result)
+    return heatmap(r, path, rows="layer", cols="head", title=(title or words[0]) + note,
+                   label=("|.| of " if absolute else "") + words[1], cmap="viridis" if absolute else "RdBu_r",
+                   symmetric=not absolute)
 
 
 def layer_pos_heatmap(result: Result, path: str | Path | None = None, title: str | None = None):
@@ -202,7 +360,7 @@ def layer_pos_heatmap(result: Result, path: str | Path | None = None, title: str
     r = _mean_over(r, {"pos", rows})
     if r.values.ndim != 2:
         raise ProbekitError(f"layer_pos_heatmap cannot reduce axes {result.axes} to ({rows}, pos)")
-    return heatmap(r, path, rows=rows, cols="pos", title=title or result.kind)
+    return heatmap(r, path, rows=rows, cols="pos", title=title)
 
 
 PLOTS = {"layer-head": layer_head_heatmap, "layer-pos": layer_pos_heatmap}
@@ -266,6 +424,24 @@ def probe_chance(sweep: Result) -> float:
     return float(torch.nan_to_num(sweep.extra["majority"][:, :, p, -1], nan=0.0).max())
 
 
+def _probe_wilson(sweep: Result) -> Tensor | None:
+    """Distances from each held-out probe accuracy to its 95 % Wilson bounds, (2, hook, layer, length), from the
+    rows scored (``extra['n']``); None for R^2 probes or without row counts."""
+    from probekit.evaluate import wilson
+
+    if sweep.settings.get("metric") != "accuracy" or "n" not in sweep.extra:
+        return None
+    p = sweep.labels["position"].index("all")
+    cols = [i for i, s in enumerate(sweep.labels["split"]) if s != "train"]
+    acc, n = sweep.values[:, :, p, cols].float(), sweep.extra["n"][:, :, p, cols].float()
+    out = torch.full((2, *acc.shape), float("nan"))
+    for idx in torch.nonzero(torch.isfinite(acc) & (n > 0)).tolist():
+        k, m = round(float(acc[tuple(idx)] * n[tuple(idx)])), int(n[tuple(idx)])
+        lo, hi = wilson(k, m)
+        out[(0, *idx)], out[(1, *idx)] = float(acc[tuple(idx)]) - lo, hi - float(acc[tuple(idx)])
+    return out
+
+
 def probe_accuracy(result: Result, path: str | Path | None = None, title: str | None = None,
                    chance: float | None = None):
     """Probe accuracy by layer, one line per length; a third axis gives one panel per index.
@@ -273,8 +449,10 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
     A `probekit.probes.ProbeSweep` is drawn as `probe_by_length` of it, with `probe_chance` as ``chance``.
     """
     _check_result(result, "probe_accuracy")
+    band = None
     if _is_probe_sweep(result):
         chance = probe_chance(result) if chance is None else chance
+        band = _probe_wilson(result)
         result = probe_by_length(result)
     if "layer" not in result.axes or "length" not in result.axes or result.values.ndim not in (2, 3):
         raise ProbekitError(f"probe_accuracy got a {result.kind!r} result with axes {result.axes}; "
@@ -294,18 +472,25 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
         for f in range(nF):
             ax = axs[0, f]
             for j in range(nLen):
-                ax.plot(range(nL), v[:, j, f].numpy(), marker="o", color=cmap(j / max(1, nLen - 1)),
+                color = cmap(j / max(1, nLen - 1))
+                ax.plot(range(nL), v[:, j, f].numpy(), marker="o", color=color,
                         label=f"length {result.label('length', j)}")
+                if band is not None and facet == "hook":
+                    ax.errorbar(range(nL), v[:, j, f].numpy(), yerr=band[:, f, :, j].abs().numpy(), fmt="none",
+                                ecolor=color, elinewidth=0.8, capsize=2)
             if chance is not None:
                 ax.axhline(float(chance), color="grey", ls=":", lw=1, label="chance")
             ax.set_xticks(range(nL), [result.label("layer", i) for i in range(nL)])
             ax.set_xlabel("layer")
+            ax.set_xlim(-0.3, nL - 0.7)
             ax.set_ylim(0, 1.02)
             if facet:
-                ax.set_title(f"{facet} {result.label(facet, f)}")
-        axs[0, 0].set_ylabel("probe accuracy")
-        axs[0, -1].legend(loc="best", frameon=False)
-        fig.suptitle(title or result.kind)
+                label = result.label(facet, f)
+                ax.set_title(label.removeprefix("hook_") if facet == "hook" else f"{facet} {label}")
+        axs[0, 0].set_ylabel("probe accuracy (fraction correct)")
+        axs[0, -1].legend(loc="best", frameon=False, title="test length" if nLen > 1 else None)
+        fig.suptitle(title or f"Linear probe for {result.settings.get('feature', 'the feature')}: held-out "
+                     "accuracy by layer" + (" (bars: 95 % Wilson intervals)" if band is not None else ""))
         fig.tight_layout()
     return _finish(fig, path)
 
@@ -344,11 +529,12 @@ def accuracy_vs_length(results, path: str | Path | None = None, title: str | Non
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
         if train_lengths is not None:
             ax.axvspan(train_lengths[0], train_lengths[1], color="grey", alpha=0.12, lw=0, label="trained lengths")
-        ax.set_xlabel("length")
-        ax.set_ylabel("exact match (greedy)")
+        ax.set_xlabel("input length")
+        _integer_axis(ax, "x", [x["length"] for r in results.values() for x in r.records])
+        ax.set_ylabel("exact match (fraction of examples)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(loc="best", frameon=False)
-        ax.set_title(title or "accuracy vs length")
+        ax.set_title(title or "Exact match vs length (greedy decoding; bands: 95 % Wilson intervals)")
         fig.tight_layout()
     return _finish(fig, path)
 
@@ -419,10 +605,186 @@ def mechanism_vs_length(rows: list[dict], metric: str, accuracy: str = "exact_ma
     ax.set_xlabel("length")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xscale("log")
+    lengths = sorted({int(r["length"]) for r in rows})
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     ax.set_title(title or f"{metric} vs length", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------- comparisons of two models
+
+
+def _check_comparison(result: Result, what: str) -> tuple[str, str]:
+    _check_result(result, what)
+    if not result.axes or result.axes[0] != "model" or result.values.shape[0] != 3:
+        raise ProbekitError(f"{what} needs a comparison result (probekit.compare) with a leading 'model' axis of "
+                            f"(A, B, B - A), got axes {result.axes} and shape {tuple(result.values.shape)}")
+    a, b, _ = result.labels["model"]
+    return a, b
+
+
+def _as_rows_cols(result: Result) -> tuple[Result, str, str | None]:
+    """A 1-, 2- or 3-D map as (rows, cols): heads flattened to ``L<l>H<h>`` when there are positions too."""
+    if "layer" in result.axes and "head" in result.axes and result.values.ndim == 3:
+        result = flatten_heads(result)
+    if result.values.ndim > 2:
+        raise ProbekitError(f"cannot draw axes {result.axes} as one map; expected at most (layer, pos, head)")
+    axes = result.axes
+    rows = next((a for a in ("component", "layer", "head") if a in axes), axes[0])
+    if rows == "layer" and "head" in axes:
+        return result, "layer", "head"
+    return result, rows, next((a for a in axes if a != rows), None)
+
+
+def compare_heatmap(result: Result, path: str | Path | None = None, title: str | None = None):
+    """Model A, model B (one shared colour scale) and B - A (a diverging map, its own symmetric scale)."""
+    name_a, name_b = _check_comparison(result, "compare_heatmap")
+    plt = _plt()
+    from probekit.compare import entry
+
+    parts = [_as_rows_cols(entry(result, i)) for i in range(3)]
+    r0, rows, cols = parts[0]
+    img = [p[0].values.float() if cols else p[0].values.float()[:, None] for p in parts]
+    n_rows, n_cols = img[0].shape
+    floor = scale_floor(r0)
+    shared = robust_limits(torch.cat([img[0].reshape(-1), img[1].reshape(-1)]), floor=floor)
+    diff = robust_limits(img[2], floor=floor)
+    nr, nc = (3, 1) if n_cols > 2.2 * n_rows and n_cols > 12 else (1, 3)
+    size, _ = _figsize(nr, nc, n_rows, n_cols, extra_w=2.4)
+    words = describe(r0)
+    with plt.rc_context(STYLE):
+        fig, axs = plt.subplots(nr, nc, figsize=size, squeeze=False, layout="constrained")
+        axs = axs.ravel()
+        clipped = [False, False]
+        for i, (name, lim, cmap) in enumerate(((name_a, shared, "RdBu_r"), (name_b, shared, "RdBu_r"),
+                                               (f"{name_b} - {name_a}", diff, "PuOr_r"))):
+            im, c = _draw_panel(axs[i], img[i].numpy(), r0, rows, cols, lim[0], lim[1], cmap)
+            axs[i].set_title(name if i < 2 else f"difference: {name}")
+            if i < 2:
+                clipped = [clipped[0] or c[0], clipped[1] or c[1]]
+                if i == 1:
+                    _colorbar(fig, im, [axs[0], axs[1]], words[1], tuple(clipped), shared[1])
+            else:
+                _colorbar(fig, im, [axs[2]], f"B - A: {words[1]}", c, diff[1])
+        fig.suptitle(title or f"{words[0]}\n{name_a} vs {name_b}")
+    return _finish(fig, path)
+
+
+def _line_panels(plt, n: int = 3, width: float = 12.0):
+    fig, axs = plt.subplots(1, n, figsize=(width, 3.4), squeeze=False, layout="constrained")
+    return fig, axs[0]
+
+
+def compare_accuracy(result: Result, path: str | Path | None = None, title: str | None = None):
+    """Exact match by length of model A and B (95 % Wilson bands, shared axis) and B - A (Newcombe's interval)."""
+    name_a, name_b = _check_comparison(result, "compare_accuracy")
+    if result.axes != ("model", "length") or not {"ci_low", "ci_high"} <= set(result.extra):
+        raise ProbekitError(f"compare_accuracy needs axes ('model', 'length') with ci_low / ci_high, got {result.axes}")
+    plt = _plt()
+    xs = [int(x) for x in result.labels["length"]]
+    v, lo, hi = result.values.float(), result.extra["ci_low"].float(), result.extra["ci_high"].float()
+    with plt.rc_context(STYLE):
+        fig, axs = _line_panels(plt)
+        for i, (ax, name) in enumerate(zip(axs, (name_a, name_b, f"{name_b} - {name_a}"), strict=True)):
+            color = ("C0", "C1", "C2")[i]
+            ax.plot(xs, v[i].numpy(), marker="o", color=color, label=name)
+            ax.fill_between(xs, lo[i].numpy(), hi[i].numpy(), color=color, alpha=0.2, lw=0, label="95 % interval")
+            ax.set_xlabel("input length")
+            _integer_axis(ax, "x", xs)
+            if i < 2:
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_title(name)
+            else:
+                ax.axhline(0, color="grey", lw=0.8)
+                m = max(0.05, float(torch.nan_to_num(torch.stack([lo[2], hi[2]]).abs()).max()) * 1.05)
+                ax.set_ylim(-m, m)
+                ax.set_title(f"difference: {name}")
+            ax.legend(loc="best", frameon=False)
+        axs[0].set_ylabel("exact match (fraction of examples)")
+        axs[2].set_ylabel("B - A (exact match)")
+        axs[1].sharey(axs[0])
+        fig.suptitle(title or f"Exact match vs length, greedy decoding: {name_a} vs {name_b}")
+    return _finish(fig, path)
+
+
+def compare_probe(result: Result, path: str | Path | None = None, title: str | None = None):
+    """Probe accuracy by layer of model A and B (one line per test length, shared axis) and B - A."""
+    name_a, name_b = _check_comparison(result, "compare_probe")
+    if result.axes != ("model", "layer", "length"):
+        raise ProbekitError(f"compare_probe needs axes ('model', 'layer', 'length'), got {result.axes}")
+    plt = _plt()
+    v = result.values.float()
+    nL, nLen = v.shape[1:]
+    cmap = plt.get_cmap("viridis")
+    with plt.rc_context(STYLE):
+        fig, axs = _line_panels(plt)
+        for i, ax in enumerate(axs):
+            for j in range(nLen):
+                ax.plot(range(nL), v[i, :, j].numpy(), marker="o", color=cmap(j / max(1, nLen - 1)),
+                        label=f"length {result.label('length', j)}")
+            ax.set_xticks(range(nL), [result.label("layer", k) for k in range(nL)])
+            ax.set_xlim(-0.3, nL - 0.7)
+            ax.set_xlabel("layer")
+            if i < 2:
+                ax.set_ylim(0, 1.02)
+                ax.set_title((name_a, name_b)[i])
+            else:
+                ax.axhline(0, color="grey", lw=0.8)
+                m = max(0.05, float(torch.nan_to_num(v[2]).abs().max()) * 1.1)
+                ax.set_ylim(-m, m)
+                ax.set_title(f"difference: {name_b} - {name_a}")
+        axs[0].set_ylabel("probe accuracy (fraction correct)")
+        axs[2].set_ylabel("B - A (probe accuracy)")
+        axs[1].legend(loc="best", frameon=False, title="test length")
+        feat = result.settings.get("feature", "the feature")
+        fig.suptitle(title or f"Linear probe for {feat}: held-out accuracy by layer, {name_a} vs {name_b}")
+    return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _running_mean(y: list[float], w: int) -> list[float]:
+    import numpy as np
+
+    a = np.asarray(y, dtype=float)
+    return [float(np.nanmean(a[max(0, i - w + 1):i + 1])) for i in range(len(a))]
+
+
+def plot_training_log(log_path: str | Path, out_png: str | Path | None = None):
+    """Loss and token accuracy against step from a ``train_log.jsonl``; written to ``out_png`` (atomically)."""
+    import json
+
+    plt = _plt()
+    rows = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "step" in r and "loss" in r]
+    if not rows:
+        raise ProbekitError(f"{log_path} has no training records; expected JSON lines with 'step' and 'loss'")
+    steps = [r["step"] for r in rows]
+    with plt.rc_context(STYLE):
+        fig, (a0, a1) = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
+        for ax, key, color in ((a0, "loss", "C0"), (a1, "token_acc", "C1")):
+            y = [float("nan") if r.get(key) is None else r[key] for r in rows]
+            w = max(1, len(y) // 20)
+            ax.plot(steps, y, color=color, alpha=0.35 if w > 1 else 1.0, lw=1, label="logged")
+            if w > 1:
+                ax.plot(steps, _running_mean(y, w), color=color, lw=1.6, label=f"running mean of {w}")
+                ax.legend(frameon=False, loc="best")
+        a0.set_yscale("log")
+        a0.set_ylabel("training loss (cross-entropy, nats)")
+        a1.set_ylim(-0.02, 1.02)
+        a1.set_ylabel("token accuracy on answer positions")
+        for ax in (a0, a1):
+            ax.set_xlabel("step")
+            _integer_axis(ax, "x")
+        fig.suptitle(f"Training: loss and answer-token accuracy ({Path(log_path).parent.name or 'run'})")
+    if out_png is not None:
+        _save_atomic(fig, out_png, dpi=110)
+        plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------- notebooks

@@ -73,6 +73,7 @@ REPORT = ["report", "--quick", "--study", "overview"]
 CIRC = ["circuits", *SORT]
 DAS = ["das", *MULT, "--vary", "carry_in", "--hold", "column_sum", "--at", "digit_index=2", "--target", "carry",
        "--n", "40", "--steps", "2", "--sites", "resid_post"]
+COMPARE = ["compare", *SORT, "--model", "sort-successor", "--lengths", "5", "--n", "4"]
 
 CASES = {
     # usage errors from the parser: one line too
@@ -165,6 +166,24 @@ CASES = {
     "sweep unknown job": (["sweep", GRID, "--out", "{ws}/o", "--jobs", "nosuch"], "nosuch"),
     # a shipped model's metrics.json is replaced only with --overwrite
     "eval save-metrics into models/": ([*EVAL, "--save-metrics"], "pass --overwrite"),
+    # compare: two models of one task
+    "compare missing --lengths": (["compare", *SORT, "--model", "sort-successor", "--out", "{ws}/o"],
+                                  "Missing option '--lengths'"),
+    "compare one model": ([*COMPARE[:3], *COMPARE[5:], "--out", "{ws}/o"], "--model must be given exactly twice"),
+    "compare models of two tasks": (["compare", *SORT, *MULT, "--lengths", "5", "--n", "4", "--out", "{ws}/o"],
+                                    "must share a task"),
+    "compare n huge": ([*COMPARE, "--n", "10000000", "--out", "{ws}/o"], "--n must be <= 100_000"),
+    "compare lengths 0": ([*COMPARE[:5], "--lengths", "5,0", "--out", "{ws}/o"], "--lengths must hold integers >= 1"),
+    "compare attribution bogus": ([*COMPARE, "--attribution", "eap", "--out", "{ws}/o"], "unknown --attribution 'eap'"),
+    "compare corruption of another task": ([*COMPARE, "--corruption", "carry-flip", "--out", "{ws}/o"],
+                                           "not defined for task"),
+    "compare feature unknown": ([*COMPARE, "--feature", "carry_out", "--out", "{ws}/o"], "feature 'carry_out'"),
+    "compare seed -1": ([*COMPARE, "--seed", "-1", "--out", "{ws}/o"], "--seed must be >= 0"),
+    "compare out non-empty": ([*COMPARE, "--out", "{ws}/keep"], "is not empty"),
+    "compare out under a file": ([*COMPARE, "--out", "{ws}/afile/sub"], "is under the file"),
+    # train --config: a path or a shipped model's name
+    "train config neither file nor model": (["train", "--config", "sort-nonexistent", "--out", "{ws}/o"],
+                                            "neither a file nor a shipped model"),
 }
 
 

@@ -59,7 +59,8 @@ def test_same_seed_same_weights_and_resume_equals_unbroken(tmp_path):
     c = train(CFG, TASK, tc, out=tmp_path / "c", progress=False)
     sc = c.state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl",
+                                                                   "train_log.png"]
     log = [json.loads(line) for line in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
     conf = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -180,7 +181,8 @@ def test_killed_before_first_checkpoint_restarts(tmp_path, monkeypatch, unbroken
     model = train(CFG, TASK, RESUME, out=out, progress=False)  # the same command again
     assert _same(unbroken, model.state_dict())
     assert _log_steps(out) == [4, 8, 12, 16, 20, 24]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl",
+                                                     "train_log.png"]
 
 
 def test_killed_after_a_checkpoint_resumes_with_each_step_logged_once(tmp_path, monkeypatch, unbroken):
@@ -197,7 +199,8 @@ def test_killed_after_a_checkpoint_resumes_with_each_step_logged_once(tmp_path, 
     model = train(CFG, TASK, RESUME, out=out, progress=False)
     assert _log_steps(out) == [4, 8, 12, 16, 20, 24]
     assert _same(unbroken, model.state_dict())
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.jsonl",
+                                                     "train_log.png"]
 
 
 def test_old_checkpoint_format_refused(tmp_path):

@@ -3,6 +3,7 @@ by a real headless Chromium with the network off."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -192,3 +193,125 @@ def test_attention_html_renders_offline_in_headless_chromium(gt_model, tmp_path)
     cdn.write_text(f"<!doctype html><html><body>{view}</body></html>", encoding="utf-8")
     dom, colourful, _ = _render(tmp_path, cdn)
     assert "Head Selector" not in dom and colourful < 0.001
+
+
+# ---------------------------------------------------------------------------- figures a reader can trust
+
+
+def _patch_result(n_layers: int = 1, n_pos: int = 14, n_heads: int = 3, normalized: bool = True) -> Result:
+    v = torch.zeros(n_layers, n_pos, n_heads)
+    v[-1, n_pos - 4, n_heads - 1] = 0.86
+    v[-1, n_pos - 4, 0] = 0.04
+    return Result("patch_z_by_pos", v, ("layer", "pos", "head"),
+                  {"layer": [str(i) for i in range(n_layers)], "pos": [f"{i} t{i}" for i in range(n_pos)],
+                   "head": [str(h) for h in range(n_heads)]},
+                  {"site": "z", "metric": "logit-diff", "normalized": normalized,
+                   "corruption": {"kind": "carry-flip"}})
+
+
+def _colorbar_labels(fig) -> list[str]:
+    return [ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_ylabel()]
+
+
+def test_titles_and_colour_bars_say_what_is_shown_in_words():
+    fig = viz.layer_pos_heatmap(_patch_result())
+    title = fig._suptitle.get_text()
+    assert title == "Head-output patching, carry-flip: share of logit difference restored"
+    assert "patch_" not in title and "_by_pos" not in title
+    assert _colorbar_labels(fig) == ["share of logit difference restored\n(0 = corrupted, 1 = clean)"]
+    assert fig.axes[0].get_xlabel() == "position (token)"
+    raw = viz.heatmap(_patch_result(normalized=False), rows="layer", cols="pos", facet="head")
+    assert "logit difference (logits)" in _colorbar_labels(raw)[0]
+    dla = viz.layer_pos_heatmap(_dla_heads().__class__("dla_head", _dla_heads().values, _dla_heads().axes,
+                                                       _dla_heads().labels, {"metric": "logit"}))
+    assert dla._suptitle.get_text().startswith("Direct logit attribution by head")
+    assert "direct logit attribution (logits)" in _colorbar_labels(dla)[0]
+    abl = viz.layer_head_heatmap(Result("head_ablation_sweep", torch.ones(2, 4), ("layer", "head"), {},
+                                        {"method": "mean", "metric": "logprob"}))
+    assert abl._suptitle.get_text() == "Head ablation (mean): change in correct-token log-probability"
+    assert "(nats)" in _colorbar_labels(abl)[0]
+
+
+def test_facets_share_one_colour_scale_and_wrap_into_a_grid():
+    r = Result("dla_head", torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(1)), ("pos", "layer", "head"),
+               {}, {"metric": "logit"})
+    fig = viz.heatmap(r, rows="layer", cols="pos", facet="head")
+    ims = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(ims) == 8 and len({im.get_clim() for im in ims}) == 1  # one scale for every facet
+    assert len(_colorbar_labels(fig)) == 1  # ... and one colour bar
+    rows_of_panels = {round(ax.get_position().y0, 3) for ax in fig.axes if ax.images}
+    assert len(rows_of_panels) > 1  # a grid, not one long strip
+    w, h = fig.get_size_inches()
+    assert w <= viz.MAX_W and h <= viz.MAX_H
+
+
+def test_robust_limits_clip_outliers_and_mark_them():
+    v = torch.linspace(-1, 1, 300)
+    v[7] = 50.0
+    lo, hi = viz.robust_limits(v)
+    assert lo == -hi and 0.9 < hi < 50
+    r = Result("dla_layer", v.reshape(20, 15), ("pos", "component"), {}, {"metric": "logit"})
+    fig = viz.heatmap(r)
+    ax = fig.axes[0]
+    assert ax.images[0].get_clim() == (lo, hi)
+    marks = [c for c in ax.collections if len(c.get_offsets())]
+    assert [tuple(map(int, o)) for c in marks for o in c.get_offsets()] == [(7, 0)]  # (col, row) of the outlier
+    assert _colorbar_labels(fig)[0].endswith(f"beyond \u00b1{hi:.3g})")
+    # a normalised patch map keeps its sparse hot cells: nothing inside [-1, 1] is clipped
+    p = _patch_result(n_layers=4, n_pos=30, n_heads=4)
+    p.values[0, :10, 1] = 0.05
+    assert viz.robust_limits(p.values, floor=viz.scale_floor(p)) == pytest.approx((-0.86, 0.86))
+    assert viz.robust_limits(p.values)[1] < 0.1  # without the floor the one hot cell would be clipped
+    assert viz.robust_limits(torch.full((5,), float("nan"))) == (-1.0, 1.0)
+
+
+def test_integer_axes_get_integer_ticks(tmp_path):
+    def rec(L, k, n=50):
+        return {"length": L, "n": n, "exact_match": k / n, "exact_match_ci95": list(wilson(k, n))}
+
+    ev = EvalResult(model="m", task={}, seed=0, records=[rec(5, 50), rec(10, 40), rec(50, 3)])
+    ax = viz.accuracy_vs_length(ev).axes[0]
+    assert list(ax.get_xticks()) == [5, 10, 50]
+    assert len(ax.collections) == 1  # the Wilson band
+    log = tmp_path / "run" / "train_log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s, "token_acc": 1 - 1 / s}) + "\n"
+                           for s in range(50, 1001, 50)))
+    fig = viz.plot_training_log(log, tmp_path / "run" / "train_log.png")
+    assert (tmp_path / "run" / "train_log.png").read_bytes()[:4] == b"\x89PNG"
+    for a in fig.axes:
+        ticks = [t for t in a.get_xticks() if a.get_xlim()[0] <= t <= a.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    assert fig.axes[0].get_ylabel().startswith("training loss") and "step" == fig.axes[1].get_xlabel()
+    assert fig._suptitle.get_text().startswith("Training: loss and answer-token accuracy")
+    with pytest.raises(ProbekitError, match="no training records"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        viz.plot_training_log(tmp_path / "empty.jsonl")
+
+
+@pytest.mark.parametrize("draw", ["layer_pos", "facets", "layer_head"])
+def test_a_one_layer_model_is_drawn_at_a_sensible_size(draw):
+    r = _patch_result(n_layers=1, n_pos=14, n_heads=3)
+    fig = {"layer_pos": lambda: viz.layer_pos_heatmap(r),
+           "facets": lambda: viz.heatmap(r, rows="layer", cols="pos", facet="head"),
+           "layer_head": lambda: viz.layer_head_heatmap(r)}[draw]()
+    w, h = fig.get_size_inches()
+    assert 4.0 <= w <= 12 and 2.4 <= h <= 8, (w, h)
+    assert w / h <= 3.5, (w, h)  # not a 2484 x 300 strip
+    for ax in fig.axes:
+        if ax.images:
+            n_rows, n_cols = ax.images[0].get_array().shape
+            bbox = ax.get_position()
+            cell_w, cell_h = bbox.width * w / n_cols, bbox.height * h / n_rows
+            assert cell_w >= 0.15 and cell_h >= 0.15, (cell_w, cell_h)  # inches
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert all(t.lstrip("L").replace("H", "").isdigit() for t in ticks)  # integer (layer, head) labels
+
+
+def test_probe_accuracy_title_and_labels():
+    acc = Result("probe for carry_out", torch.tensor([[0.5, 0.4], [0.9, 0.7]]), ("layer", "length"),
+                 {"length": ["5", "7"]}, {"feature": "carry_out"})
+    fig = viz.probe_accuracy(acc)
+    assert fig._suptitle.get_text() == "Linear probe for carry_out: held-out accuracy by layer"
+    assert fig.axes[0].get_ylabel() == "probe accuracy (fraction correct)"
+    assert list(fig.axes[0].get_xticks()) == [0, 1]
