@@ -12,6 +12,9 @@ Axis names (results and jaxtyping annotations):
                  ``L1H2``, ``attn1.b_O``, ``const``);
 - ``d_model``, ``d_head``  model and head widths.
 
+Results keep TransformerLens's axis order (`probekit.results`): DLA by head is ``(layer, pos, head)``, by
+source ``(layer, pos, head, src)``; ``layer`` and ``head`` labels are the model's integer indices.
+
 Metrics are `probekit.metrics`'s (`probekit.metrics.metric_value`), read at the predicting positions
 against the batch's own answer tokens: ``logit``, ``logprob``, ``prob``, ``margin``, ``acc``, ``exact-match``
 (teacher forced), and, for a clean/corrupt pair, ``logit-diff``.
