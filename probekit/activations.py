@@ -197,16 +197,34 @@ def collect(model, batch: Batch, hooks: str | Sequence[str], feature: str | None
     if isinstance(positions, str) and positions == "feature" and feature is None:
         positions = "pred"
     mask = position_mask(batch, positions, feature)
+    _check_collect(model, batch, chunk_size)
+    dev = torch.device(device) if device is not None else model_device(model)
+    ex, ps = torch.nonzero(mask, as_tuple=True)  # rows ordered by example then position
+    slot = (torch.cumsum(mask.long(), dim=1) - 1)[ex, ps]
+    out, shapes = _record_rows(model, batch, mask, names, chunk_size, dev, dtype, progress)
+    labels = batch.feature(feature)[ex, ps].clone() if feature is not None else None
+    rule = "mask" if isinstance(positions, Tensor) else str(positions)
+    return Activations(acts={n: out[n] for n in names}, example=ex, pos=ps, slot=slot,
+                       token=batch.tokens[ex, ps].clone(), labels=labels, feature=feature, position_rule=rule,
+                       shapes=shapes, settings={"task": batch.task, "objective": batch.objective,
+                                                "length": batch.length, "n": batch.n, "seq_len": batch.seq_len})
+
+
+def _check_collect(model, batch: Batch, chunk_size: int) -> None:
+    """Refuse a batch the model cannot run (too long, unknown tokens) and a non-positive chunk size."""
     if batch.seq_len > model.cfg.n_ctx:
         raise ProbekitError(f"batch sequences have {batch.seq_len} tokens but the model's n_ctx is {model.cfg.n_ctx}")
     if int(batch.tokens.max()) >= model.cfg.d_vocab:
         raise ProbekitError(f"batch has token id {int(batch.tokens.max())} but the model's d_vocab is {model.cfg.d_vocab}")
     if chunk_size <= 0:
         raise ProbekitError(f"chunk_size must be positive, got {chunk_size}")
-    dev = torch.device(device) if device is not None else model_device(model)
-    ex, ps = torch.nonzero(mask, as_tuple=True)  # rows ordered by example then position
-    slot = (torch.cumsum(mask.long(), dim=1) - 1)[ex, ps]
-    n_rows = ex.numel()
+
+
+def _record_rows(model, batch: Batch, mask: Bool[Tensor, "batch pos"], names: list[str], chunk_size: int, dev,
+                 dtype: torch.dtype, progress: bool) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
+    """Run ``batch`` in chunks with hooks that keep the rows of ``mask`` (``[row, flattened activation]`` per
+    hook, on CPU, rows ordered by example then position), and each hook's per-position shape."""
+    n_rows = int(mask.sum())
     row_start = torch.zeros(batch.n + 1, dtype=torch.long)
     row_start[1:] = torch.cumsum(mask.sum(1), 0)
     out: dict[str, Tensor] = {}
@@ -240,12 +258,7 @@ def collect(model, batch: Batch, hooks: str | Sequence[str], feature: str | None
     missing = [n for n in names if n not in out]
     if missing:
         raise ProbekitError(f"hooks {missing} never fired during the forward pass; expected per-position activations")
-    labels = batch.feature(feature)[ex, ps].clone() if feature is not None else None
-    rule = "mask" if isinstance(positions, Tensor) else str(positions)
-    return Activations(acts={n: out[n] for n in names}, example=ex, pos=ps, slot=slot,
-                       token=batch.tokens[ex, ps].clone(), labels=labels, feature=feature, position_rule=rule,
-                       shapes=shapes, settings={"task": batch.task, "objective": batch.objective,
-                                                "length": batch.length, "n": batch.n, "seq_len": batch.seq_len})
+    return out, shapes
 
 
 def cache_reference(model, batch: Batch, hook: str, mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "row d"]:

@@ -12,6 +12,9 @@ Axis names (results and jaxtyping annotations):
                  ``L1H2``, ``attn1.b_O``, ``const``);
 - ``d_model``, ``d_head``  model and head widths.
 
+Results keep TransformerLens's axis order (`probekit.results`): DLA by head is ``(layer, pos, head)``, by
+source ``(layer, pos, head, src)``; ``layer`` and ``head`` labels are the model's integer indices.
+
 Metrics are `probekit.metrics`'s (`probekit.metrics.metric_value`), read at the predicting positions
 against the batch's own answer tokens: ``logit``, ``logprob``, ``prob``, ``margin``, ``acc``, ``exact-match``
 (teacher forced), and, for a clean/corrupt pair, ``logit-diff``.
@@ -167,19 +170,11 @@ def _dla_hooks(model) -> list[str]:
     return names
 
 
-@torch.no_grad()
-def _dla_terms(model, batch: Batch, metric: str, device) -> dict:
-    """Per-example DLA terms at the predicting positions (see the module docstring)."""
-    check_metric(metric, DLA_METRICS, "DLA metric")
-    dev = _device(model, device)
-    tokens = batch.tokens.to(dev)
-    pos = answer_layout(batch).to(dev)
-    tgt = answer_targets(batch).to(dev)  # batch k
-    want = set(_dla_hooks(model))
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
-    lg = logits[:, pos].float()  # batch k d_vocab
+def _dla_readout(model, lg: Tensor, resid: Tensor, tgt: Tensor, metric: str) -> dict:
+    """The frozen-scale readout direction ``D`` (batch k d_model), the constant remainder and the metric itself."""
     W_U = model.W_U.float()  # d_model d_vocab
-    b_U = model.b_U.float() if isinstance(getattr(model, "b_U", None), Tensor) else torch.zeros(W_U.shape[1], device=dev)
+    b_U = model.b_U.float() if isinstance(getattr(model, "b_U", None), Tensor) else torch.zeros(W_U.shape[1],
+                                                                                              device=lg.device)
     u = W_U[:, tgt].permute(1, 2, 0)  # batch k d_model
     actual = lg.gather(-1, tgt[..., None])[..., 0]
     const_bias = b_U[tgt]
@@ -189,9 +184,7 @@ def _dla_terms(model, batch: Batch, metric: str, device) -> dict:
         u = u - W_U[:, other].permute(1, 2, 0)
         actual = actual - lg.gather(-1, other[..., None])[..., 0]
         const_bias = const_bias - b_U[other]
-
     kind, gamma, beta, eps = _final_norm_params(model)
-    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, pos].float()  # batch k d_model
     g = u * gamma.float() if gamma is not None else u
     if kind == "LN":
         g = g - g.mean(-1, keepdim=True)
@@ -200,37 +193,90 @@ def _dla_terms(model, batch: Batch, metric: str, device) -> dict:
         scale = (resid.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     else:
         scale = torch.ones_like(resid[..., :1])
-    D = g / scale  # batch k d_model: the frozen-scale readout direction
     const = const_bias + ((u * beta.float()).sum(-1) if beta is not None else 0.0)
+    return {"D": g / scale, "const": const, "actual": actual, "other": other}
 
-    def read(x):  # x: batch k ... d_model -> batch k ...
-        d = D.reshape(D.shape[:2] + (1,) * (x.ndim - 3) + D.shape[-1:])
-        return (x.float() * d).sum(-1)
 
+def _read(x: Tensor, D: Tensor) -> Tensor:
+    """``x . D`` over d_model: x is batch k ... d_model, the result batch k ..."""
+    d = D.reshape(D.shape[:2] + (1,) * (x.ndim - 3) + D.shape[-1:])
+    return (x.float() * d).sum(-1)
+
+
+def _dla_layer_terms(model, cache, L: int, pos: Tensor, D: Tensor, zeros: Tensor) -> dict:
+    """Layer ``L``'s terms: each head (batch k head), its ``b_O``, the whole attention output, the MLP and
+    each head split by key position (batch k head src; None under grouped-query attention)."""
+    W_O = model.blocks[L].attn.W_O.float()  # head d_head d_model
+    z = cache[f"blocks.{L}.attn.hook_z"][:, pos].float()  # batch k head d_head
+    b_O = model.blocks[L].attn.b_O
+    key = f"blocks.{L}.hook_mlp_out"
+    out = {"heads": torch.einsum("bkhe,hem,bkm->bkh", z, W_O, D),
+           "bias_O": _read(b_O.float().expand(D.shape), D) if isinstance(b_O, Tensor) else zeros,
+           "attn": _read(cache[f"blocks.{L}.hook_attn_out"][:, pos], D),
+           "mlp": _read(cache[key][:, pos], D) if key in cache.keys() else None, "source": None}
+    v = cache[f"blocks.{L}.attn.hook_v"].float()  # batch src head d_head
+    if v.shape[2] == model.cfg.n_heads:
+        A = cache[f"blocks.{L}.attn.hook_pattern"][:, :, pos].float()  # batch head k src
+        wd = torch.einsum("hem,bkm->bkhe", W_O, D)
+        out["source"] = A.permute(0, 2, 1, 3) * torch.einsum("bshe,bkhe->bkhs", v, wd)  # batch k head src
+    return out
+
+
+@torch.no_grad()
+def _dla_terms(model, batch: Batch, metric: str, device) -> dict:
+    """Per-example DLA terms at the predicting positions (see the module docstring)."""
+    check_metric(metric, DLA_METRICS, "DLA metric")
+    dev = _device(model, device)
+    pos = answer_layout(batch).to(dev)
+    tgt = answer_targets(batch).to(dev)  # batch k
+    want = set(_dla_hooks(model))
+    logits, cache = model.run_with_cache(batch.tokens.to(dev), names_filter=lambda n: n in want)
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, pos].float()  # batch k d_model
+    r = _dla_readout(model, logits[:, pos].float(), resid, tgt, metric)
     labels, cols = [], []
     for name, lab in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
         if name in cache.keys():
             labels.append(lab)
-            cols.append(read(cache[name][:, pos]))
-    heads, bias_O, attn, mlp, source = [], [], [], [], []
-    for L in range(model.cfg.n_layers):
-        W_O = model.blocks[L].attn.W_O.float()  # head d_head d_model
-        z = cache[f"blocks.{L}.attn.hook_z"][:, pos].float()  # batch k head d_head
-        heads.append(torch.einsum("bkhe,hem,bkm->bkh", z, W_O, D))
-        b_O = model.blocks[L].attn.b_O
-        bias_O.append(read(b_O.float().expand(resid.shape)) if isinstance(b_O, Tensor) else torch.zeros_like(actual))
-        attn.append(read(cache[f"blocks.{L}.hook_attn_out"][:, pos]))
-        key = f"blocks.{L}.hook_mlp_out"
-        mlp.append(read(cache[key][:, pos]) if key in cache.keys() else None)
-        v = cache[f"blocks.{L}.attn.hook_v"].float()  # batch src head d_head
-        A = cache[f"blocks.{L}.attn.hook_pattern"][:, :, pos].float()  # batch head k src
-        if v.shape[2] == model.cfg.n_heads:
-            wd = torch.einsum("hem,bkm->bkhe", W_O, D)
-            source.append(A.permute(0, 2, 1, 3) * torch.einsum("bshe,bkhe->bkhs", v, wd))  # batch k head src
+            cols.append(_read(cache[name][:, pos], r["D"]))
+    layers = [_dla_layer_terms(model, cache, L, pos, r["D"], torch.zeros_like(r["actual"]))
+              for L in range(model.cfg.n_layers)]
+    return {"pos": pos.cpu(), "embeds": (labels, cols), **{k: [t[k] for t in layers] for k in layers[0]},
+            "const": r["const"], "actual": r["actual"], "other": r["other"]}
+
+
+def _dla_by_component(t: dict, unit: str, nL: int, nH: int) -> tuple[Tensor, list[str]]:
+    """batch k component values and their labels, for ``unit`` ``layer`` or ``component``."""
+    emb_labels, emb_cols = t["embeds"]
+    labels, cols = list(emb_labels), list(emb_cols)
+    for L in range(nL):
+        if unit == "layer":
+            labels.append(f"attn{L}")
+            cols.append(t["attn"][L])
         else:
-            source.append(None)
-    return {"pos": pos.cpu(), "embeds": (labels, cols), "heads": heads, "bias_O": bias_O, "attn": attn,
-            "mlp": mlp, "source": source, "const": const, "actual": actual, "other": other}
+            for h in range(nH):
+                labels.append(head_label(L, h))
+                cols.append(t["heads"][L][..., h])
+            labels.append(f"attn{L}.b_O")
+            cols.append(t["bias_O"][L])
+        if t["mlp"][L] is not None:
+            labels.append(f"mlp{L}")
+            cols.append(t["mlp"][L])
+    return torch.stack(cols + [t["const"]], -1), labels + ["const"]
+
+
+def _dla_values(t: dict, unit: str, nL: int, nH: int, batch: Batch, vocab) -> tuple[Tensor, tuple, dict]:
+    """(values with a leading batch axis, axes without it, labels) of one DLA ``unit``."""
+    pos_lab = position_labels(batch, t["pos"], vocab)
+    if unit in ("layer", "component"):
+        vals, labels = _dla_by_component(t, unit, nL, nH)
+        return vals, ("pos", "component"), {"pos": pos_lab, "component": labels}
+    lab = {"layer": list(range(nL)), "pos": pos_lab, "head": list(range(nH))}
+    if unit == "head":
+        return torch.stack(t["heads"], 1), ("layer", "pos", "head"), lab  # batch layer k head
+    if any(s is None for s in t["source"]):
+        raise ProbekitError("DLA by source position needs one value vector per query head (no grouped-query attention)")
+    lab["src"] = position_labels(batch, None, vocab)
+    return torch.stack(t["source"], 1), ("layer", "pos", "head", "src"), lab  # batch layer k head src
 
 
 def direct_logit_attribution(model, batch: Batch, unit: str = "layer", metric: str = "logit",
@@ -238,49 +284,18 @@ def direct_logit_attribution(model, batch: Batch, unit: str = "layer", metric: s
     """DLA of the answer at every predicting position.
 
     ``unit``: ``layer`` -> axes (pos, component) with embed, pos_embed, attn<L> (b_O included), mlp<L>, const;
-    ``head`` -> (pos, layer, head); ``source`` -> (pos, head, src): each head's term split over the key
+    ``head`` -> (layer, pos, head); ``source`` -> (layer, pos, head, src): each head's term split over the key
     positions it reads (sums over ``src`` to the ``head`` values); ``component`` -> (pos, component) with
     every head, every ``b_O`` and every MLP as its own term. ``layer`` and ``component`` sum over
-    ``component`` to the metric exactly (``const`` is the final-norm bias + ``b_U`` remainder).
+    ``component`` (the last axis) to the metric exactly (``const`` is the final-norm bias + ``b_U`` remainder).
     ``reduce="none"`` keeps a leading ``batch`` axis.
     """
     _check_choice(unit, DLA_UNITS, "DLA unit")
     _check_choice(reduce, ("mean", "none"), "reduce")
     t = _dla_terms(model, batch, metric, device)
-    nL, nH = model.cfg.n_layers, model.cfg.n_heads
-    emb_labels, emb_cols = t["embeds"]
-    if unit in ("layer", "component"):
-        labels, cols = list(emb_labels), list(emb_cols)
-        for L in range(nL):
-            if unit == "layer":
-                labels.append(f"attn{L}")
-                cols.append(t["attn"][L])
-            else:
-                for h in range(nH):
-                    labels.append(head_label(L, h))
-                    cols.append(t["heads"][L][..., h])
-                labels.append(f"attn{L}.b_O")
-                cols.append(t["bias_O"][L])
-            if t["mlp"][L] is not None:
-                labels.append(f"mlp{L}")
-                cols.append(t["mlp"][L])
-        vals = torch.stack(cols + [t["const"]], -1)
-        labels.append("const")
-        axes, lab = ("pos", "component"), {"component": labels}
-    elif unit == "head":
-        vals = torch.stack(t["heads"], 2)  # batch k layer head
-        axes, lab = ("pos", "layer", "head"), {"layer": [str(L) for L in range(nL)], "head": [str(h) for h in range(nH)]}
-    else:
-        if any(s is None for s in t["source"]):
-            raise ProbekitError("DLA by source position needs one value vector per query head (no grouped-query attention)")
-        vals = torch.cat(t["source"], 2)  # batch k (layer head) src
-        axes = ("pos", "head", "src")
-        lab = {"head": [head_label(L, h) for L in range(nL) for h in range(nH)],
-               "src": position_labels(batch, None, vocab)}
-    recon = None
-    if unit in ("layer", "component"):
-        recon = (vals.sum(-1) - t["actual"]).abs().max().item()
-    lab["pos"] = position_labels(batch, t["pos"], vocab)
+    vals, axes, lab = _dla_values(t, unit, model.cfg.n_layers, model.cfg.n_heads, batch, vocab)
+    by_component = unit in ("layer", "component")
+    recon = (vals.sum(-1) - t["actual"]).abs().max().item() if by_component else None
     settings = {"instrument": "dla", "unit": unit, "metric": metric, "model": _model_name(model),
                 **_batch_settings(batch), "final_norm": "frozen clean-run scale",
                 "completeness_max_abs_error": recon}
@@ -290,8 +305,8 @@ def direct_logit_attribution(model, batch: Batch, unit: str = "layer", metric: s
         settings["metric_mean_by_pos"] = t["actual"].mean(0).tolist()
     else:
         axes = ("batch",) + axes
-        extra["actual"] = t["actual"] if unit in ("layer", "component") else None
-        extra = {k: v for k, v in extra.items() if v is not None}
+        if by_component:
+            extra["actual"] = t["actual"]
     return Result(kind=f"dla_{unit}", values=vals, axes=axes, labels=lab, settings=settings, extra=extra)
 
 
@@ -423,7 +438,7 @@ def head_ablation_sweep(model, batch: Batch, method: str = "zero", reference: Ba
             m, e = _measure(model, batch, metric, exact_match, dev)
         met[L, h], em[L, h], eff[L, h] = m, e, m - clean[0]
     return Result(kind="head_ablation_sweep", values=eff, axes=("layer", "head"),
-                  labels={"layer": [str(L) for L in range(nL)], "head": [str(h) for h in range(nH)]},
+                  labels={"layer": list(range(nL)), "head": list(range(nH))},
                   settings=_ablation_settings(model, batch, method, reference, metric, seed)
                   | {"metric_clean": clean[0], "exact_match_clean": _json_num(clean[1])},
                   extra={"metric": met, "exact_match": em})
@@ -577,6 +592,47 @@ def _agreement(approx: Tensor, exact: Tensor, k: int) -> dict:
             "top1_match": bool(np.argmax(np.abs(a)) == np.argmax(np.abs(e)))}
 
 
+def _ap_scores(model, ct: Tensor, xt: Tensor, metric_fn, ig_steps: int) -> tuple[Tensor, Tensor | None, dict, float]:
+    """Attribution scores (heads: layer pos head; MLPs: layer pos, or None), the clean cache and the corrupt
+    metric; the gradient is taken at the corrupt run, or averaged along the embedding path (``ig_steps > 1``)."""
+    z_names = [f"blocks.{L}.attn.hook_z" for L in range(model.cfg.n_layers)]
+    names = z_names + _mlp_names(model)
+    with torch.no_grad():
+        _, cache_c = model.run_with_cache(ct, names_filter=lambda n: n in set(names) | {"hook_embed"})
+        _, cache_x = model.run_with_cache(xt, names_filter=lambda n: n in {"hook_embed"})
+    if ig_steps == 1:
+        acts_x, grads, base = _grads(model, xt, metric_fn, names)
+    else:
+        e_c, e_x = cache_c["hook_embed"], cache_x["hook_embed"]
+        grads = {n: 0.0 for n in names}
+        for i in range(ig_steps):
+            _, g, _ = _grads(model, xt, metric_fn, names, embed_path=(e_x, e_c, (i + 0.5) / ig_steps))
+            grads = {n: grads[n] + g[n] / ig_steps for n in names}
+        acts_x, _, base = _grads(model, xt, metric_fn, names)
+    # score[layer, pos, head] = sum over batch, d_head of (clean - corrupt) * grad (metric is a batch mean)
+    heads = torch.stack([((cache_c[n] - acts_x[n]) * grads[n]).sum((0, 3)) for n in z_names])  # layer pos head
+    mlp = None
+    if _mlp_names(model):
+        mlp = torch.stack([((cache_c[n] - acts_x[n]) * grads[n]).sum((0, 2)) for n in _mlp_names(model)])  # layer pos
+    return heads, mlp, cache_c, base
+
+
+def _ap_exact(model, res: AttributionPatchingResult, xt: Tensor, cache_c, metric_fn, base: float, top_k: int) -> None:
+    """Exact patching with `transformer_lens.patching` into ``res``, and its agreement with the scores."""
+    from transformer_lens import patching
+
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # TransformerLens prints a progress bar
+        ex_h = patching.get_act_patch_attn_head_out_by_pos(model, xt, cache_c, metric_fn) - base
+        ex_m = patching.get_act_patch_mlp_out(model, xt, cache_c, metric_fn) - base if res.mlp is not None else None
+    h = res.heads
+    res.exact_heads = Result("exact_patch_heads", ex_h.detach().cpu(), h.axes, h.labels, h.settings)
+    res.agreement["heads"] = _agreement(h.values, ex_h.cpu(), top_k)
+    if ex_m is not None:
+        m = res.mlp
+        res.exact_mlp = Result("exact_patch_mlp", ex_m.detach().cpu(), m.axes, m.labels, m.settings)
+        res.agreement["mlp"] = _agreement(m.values, ex_m.cpu(), top_k)
+
+
 def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "logit-diff", exact: bool = True,
                          ig_steps: int = 1, top_k: int = 10, vocab: Sequence[str] | None = None,
                          steps: Sequence[int] | None = None, device=None) -> AttributionPatchingResult:
@@ -590,55 +646,26 @@ def attribution_patching(model, clean: Batch, corrupt: Batch, metric: str = "log
     if ig_steps < 1:
         raise ProbekitError(f"ig_steps must be >= 1, got {ig_steps}")
     dev = _device(model, device)
-    nL, nH = model.cfg.n_layers, model.cfg.n_heads
     ct, xt = clean.tokens.to(dev), corrupt.tokens.to(dev)
 
     def metric_fn(logits):
         return metric_value(logits, clean, metric, corrupted=corrupt, steps=steps)
 
-    z_names = [f"blocks.{L}.attn.hook_z" for L in range(nL)]
-    names = z_names + _mlp_names(model)
-    with torch.no_grad():
-        _, cache_c = model.run_with_cache(ct, names_filter=lambda n: n in set(names) | {"hook_embed"})
-        _, cache_x = model.run_with_cache(xt, names_filter=lambda n: n in {"hook_embed"})
-    if ig_steps == 1:
-        acts_x, grads, base = _grads(model, xt, metric_fn, names)
-    else:
-        e_c, e_x = cache_c["hook_embed"], cache_x["hook_embed"]
-        grads, acts_x = {n: 0.0 for n in names}, None
-        for i in range(ig_steps):
-            _, g, _ = _grads(model, xt, metric_fn, names, embed_path=(e_x, e_c, (i + 0.5) / ig_steps))
-            grads = {n: grads[n] + g[n] / ig_steps for n in names}
-        acts_x, _, base = _grads(model, xt, metric_fn, names)
-    # score[layer, pos, head] = sum over batch, d_head of (clean - corrupt) * grad (metric is a batch mean)
-    heads = torch.stack([((cache_c[n] - acts_x[n]) * grads[n]).sum((0, 3)) for n in z_names])  # layer pos head
-    mlp = None
-    if _mlp_names(model):
-        mlp = torch.stack([((cache_c[n] - acts_x[n]) * grads[n]).sum((0, 2)) for n in _mlp_names(model)])  # layer pos
-    pos_lab = position_labels(clean, None, vocab)
-    lab_h = {"layer": [str(L) for L in range(nL)], "pos": pos_lab, "head": [str(h) for h in range(nH)]}
-    lab_m = {"layer": [str(L) for L in range(nL)], "pos": pos_lab}
+    heads, mlp, cache_c, base = _ap_scores(model, ct, xt, metric_fn, ig_steps)
     with torch.no_grad():
         metric_clean = float(metric_fn(model(ct)))
     settings = {"instrument": "attribution_patching", "direction": "denoising (clean into corrupt)",
                 "metric": metric, "steps": list(steps) if steps is not None else None, "ig_steps": ig_steps,
                 "model": _model_name(model), **_batch_settings(clean),
                 "metric_corrupt": base, "metric_clean": metric_clean}
+    lab_m = {"layer": list(range(model.cfg.n_layers)), "pos": position_labels(clean, None, vocab)}
+    lab_h = {**lab_m, "head": list(range(model.cfg.n_heads))}
     res = AttributionPatchingResult(
         heads=Result("attrib_patch_heads", heads, ("layer", "pos", "head"), lab_h, settings),
         mlp=None if mlp is None else Result("attrib_patch_mlp", mlp, ("layer", "pos"), lab_m, settings),
         settings=settings)
     if exact:
-        from transformer_lens import patching
-
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # TransformerLens prints a progress bar
-            ex_h = patching.get_act_patch_attn_head_out_by_pos(model, xt, cache_c, metric_fn) - base
-            ex_m = patching.get_act_patch_mlp_out(model, xt, cache_c, metric_fn) - base if mlp is not None else None
-        res.exact_heads = Result("exact_patch_heads", ex_h.detach().cpu(), ("layer", "pos", "head"), lab_h, settings)
-        res.agreement["heads"] = _agreement(heads, ex_h.cpu(), top_k)
-        if ex_m is not None:
-            res.exact_mlp = Result("exact_patch_mlp", ex_m.detach().cpu(), ("layer", "pos"), lab_m, settings)
-            res.agreement["mlp"] = _agreement(mlp, ex_m.cpu(), top_k)
+        _ap_exact(model, res, xt, cache_c, metric_fn, base, top_k)
     return res
 
 
@@ -719,6 +746,6 @@ def head_roles(model, batches: Batch | Sequence[Batch], target: str = "target_sr
         raise ProbekitError("no batches given; expected one batch per length")
     parts = [head_attention_to(model, b, target, heads, device) for b in batches]
     return Result(kind="head_roles", values=torch.stack([p.values for p in parts]), axes=("length", "head", "stat"),
-                  labels={"length": [str(b.length) for b in batches], **parts[0].labels},
+                  labels={"length": [b.length for b in batches], **parts[0].labels},
                   settings={**{k: v for k, v in parts[0].settings.items() if k not in ("length", "n", "n_queries")},
                             "n": [b.n for b in batches], "n_queries": [p.settings["n_queries"] for p in parts]})

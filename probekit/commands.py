@@ -353,7 +353,7 @@ def run_probe(model: str, feature: str, hooks: str, train_length: int, test_leng
 # ---------------------------------------------------------------------------- attribute
 
 ATTRIBUTE_METHODS = ("dla", "ablate", "attrib-patch")
-_ATTRIBUTE_AXES = {"dla": ("dla_head", ("pos", "layer", "head")), "ablate": ("head_ablation_sweep", ("layer", "head")),
+_ATTRIBUTE_AXES = {"dla": ("dla_head", ("layer", "pos", "head")), "ablate": ("head_ablation_sweep", ("layer", "head")),
                    "attrib-patch": ("attrib_patch_heads", ("layer", "pos", "head"))}
 
 

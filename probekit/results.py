@@ -2,16 +2,36 @@
 
     res.values            # Tensor, one dimension per entry of res.axes
     res.axes              # e.g. ("layer", "pos", "head")
-    res.labels["pos"]     # e.g. ["SORT", "5", "3", "|", ...] (strings, one per index)
+    res.labels["pos"]     # e.g. ["0 SORT", "1 x0", "2 x1", "3 |", ...] (one per index)
+    res.labels["layer"]   # e.g. [0, 1]: the model's layer numbers (a sweep over some layers keeps their numbers)
     res.settings          # everything needed to rerun it (model, task, corruption, metric, seed, ...)
     res.to_frame()        # long form: one column per axis (index and label) + "value"
     res.to_xarray()       # labelled array (needs the optional xarray)
     Result.from_json(res.to_json()) == res
-"""
 
+Axis order. Every instrument follows TransformerLens's order: ``layer`` before ``pos`` before ``head``
+wherever those axes occur together (``(layer, pos, head)`` for patching and DLA by head, ``(layer, pos)``
+for MLPs and interventions, ``(layer, head)`` across positions). Other axes sit where they read best:
+``batch`` (examples, when kept) and the axis a study stacks along (``length``, ``model``) come first;
+axes that a value is split or summarised over come last: ``component`` (the terms of the final residual
+stream, last so that ``values.sum(-1)`` is the metric), ``src`` (key positions), ``answer`` (answer
+steps), ``stat``, ``split``, ``measure``. A list of heads that is not a layer x head grid (a chosen set,
+as in `probekit.attribution.head_attention_to`) is one ``head`` axis labelled ``"L1H2"``.
+
+Labels. Each axis's labels are strings or integers, one per index, and keep their type through
+`Result.to_json` / `Result.from_json`. Integers are indices of the model: ``layer`` and ``head`` numbers,
+and lengths. Token positions (``pos``, ``src``, ``answer``) use the one position-label scheme of
+`probekit.metrics.position_labels`: ``"<pos> <label>"``, the integer token position, a space, then the
+task's structural label of that position (``x3``, ``|``, ``y0`` for sorting; ``a1``, ``*``, ``d0`` for
+multiplication), else the token where it is the same in every row, else ``·``; e.g. ``"5 |"``. Where a
+position is a *rule* that picks a different token in each example (the interchange interventions'
+`probekit.interventions.Where`, e.g. ``"digit_index=2"``), the rule is the label.
+`Result.label` always gives a label as a string.
+"""
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +52,21 @@ def _tensor(values, dtype=None) -> Tensor:
     return torch.tensor(fix(values), dtype=dtype)
 
 
+def _label(axis: str, x) -> str | int:
+    """A label as a string or a plain int (numpy integers become ints); anything else is refused."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        return int(x)
+    raise ProbekitError(f"axis {axis!r} has a label {x!r} of type {type(x).__name__}; expected a string or an integer")
+
+
 @dataclass
 class Result:
     kind: str
     values: Tensor
     axes: tuple[str, ...]
-    labels: dict[str, list[str]] = field(default_factory=dict)
+    labels: dict[str, list[str | int]] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # other named tensors of the same result (e.g. stderr)
 
@@ -52,6 +81,7 @@ class Result:
             n = self.values.shape[self.axes.index(ax)]
             if len(lab) != n:
                 raise ProbekitError(f"axis {ax!r} has {n} entries but {len(lab)} labels")
+        self.labels = {ax: [_label(ax, x) for x in lab] for ax, lab in self.labels.items()}
         self.extra = {k: torch.as_tensor(v).detach().cpu() for k, v in self.extra.items()}
 
     def label(self, axis: str, i: int) -> str:
@@ -144,8 +174,8 @@ class Result:
 def stack_results(results, axis: str, labels=None, kind: str | None = None) -> Result:
     """Results of one shape and axes stacked along a new leading ``axis`` (e.g. one per length or per model).
 
-    ``results``: a list, or a dict whose keys become the labels of ``axis``; ``labels`` (strings, one per
-    result) name its entries otherwise. The labels and settings of the first result are kept.
+    ``results``: a list, or a dict whose keys become the labels of ``axis``; ``labels`` (strings or integers,
+    one per result) name its entries otherwise. The labels and settings of the first result are kept.
     """
     if isinstance(results, dict):
         labels, results = (list(results) if labels is None else labels), list(results.values())
@@ -159,6 +189,7 @@ def stack_results(results, axis: str, labels=None, kind: str | None = None) -> R
                                 f"axes {first.axes} and shape {tuple(first.values.shape)}; expected the same for all")
     if axis in first.axes:
         raise ProbekitError(f"new axis {axis!r} is already one of the results' axes {first.axes}")
-    named = {axis: [str(x) for x in labels]} if labels is not None else {}
+    named = {axis: [x if isinstance(x, numbers.Integral) and not isinstance(x, bool) else str(x) for x in labels]} \
+        if labels is not None else {}
     return Result(kind or first.kind, torch.stack([r.values for r in results]), (axis, *first.axes),
                   {**named, **first.labels}, first.settings)

@@ -347,8 +347,8 @@ def layer_head_heatmap(result: Result, path: str | Path | None = None, title: st
 def layer_pos_heatmap(result: Result, path: str | Path | None = None, title: str | None = None):
     """(layer | component | head) x position heatmap with the positions' token labels.
 
-    Accepts DLA by layer (pos, component), DLA by head (pos, layer, head), patching by head
-    (layer, pos, head) or by MLP (layer, pos); a ``batch`` axis is averaged.
+    Accepts DLA by layer (pos, component), DLA by head and patching by head (layer, pos, head), patching
+    by MLP (layer, pos); other axes (``batch``, ``src``) are averaged.
     """
     _check_result(result, "layer_pos_heatmap")
     check_plot("layer-pos", result.kind, result.axes)

@@ -93,8 +93,8 @@ def test_activation_cache_tools_work_on_the_bridge_and_agree(tiny_sort, sort_bat
     scaled = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=pos)
     u = model.W_U[:, tgt].permute(1, 2, 0) * model.ln_final.weight
     tl = (scaled * u).sum(-1)  # component batch k
-    ours = A.direct_logit_attribution(model, sort_batch, unit="head", reduce="none")  # batch k layer head
-    torch.testing.assert_close(ours.values.flatten(2).permute(2, 0, 1), tl.detach(), atol=1e-4, rtol=1e-4)
+    ours = A.direct_logit_attribution(model, sort_batch, unit="head", reduce="none")  # batch layer k head
+    torch.testing.assert_close(ours.values.permute(1, 3, 0, 2).flatten(0, 1), tl.detach(), atol=1e-4, rtol=1e-4)
     comps, labels = cache.decompose_resid(apply_ln=True, pos_slice=pos, return_labels=True)
     assert labels == ["embed", "pos_embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
     layers = A.direct_logit_attribution(model, sort_batch, unit="layer", reduce="none")  # batch k component
@@ -106,12 +106,13 @@ def test_dla_by_source_sums_to_heads_and_labels(tiny_sort, sort_batch):
     model, task = tiny_sort
     heads = A.direct_logit_attribution(model, sort_batch, unit="head")
     src = A.direct_logit_attribution(model, sort_batch, unit="source", vocab=task.vocab)
-    assert src.axes == ("pos", "head", "src") and src.labels["src"][:3] == ["0 sort", "1 x0", "2 x1"]
-    torch.testing.assert_close(src.values.sum(-1), heads.values.flatten(1), atol=1e-5, rtol=1e-5)
+    assert src.axes == ("layer", "pos", "head", "src") and src.labels["src"][:3] == ["0 sort", "1 x0", "2 x1"]
+    assert src.labels["layer"] == [0, 1] and src.labels["head"] == [0, 1, 2, 3]
+    torch.testing.assert_close(src.values.sum(-1), heads.values, atol=1e-5, rtol=1e-5)
     # causal: no query reads a later key
     pos = M.answer_layout(sort_batch)
     later = torch.arange(sort_batch.seq_len)[None, :] > pos[:, None]
-    assert src.values.abs().amax(1)[later].max() == 0
+    assert src.values.abs().amax((0, 2))[later].max() == 0
     assert Result_roundtrip(heads)
 
 
@@ -298,7 +299,7 @@ def test_head_role_against_direct_indexing(tiny_sort):
                                                   sum(chance) / len(chance)], abs=1e-5)
     assert r.settings["n_queries"] == batch.n * 5
     roles = A.head_roles(model, [batch, task.sample(6, length=7, seed=3)], heads=[(1, 1), (0, 0)])
-    assert roles.axes == ("length", "head", "stat") and roles.labels["length"] == ["5", "7"]
+    assert roles.axes == ("length", "head", "stat") and roles.labels["length"] == [5, 7]
     torch.testing.assert_close(roles.values[0, 0], r.values[0])
 
 
@@ -325,7 +326,7 @@ def test_cli_attribute(tiny_sort_dir, tmp_path, capsys):
     assert {"attribute.json", "attribute.csv", "attribute.png", "attribute_layers.json", "attribute_layers.png"} <= names
     from probekit.results import Result
 
-    assert Result.from_json((out / "attribute.json").read_text()).axes == ("pos", "layer", "head")
+    assert Result.from_json((out / "attribute.json").read_text()).axes == ("layer", "pos", "head")
     out2 = tmp_path / "ab"
     assert main(["attribute", "--model", str(tiny_sort_dir), "--method", "ablate", "--n", "16", "--length", "5",
                  "--ablation", "mean", "--heads", "L1H0,L0H2", "--k", "2", "--n-random", "2", "--out", str(out2)]) == 0

@@ -61,11 +61,10 @@ def test_every_instrument_ranks_the_planted_head_first(planted):
 def test_dla_by_source_points_at_the_next_element(planted):
     model, task, head = planted
     batch = task.sample(16, length=6, seed=3)
-    src = A.direct_logit_attribution(model, batch, unit="source", reduce="none")  # batch pos head src
-    j = src.labels["head"].index(A.head_label(*head))
+    src = A.direct_logit_attribution(model, batch, unit="source", reduce="none")  # batch layer pos head src
     pos = answer_layout(batch)
     want = batch.feature("target_src_pos")[:, pos]
-    assert torch.equal(src.values[:, :, j].argmax(-1), want)
+    assert torch.equal(src.values[:, head[0], :, head[1]].argmax(-1), want)
 
 
 def test_topk_beats_random_heads(planted):

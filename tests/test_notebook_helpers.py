@@ -92,7 +92,7 @@ def test_stack_results_adds_a_leading_axis():
     s = stack_results([a, b], "length", [10, 20], kind="by length")
     assert s.axes == ("length", "layer", "head") and s.kind == "by length"
     assert torch.equal(s.values[0], a.values) and torch.equal(s.values[1], b.values)
-    assert s.labels == {"length": ["10", "20"], "head": ["0", "1", "2"]} and s.settings == {"seed": 0}
+    assert s.labels == {"length": [10, 20], "head": ["0", "1", "2"]} and s.settings == {"seed": 0}
     d = stack_results({"m1": a, "m2": b}, "model")
     assert d.labels["model"] == ["m1", "m2"] and d.kind == "patch" and torch.equal(d.values, s.values)
     with pytest.raises(ProbekitError, match="cannot stack"):

@@ -35,3 +35,20 @@ def test_no_pickles_in_the_tree():
 def test_distribution_name_is_not_probekit():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'name = "probekit-interp"' in text and 'probekit = "probekit.cli:main"' in text
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_long_functions():
+    """No function or method in probekit/ is over 60 lines (decorators excluded, docstring included)."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "probekit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)

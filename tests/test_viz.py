@@ -24,8 +24,8 @@ POS = ["6 |", "7 ·", "8 ·"]
 
 def _dla_heads() -> Result:
     g = torch.Generator().manual_seed(0)
-    return Result("dla_head", torch.randn(3, 2, 4, generator=g), ("pos", "layer", "head"),
-                  {"pos": POS, "layer": ["0", "1"], "head": ["0", "1", "2", "3"]})
+    return Result("dla_head", torch.randn(2, 3, 4, generator=g), ("layer", "pos", "head"),
+                  {"layer": [0, 1], "pos": POS, "head": [0, 1, 2, 3]})
 
 
 def _sweep() -> Result:
@@ -58,10 +58,10 @@ def test_layer_pos_and_layer_head_heatmaps(tmp_path):
     assert _ticks(ax, "x") == POS
     assert _ticks(ax, "y") == [f"L{L}H{h}" for L in range(2) for h in range(4)]
     img = torch.tensor(ax.images[0].get_array().data)
-    torch.testing.assert_close(img, r.values.flatten(1).T.float())
+    torch.testing.assert_close(img, r.values.permute(0, 2, 1).flatten(0, 1).float())
     fig = viz.layer_head_heatmap(r, tmp_path / "lh.svg")
     img = torch.tensor(fig.axes[0].images[0].get_array().data)
-    torch.testing.assert_close(img, r.values.mean(0).float())
+    torch.testing.assert_close(img, r.values.mean(1).float())
     comp = Result("dla_layer", torch.ones(3, 4), ("pos", "component"),
                   {"pos": POS, "component": ["embed", "attn0", "mlp0", "const"]})
     fig = viz.layer_pos_heatmap(comp)

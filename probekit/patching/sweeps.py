@@ -258,12 +258,12 @@ def _sweep_components(model, pair, site, by_pos, layers, heads, positions):
         grid = [g + [h] for g in grid for h in Hs]
     comps = [Component(site, g[0], head=g[-1] if is_head else None, pos=g[1] if by_pos else None) for g in grid]
     shape = [len(Ls)] + ([len(Ps)] if by_pos else []) + ([len(Hs)] if is_head else [])
-    labels = {"layer": [str(L) for L in Ls]}
+    labels = {"layer": list(Ls)}
     if by_pos:
         pl = position_labels(pair.clean)
         labels["pos"] = [pl[p] for p in Ps]
     if is_head:
-        labels["head"] = [str(h) for h in Hs]
+        labels["head"] = list(Hs)
     return comps, axes, shape, labels, dict(layers=Ls, heads=Hs, positions=Ps)
 
 
@@ -353,7 +353,7 @@ def path_patch(model, pair: CorruptedPair, receiver: str = "logits", *, sender: 
     if receiver != "logits" and sender is not None:
         full, raw = full[sender[0], sender[1]], raw[sender[0], sender[1]]
     axes = ("layer", "head") if full.ndim == 2 else ("sender_layer", "sender_head", "layer", "head")
-    labels = {a: [str(i) for i in range(n)] for a, n in zip(axes, full.shape, strict=True)}
+    labels = {a: list(range(n)) for a, n in zip(axes, full.shape, strict=True)}
     bm = BoundMetric.bind(metric, pair).metric
     return Result(kind=f"path_patch_{receiver}", values=full, axes=axes, labels=labels,
                   settings=_settings(model, pair, bm, direction, normalize, pv, receiver=receiver,

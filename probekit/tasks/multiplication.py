@@ -179,17 +179,7 @@ class MultiplicationTask:
             raise ProbekitError(f"operands of {wa} and {wb} digits; expected at most {MAX_DIGITS} digits each "
                                 "(operand values must stay exact in int64)")
         P = wa + wb
-        # column sums S_k = sum_{i+j=k} a_i b_j, then carries left to right
-        S = np.zeros((n, P), dtype=np.int64)
-        for i in range(wa):
-            S[:, i:i + wb] += a_d[:, i:i + 1] * b_d
-        carry = np.zeros((n, P + 1), dtype=np.int64)
-        digit = np.zeros((n, P), dtype=np.int64)
-        for k in range(P):
-            tot = S[:, k] + carry[:, k]
-            digit[:, k] = tot % 10
-            carry[:, k + 1] = tot // 10
-        assert (carry[:, P] == 0).all()
+        S, carry, digit = _column_arithmetic(a_d, b_d)
 
         T = wa + 1 + wb + 1 + P
         a_w, b_w = (a_d, b_d) if self.reverse_operands else (a_d[:, ::-1], b_d[:, ::-1])  # as written
@@ -206,39 +196,8 @@ class MultiplicationTask:
         tokens[:, ans] = digit[:, k_at]
         answer_mask = np.zeros((n, T), dtype=bool)
         answer_mask[:, ans] = True
-
-        names = ("operand", "place", "operand_digit", "digit_index", "step", "column_sum", "carry_in",
-                 "carry_out", "digit", "target")
-        f = {k: np.full((n, T), -1, dtype=np.int64) for k in names}
-        f["operand"][:, :wa] = 0
-        f["operand"][:, wa + 1:eq] = 1
-        f["place"][:, :wa] = a_place
-        f["place"][:, wa + 1:eq] = b_place
-        f["operand_digit"][:, :wa] = a_w
-        f["operand_digit"][:, wa + 1:eq] = b_w
-        pp = ans - 1
-        f["digit_index"][:, pp] = k_at
-        f["step"][:, pp] = np.arange(P)
-        f["column_sum"][:, pp] = S[:, k_at]
-        f["carry_in"][:, pp] = carry[:, k_at]
-        f["carry_out"][:, pp] = carry[:, k_at + 1]
-        f["digit"][:, pp] = digit[:, k_at]
-        f["target"][:, pp] = digit[:, k_at]
-
-        labels = ["*"] * T
-        for t in range(wa):
-            labels[t] = f"a{a_place[t]}"
-        for j in range(wb):
-            labels[wa + 1 + j] = f"b{b_place[j]}"
-        labels[eq] = "="
-        for t, k in zip(ans, k_at, strict=True):
-            labels[t] = f"d{k}"
+        f = _features(a_w, b_w, a_place, b_place, S, carry, digit, ans, k_at, T)
         has_carry = carry[:, 1:] > 0
-        run = np.zeros(n, dtype=np.int64)
-        longest = np.zeros(n, dtype=np.int64)
-        for k in range(P):
-            run = np.where(has_carry[:, k], run + 1, 0)
-            longest = np.maximum(longest, run)
         return Batch(
             tokens=torch.from_numpy(tokens),
             answer_mask=torch.from_numpy(answer_mask),
@@ -251,9 +210,9 @@ class MultiplicationTask:
                 "a": torch.from_numpy(a_d @ (10 ** np.arange(wa, dtype=np.int64))),
                 "b": torch.from_numpy(b_d @ (10 ** np.arange(wb, dtype=np.int64))),
                 "n_carries": torch.from_numpy(has_carry.sum(axis=1)),
-                "max_cascade": torch.from_numpy(longest),
+                "max_cascade": torch.from_numpy(_longest_run(has_carry)),
             },
-            pos_labels=tuple(labels),
+            pos_labels=_pos_labels(a_place, b_place, T, ans, k_at),
         )
 
     # ------------------------------------------------------------------ corruptions
@@ -383,3 +342,75 @@ def _carry_flip_candidates(a, b, k: int, da: int, db: int, operand) -> list:
                 ok = (x[:, i] != v) & (partner == 0) & (c2[:, k] != c0[:, k]) & ((S2[:, k] + c2[:, k]) % 10 != d0)
                 cands.append((op, i, v, ok))
     return cands
+
+
+def _column_arithmetic(a_d: np.ndarray, b_d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Long multiplication of units-first digits: column sums ``S_k = sum_{i+j=k} a_i b_j`` ``[n, P]``, the
+    carries into each column ``[n, P + 1]`` (carried left to right) and the product's digits ``[n, P]``."""
+    n, wa = a_d.shape
+    wb = b_d.shape[1]
+    P = wa + wb
+    S = np.zeros((n, P), dtype=np.int64)
+    for i in range(wa):
+        S[:, i:i + wb] += a_d[:, i:i + 1] * b_d
+    carry = np.zeros((n, P + 1), dtype=np.int64)
+    digit = np.zeros((n, P), dtype=np.int64)
+    for k in range(P):
+        tot = S[:, k] + carry[:, k]
+        digit[:, k] = tot % 10
+        carry[:, k + 1] = tot // 10
+    assert (carry[:, P] == 0).all()
+    return S, carry, digit
+
+
+def _features(a_w, b_w, a_place, b_place, S, carry, digit, ans, k_at, T: int) -> dict[str, np.ndarray]:
+    """The ground-truth features ``[n, T]`` (-1 where undefined): the operand digits at the input positions
+    (``a_w``, ``b_w`` as written, with the place of each written digit), and the column arithmetic of the
+    digit each predicting position (``ans - 1``) writes."""
+    n, wa = a_w.shape
+    wb = b_w.shape[1]
+    eq = wa + 1 + wb
+    P = wa + wb
+    names = ("operand", "place", "operand_digit", "digit_index", "step", "column_sum", "carry_in",
+             "carry_out", "digit", "target")
+    f = {k: np.full((n, T), -1, dtype=np.int64) for k in names}
+    f["operand"][:, :wa] = 0
+    f["operand"][:, wa + 1:eq] = 1
+    f["place"][:, :wa] = a_place
+    f["place"][:, wa + 1:eq] = b_place
+    f["operand_digit"][:, :wa] = a_w
+    f["operand_digit"][:, wa + 1:eq] = b_w
+    pp = ans - 1
+    f["digit_index"][:, pp] = k_at
+    f["step"][:, pp] = np.arange(P)
+    f["column_sum"][:, pp] = S[:, k_at]
+    f["carry_in"][:, pp] = carry[:, k_at]
+    f["carry_out"][:, pp] = carry[:, k_at + 1]
+    f["digit"][:, pp] = digit[:, k_at]
+    f["target"][:, pp] = digit[:, k_at]
+    return f
+
+
+def _pos_labels(a_place, b_place, T: int, ans, k_at) -> tuple[str, ...]:
+    """Structural position labels: ``a<place>``, ``*``, ``b<place>``, ``=``, then ``d<k>`` for the answer."""
+    wa, wb = len(a_place), len(b_place)
+    labels = ["*"] * T
+    for t in range(wa):
+        labels[t] = f"a{a_place[t]}"
+    for j in range(wb):
+        labels[wa + 1 + j] = f"b{b_place[j]}"
+    labels[wa + 1 + wb] = "="
+    for t, k in zip(ans, k_at, strict=True):
+        labels[t] = f"d{k}"
+    return tuple(labels)
+
+
+def _longest_run(has_carry: np.ndarray) -> np.ndarray:
+    """The longest run of consecutive columns with a carry out, per example (``max_cascade``)."""
+    n, P = has_carry.shape
+    run = np.zeros(n, dtype=np.int64)
+    longest = np.zeros(n, dtype=np.int64)
+    for k in range(P):
+        run = np.where(has_carry[:, k], run + 1, 0)
+        longest = np.maximum(longest, run)
+    return longest

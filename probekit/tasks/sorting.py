@@ -204,17 +204,10 @@ class SortingTask:
 
     def batch_from_inputs(self, x) -> Batch:
         """Build a Batch (tokens + features) from an integer array of lists ``[batch, length]``."""
-        x = np.asarray(x, dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] < 1:
-            raise ProbekitError(f"expected inputs of shape [batch, length>=1], got {x.shape}")
-        if x.min() < 0 or x.max() >= self.n_values:
-            raise ProbekitError(f"input values must be in 0..{self.n_values - 1}, got range {x.min()}..{x.max()}")
+        x = self._check_inputs(x)
         n, L = x.shape
         rows = np.arange(n)[:, None]
         order = np.argsort(x, axis=1, kind="stable")  # [n, L]: input index of the r-th sorted element
-        rank = np.empty_like(order)
-        rank[rows, order] = np.arange(L)[None, :]
-        ys = x[rows, order]  # sorted values
         inp0 = 1  # token position of input element 0
         sep = 1 + L
         T = self.seq_len(L)
@@ -226,54 +219,13 @@ class SortingTask:
         feats = {k: np.full((n, T), -1, dtype=np.int64) for k in
                  ("value", "rank", "successor_value", "successor_pos", "predecessor_pos",
                   "step", "prev_output", "target", "target_src_pos", "copies_left")}
-
-        # input-position features
-        succ_idx = np.full((n, L), -1)
-        succ_idx[rows, order[:, :-1]] = order[:, 1:]
-        pred_idx = np.full((n, L), -1)
-        pred_idx[rows, order[:, 1:]] = order[:, :-1]
-        feats["value"][:, inp0:inp0 + L] = x
-        feats["rank"][:, inp0:inp0 + L] = rank
-        has_succ = succ_idx >= 0
-        feats["successor_pos"][:, inp0:inp0 + L] = np.where(has_succ, succ_idx + inp0, -1)
-        feats["successor_value"][:, inp0:inp0 + L] = np.where(has_succ, x[rows, np.maximum(succ_idx, 0)], -1)
-        feats["predecessor_pos"][:, inp0:inp0 + L] = np.where(pred_idx >= 0, pred_idx + inp0, -1)
-
-        steps = np.arange(L)
+        succ_idx, pred_idx = _input_features(feats, x, order, inp0)
         if self.objective == "sort":
-            ans = sep + 1 + steps  # token positions of the answer
-            tokens[:, ans] = ys
-            answer_mask[:, ans] = True
-            pp = ans - 1  # predicting positions
-            feats["step"][:, pp] = steps
-            feats["target"][:, pp] = ys
-            feats["target_src_pos"][:, pp] = order + inp0
-            feats["prev_output"][:, pp[1:]] = ys[:, :-1]
-            # copies of ys[r] among ys[r:], i.e. still to write (the target included)
-            left = np.zeros((n, L), dtype=np.int64)
-            for r in range(L):
-                left[:, r] = (ys[:, r:] == ys[:, r:r + 1]).sum(axis=1)
-            feats["copies_left"][:, pp] = left
+            _sort_answers(tokens, answer_mask, feats, x[rows, order], order, sep, inp0)
         else:
             other = succ_idx if self.objective == "successor" else pred_idx
-            has = other >= 0
-            s = np.where(has, x[rows, np.maximum(other, 0)], self.NONE)
-            q_pos = sep + 1 + 2 * steps
-            tokens[:, q_pos] = x
-            tokens[:, q_pos + 1] = s
-            answer_mask[:, q_pos + 1] = True
-            feats["step"][:, q_pos] = steps
-            feats["prev_output"][:, q_pos] = x
-            feats["target"][:, q_pos] = s
-            feats["target_src_pos"][:, q_pos] = np.where(has, other + inp0, -1)
+            self._query_answers(tokens, answer_mask, feats, x, other, sep, inp0)
         assert (tokens >= 0).all()
-        labels = [self.objective] + [f"x{i}" for i in range(L)] + ["|"] + [""] * (T - sep - 1)
-        if self.objective == "sort":
-            for r in steps:
-                labels[sep + 1 + r] = f"y{r}"
-        else:
-            for r in steps:
-                labels[sep + 1 + 2 * r], labels[sep + 2 + 2 * r] = f"q{r}", f"s{r}"
         return Batch(
             tokens=torch.from_numpy(tokens),
             answer_mask=torch.from_numpy(answer_mask),
@@ -283,8 +235,45 @@ class SortingTask:
             length=L,
             prompt_len=sep + 1,
             meta={"inputs": torch.from_numpy(x)},
-            pos_labels=tuple(labels),
+            pos_labels=self._pos_labels(L, T),
         )
+
+    def _check_inputs(self, x) -> np.ndarray:
+        """``x`` as an int64 array ``[batch, length>=1]`` of values in ``0..n_values-1``, else refused."""
+        x = np.asarray(x, dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ProbekitError(f"expected inputs of shape [batch, length>=1], got {x.shape}")
+        if x.min() < 0 or x.max() >= self.n_values:
+            raise ProbekitError(f"input values must be in 0..{self.n_values - 1}, got range {x.min()}..{x.max()}")
+        return x
+
+    def _query_answers(self, tokens, answer_mask, feats, x, other, sep: int, inp0: int) -> None:
+        """successor / predecessor objectives: ``q_r s_r`` pairs, the answer of input ``r``'s neighbour in
+        sorted order (``other``: its input index, -1 for none) or `NONE`."""
+        steps = np.arange(x.shape[1])
+        rows = np.arange(x.shape[0])[:, None]
+        has = other >= 0
+        s = np.where(has, x[rows, np.maximum(other, 0)], self.NONE)
+        q_pos = sep + 1 + 2 * steps
+        tokens[:, q_pos] = x
+        tokens[:, q_pos + 1] = s
+        answer_mask[:, q_pos + 1] = True
+        feats["step"][:, q_pos] = steps
+        feats["prev_output"][:, q_pos] = x
+        feats["target"][:, q_pos] = s
+        feats["target_src_pos"][:, q_pos] = np.where(has, other + inp0, -1)
+
+    def _pos_labels(self, L: int, T: int) -> tuple[str, ...]:
+        """Structural position labels: objective, ``x0..``, ``|``, then ``y0..`` (sort) or ``q0 s0 ..``."""
+        sep = 1 + L
+        labels = [self.objective] + [f"x{i}" for i in range(L)] + ["|"] + [""] * (T - sep - 1)
+        if self.objective == "sort":
+            for r in range(L):
+                labels[sep + 1 + r] = f"y{r}"
+        else:
+            for r in range(L):
+                labels[sep + 1 + 2 * r], labels[sep + 2 + 2 * r] = f"q{r}", f"s{r}"
+        return tuple(labels)
 
     # ------------------------------------------------------------------ corruptions
     def _corrupted(self, batch: Batch, x2) -> Batch:
@@ -362,6 +351,45 @@ class SortingTask:
         rec = {"input_index": i, "old": old, "new": x[np.arange(n), i].copy()}
         desc = "replace: one random input element set to another value"
         return Edit(self._corrupted(batch, x), np.ones(n, dtype=bool), rec, desc, ("list length",))
+
+
+def _input_features(feats: dict, x: np.ndarray, order: np.ndarray, inp0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the input-position features (value, rank, successor / predecessor); return the input index of
+    each element's successor and predecessor in sorted order (-1 for none)."""
+    n, L = x.shape
+    rows = np.arange(n)[:, None]
+    rank = np.empty_like(order)
+    rank[rows, order] = np.arange(L)[None, :]
+    succ_idx = np.full((n, L), -1)
+    succ_idx[rows, order[:, :-1]] = order[:, 1:]
+    pred_idx = np.full((n, L), -1)
+    pred_idx[rows, order[:, 1:]] = order[:, :-1]
+    feats["value"][:, inp0:inp0 + L] = x
+    feats["rank"][:, inp0:inp0 + L] = rank
+    has_succ = succ_idx >= 0
+    feats["successor_pos"][:, inp0:inp0 + L] = np.where(has_succ, succ_idx + inp0, -1)
+    feats["successor_value"][:, inp0:inp0 + L] = np.where(has_succ, x[rows, np.maximum(succ_idx, 0)], -1)
+    feats["predecessor_pos"][:, inp0:inp0 + L] = np.where(pred_idx >= 0, pred_idx + inp0, -1)
+    return succ_idx, pred_idx
+
+
+def _sort_answers(tokens, answer_mask, feats: dict, ys: np.ndarray, order: np.ndarray, sep: int, inp0: int) -> None:
+    """The sort objective's answer (``ys``, the sorted values) and the features at its predicting positions."""
+    n, L = ys.shape
+    steps = np.arange(L)
+    ans = sep + 1 + steps  # token positions of the answer
+    tokens[:, ans] = ys
+    answer_mask[:, ans] = True
+    pp = ans - 1  # predicting positions
+    feats["step"][:, pp] = steps
+    feats["target"][:, pp] = ys
+    feats["target_src_pos"][:, pp] = order + inp0
+    feats["prev_output"][:, pp[1:]] = ys[:, :-1]
+    # copies of ys[r] among ys[r:], i.e. still to write (the target included)
+    left = np.zeros((n, L), dtype=np.int64)
+    for r in range(L):
+        left[:, r] = (ys[:, r:] == ys[:, r:r + 1]).sum(axis=1)
+    feats["copies_left"][:, pp] = left
 
 
 def _check_sort(batch: Batch, kind: str) -> None:
