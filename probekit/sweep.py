@@ -365,6 +365,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at niceness 15; the jobs are the sweep's whole work, so they run at the
+    # driver's priority instead of starving behind anything else on the machine
+    os.environ.setdefault("RAY_worker_niceness", "0")
     tmp = None
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
