@@ -28,7 +28,6 @@ from probekit.results import Result
 from probekit.tasks import ProbekitError
 
 ATTRIBUTIONS = ("dla", "ablate")
-DEFAULT_FEATURE = {"sorting": "target", "multiplication": "carry_out"}
 PARTS = ("accuracy", "probe", "patch", "attribution")
 
 
@@ -145,7 +144,9 @@ def _check(models, task, lengths, n, feature, attribution, site, metric, corrupt
     if corruption not in corruption_kinds(task):
         raise ProbekitError(f"corruption {corruption!r} is not defined for task {task.name!r}; "
                             f"expected one of {list(corruption_kinds(task))}")
-    feature = feature or DEFAULT_FEATURE.get(task.name)
+    feature = feature or getattr(task, "probe_feature", None)
+    if feature is None:
+        raise ProbekitError(f"task {task.name!r} names no default probe feature; pass --feature")
     task.sample(1, length=lengths[0], seed=0).feature(feature)
     check_metric(metric)
     return feature, corruption, P.canonical_site(site)

@@ -225,7 +225,8 @@ class Task(Protocol):
     pair is fixed by its seed. `probekit.corruptions.corrupt` dispatches to it, checks the pair and
     handles rows without a valid corruption. ``resample_rule(self)`` gives the shared ``resample`` kind.
     Batches carry the task's position labels (``Batch.pos_labels``). Optional: ``display_length``, the
-    length of the example shown in attention views (default: the task's default length).
+    length of the example shown in attention views (default: the task's default length), and
+    ``probe_feature``, the feature an instrument probes when none is named (`probekit.compare`).
     """
 
     name: str

@@ -50,6 +50,7 @@ Corruptions (`corruptions`; digits units first ``a_i``, ``b_j``; product digit k
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -80,6 +81,7 @@ class MultiplicationTask:
     simple_fraction: float = 0.0
     objective: str = "product"
     name: str = "multiplication"
+    probe_feature: ClassVar[str] = "carry_out"  # the feature probed when none is named
 
     def __post_init__(self):
         check_fields(self, "MultiplicationTask")

@@ -74,6 +74,7 @@ class SortingTask:
     value_windows: float = 0.0
     name: str = "sorting"
     display_length: ClassVar[int] = 10  # the length of the example shown in figures and attention views
+    probe_feature: ClassVar[str] = "target"  # the feature probed when none is named
 
     def __post_init__(self):
         check_fields(self, "SortingTask")
