@@ -154,6 +154,10 @@ class Receive:
         """Per-head inputs ``{site: [rows, pos, head, d_model]}`` for the sites that differ from ``x``."""
         return {}
 
+    def project(self, L: int, site: str, t: Tensor, x: Tensor, at, layer: F.Layer, w: HeadWeights) -> Tensor:
+        """The projected q/k/v ``t [rows, at, head, d_head]`` (``x``: the residual read, at all positions)."""
+        return t
+
     def mlp(self, L: int, mid: Tensor, outs: list[Tensor], at: Tensor) -> Tensor:
         """The MLP's input; ``mid``, ``outs`` are at positions ``at`` (the read positions in the last layer)."""
         return mid
@@ -174,25 +178,33 @@ class Run:
     resid: list[Tensor]
 
 
-def _qkv(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], qp: Tensor) -> list[Tensor]:
-    """q (at positions ``qp``), k, v ``[rows, pos, head, d_head]``: from ``x``, or per head from ``R[site]``."""
+def head_input(layer: F.Layer, w: HeadWeights, site: str, r: Tensor, head: int | slice = slice(None)) -> Tensor:
+    """q, k or v of ``head`` (all heads: ``r [..., head, d_model]``) from its receiver input ``r`` (before ln1)."""
+    t = torch.einsum("...m,...dm->...d", layer.ln1(r), w.W[site][head])
+    return t + w.b[site][head] if w.b[site] is not None else t
+
+
+def _qkv(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], qp: Tensor, recv: Receive,
+         L: int, groups: int) -> list[Tensor]:
+    """q (at positions ``qp``), k, v ``[rows, pos, head, d_head]``: from ``x``, or per head from ``R[site]``.
+
+    ``groups`` > 1: ``x`` is shared by that many row groups; the projections are computed once and repeated."""
     a = layer.attn
     h = layer.ln1(x) if len(R) < 3 else None
+    xr = x.repeat(groups, 1, 1) if groups > 1 else x
     out = []
     for s, mod, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv), ("v", a.v, a.n_kv)):
         at = qp if s == "q" else slice(None)
-        if s not in R:
-            out.append(F.heads(mod(h[:, at]), n, a.d_head))
-            continue
-        t = torch.einsum("bpnm,ndm->bpnd", layer.ln1(R[s][:, at]), w.W[s])
-        out.append(t + w.b[s] if w.b[s] is not None else t)
+        t = F.heads(mod(h[:, at]), n, a.d_head) if s not in R else head_input(layer, w, s, R[s][:, at])
+        out.append(recv.project(L, s, t.repeat(groups, 1, 1, 1) if groups > 1 else t, xr, at, layer, w))
     return out
 
 
-def _attend(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], pos: Tensor, qp: Tensor) -> Tensor:
+def _attend(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], pos: Tensor, qp: Tensor,
+            recv: Receive, L: int, groups: int = 1) -> Tensor:
     """Head outputs z ``[rows, qp, head, d_head]`` of the queries at ``qp``."""
     a = layer.attn
-    q, k, v = _qkv(layer, w, x, R, qp)
+    q, k, v = _qkv(layer, w, x, R, qp, recv, L, groups)
     qr = F.rope(a, q.transpose(1, 2), qp)
     kr = F.expand_kv(a, F.rope(a, k.transpose(1, 2), pos))
     pattern = F.attention_pattern(a, torch.matmul(qr, kr.transpose(-2, -1)), qp, pos)
@@ -206,22 +218,27 @@ def run_graph(nat: F.Native, ws: list[HeadWeights], tokens: Int[Tensor, "rows po
 
     The last layer's queries and MLP, and the logits, are computed at ``read_pos`` only; from there on
     the sender outputs (``Run.outs``) and the final residual are kept at ``read_pos`` only.
-    ``start=(L, x)``: begin at layer L with residual x (at ``read_pos`` when L is ``n_layers``; no sender
-    outputs before L are kept); ``embed``: this embedding in place of the tokens' (the ``embed`` output).
+    ``start=(L, x, groups)``: begin at layer L with residual x (at ``read_pos`` when L is ``n_layers``)
+    shared by ``groups`` row groups (for receivers that edit only through `Receive.project`, ``mlp`` and
+    ``logits``; no sender outputs before L are kept); ``embed``: this embedding in place of the tokens'.
     """
     recv, nl = recv or Receive(), len(nat.layers)
     pos = torch.arange(tokens.shape[1], device=tokens.device)
+    groups = 1
     if start is None:
         L0, x = 0, F.embed(nat, tokens, pos) if embed is None else embed
     else:
-        L0, x = start
+        L0, x, groups = start
+        if L0 == nl:
+            x, groups = x.repeat(groups, 1, 1), 1
     outs, resid = ([x] if start is None else []), []
     kept, cur = list(outs), (read_pos if L0 == nl else pos)
     for L in range(L0, nl):
         layer, w = nat.layers[L], ws[L]
         resid.append(x)
         qp = read_pos if L == nl - 1 else pos
-        z = _attend(layer, w, x, recv.attn(L, x, outs), pos, qp)
+        z = _attend(layer, w, x, recv.attn(L, x, outs) if groups == 1 else {}, pos, qp, recv, L, groups)
+        x, groups = (x.repeat(groups, 1, 1) if groups > 1 else x), 1
         if L == nl - 1:  # from here on only the read positions
             outs, x, cur = [o[:, read_pos] for o in outs], x[:, read_pos], read_pos
         new = list(torch.einsum("bphd,hdm->bphm", z, w.W_O).unbind(2))
@@ -297,16 +314,17 @@ class _EdgePatch(Receive):
         else:
             R[rows, :, head] += self.delta[s][:, at]
 
-    def attn(self, L, x, outs):
-        R = {}
-        for k, (s, j) in enumerate(self.edges):
-            r = self.g.receivers[j]
-            if r.kind == "head" and r.layer == L:
-                if r.site not in R:
-                    n = self.g.n_heads if r.site == "q" else self.g.n_kv
-                    R[r.site] = x[:, :, None].expand(-1, -1, n, -1).clone()
-                self._add(R[r.site], k, s, r.head)
-        return R
+    def project(self, L, site, t, x, at, layer, w):
+        """Recompute only the receiving head of each edge's row group, from its input plus the delta."""
+        hits = [(k, s, self.g.receivers[j].head) for k, (s, j) in enumerate(self.edges)
+                if self.g.receivers[j] == Node("head", L, self.g.receivers[j].head, site)]
+        if not hits:
+            return t
+        t = t.clone()
+        for k, s, head in hits:
+            rows = slice(k * self.n, (k + 1) * self.n)
+            t[rows, :, head] = head_input(layer, w, site, x[rows][:, at] + self.delta[s][:, at], head)
+        return t
 
     def mlp(self, L, mid, outs, at):
         hits = [(k, s) for k, (s, j) in enumerate(self.edges) if self.g.receivers[j] == Node("mlp", L)]
@@ -380,7 +398,8 @@ class Setup:
         """Per-row-group batch mean of the metric ``[groups]`` (logits ``[groups * N, answer, d_vocab]``)."""
         N = self.base.shape[0]
         rows = torch.arange(N, device=logits.device).repeat(groups)
-        return self.bm.reduce(self.bm.per_step(logits.float(), rows)).view(groups, N).mean(1)
+        lg = logits if logits.dtype == torch.float64 else logits.float()
+        return self.bm.reduce(self.bm.per_step(lg, rows)).view(groups, N).mean(1)
 
 
 def setup(model, pair: CorruptedPair, metric: Metric | str = "logit-diff", direction: str = "noise",
@@ -414,7 +433,7 @@ def _scores(g: Graph, delta: Tensor, grads: Tensor) -> Tensor:
     """``delta [sender, N, pos, d]`` . ``grads [receiver, N, pos, d]`` for every edge -> ``[edge]``."""
     full = torch.einsum("snpd,jnpd->sj", delta.double(), grads.double())
     s, j = torch.tensor(g.edges).T
-    return full[s, j].float()
+    return full[s, j].to(delta.dtype)
 
 
 def _gradients(st: Setup, embed: Tensor | None = None) -> tuple[Run, Tensor]:
@@ -426,7 +445,7 @@ def _gradients(st: Setup, embed: Tensor | None = None) -> tuple[Run, Tensor]:
         ts = rec.tensors()
         gs = dict(zip([id(t) for t in ts], torch.autograd.grad(m, ts), strict=True))
     N, T = st.base.shape
-    out = torch.zeros(len(st.graph.receivers), N, T, run.resid[0].shape[-1], device=st.base.device)
+    out = run.resid[0].new_zeros(len(st.graph.receivers), N, T, run.resid[0].shape[-1])
     for j, (t, head, at) in enumerate(rec.inputs):
         gj = gs[id(t)] if head is None else gs[id(t)][:, :, head]
         out[j][:, slice(None) if at is None else at] = gj
@@ -462,18 +481,21 @@ def _chunks(items: list, size: int) -> list[list]:
 def exact_edges(st: Setup, base: Run, src: Run, edges: Sequence[int] | None = None, max_batch: int = 1024) -> Tensor:
     """The exact effect ``m(patched) - m(base)`` of each edge (indices into ``st.graph.edges``; default all).
 
-    K = max_batch // N edges per pass, sorted by the layer they reach; each pass starts there from the base run.
+    K = max_batch // N edges per pass, all reaching the same layer; each pass starts there from the base run.
     """
     g, N = st.graph, st.base.shape[0]
     idx = list(range(len(g.edges))) if edges is None else [int(e) for e in edges]
     delta = torch.stack(src.outs) - torch.stack(base.outs)
     m_base = st.value(base.logits)[0]
     stage = {i: _stage(g.receivers[g.edges[i][1]], g.n_layers) for i in idx}
-    out = torch.full((len(g.edges),), float("nan"))
-    for chunk in _chunks(sorted(idx, key=lambda i: (stage[i], g.edges[i][1])), max(1, max_batch // N)):
-        K, L0 = len(chunk), min(stage[i] for i in chunk)
+    out = torch.full((len(g.edges),), float("nan"), dtype=delta.dtype)
+    by_stage: dict[int, list[int]] = {}
+    for i in sorted(idx, key=lambda i: g.edges[i][1]):
+        by_stage.setdefault(stage[i], []).append(i)
+    for chunk in [c for L in sorted(by_stage) for c in _chunks(by_stage[L], max(1, max_batch // N))]:
+        K, L0 = len(chunk), stage[chunk[0]]
         recv = _EdgePatch(g, [g.edges[i] for i in chunk], delta, N)
-        run = run_graph(st.nat, st.ws, st.base, st.read, recv, start=(L0, base.resid[L0].repeat(K, 1, 1)))
+        run = run_graph(st.nat, st.ws, st.base, st.read, recv, start=(L0, base.resid[L0], K))
         out[chunk] = (st.value(run.logits, K) - m_base).cpu()
     return out if edges is None else out[idx]
 
