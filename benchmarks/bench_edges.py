@@ -1,7 +1,8 @@
 """Exact edge patching: every edge of a model, batched (`probekit.edges.exact_edges`) vs a naive loop.
 
-The naive loop runs one full forward per edge (N rows, the same functional forward with the edge's receiver
-input changed, from the embedding to the logits). The batched engine runs K = max_batch // N edges as K row
+The naive loop runs one hooked forward per edge (N rows, `probekit.forward.forward` from the embedding to
+the logits at all positions, with an edit that recomputes the receiving head's q/k/v, the MLP, or the
+final residual from its input plus the sender's delta). The batched engine runs K = max_batch // N edges as K row
 groups per pass, each pass starting at the first layer its edges reach (from the recorded base run), and
 computes the last layer and the logits at the metric's read positions only. Both give the same effects
 (``max_abs_diff``). Model: the shipped ``sort-baseline`` (2 layers, 4 heads, MLPs, LayerNorm: 110 edges),
@@ -31,19 +32,45 @@ def _setup(n: int):
     return st, base, src
 
 
+def _edge_edit(st, layer_of, site, head, d):
+    """A `probekit.forward` edit adding ``d`` to one receiver's input: head q/k/v, MLP, or logits."""
+    from probekit import edges as E
+
+    nat, seen = st.nat, {}
+    L = layer_of
+
+    def edit(s, layer, act, pos):
+        if layer != L:
+            return act
+        if s in ("resid_pre", "resid_mid"):
+            seen[s] = act
+        elif site in ("q", "k", "v") and s == site:
+            act = act.clone()
+            act[:, :, head] = E.head_input(nat.layers[L], st.ws[L], site, seen["resid_pre"] + d, head)
+        elif site == "mlp" and s == "mlp_out":
+            act = nat.layers[L].mlp(nat.layers[L].ln2(seen["resid_mid"] + d))
+        elif site == "logits" and s == "resid_post":
+            act = act + d
+        return act
+
+    return edit
+
+
 def naive(st, base, src):
-    """One full forward per edge."""
+    """One hooked forward per edge (`probekit.forward.forward` with an edit at the receiver), all positions."""
     import torch
 
-    from probekit import edges as E
+    from probekit import forward as F
 
     delta = torch.stack(src.outs) - torch.stack(base.outs)
     m0 = st.value(base.logits)[0]
-    out = []
+    out, nl = [], st.graph.n_layers
     with torch.no_grad():
-        for e in st.graph.edges:
-            run = E.run_graph(st.nat, st.ws, st.base, st.read, E._EdgePatch(st.graph, [e], delta, st.base.shape[0]))
-            out.append(float(st.value(run.logits)[0] - m0))
+        for s, j in st.graph.edges:
+            r = st.graph.receivers[j]
+            L, site = (nl - 1, "logits") if r.kind == "logits" else (r.layer, r.site or "mlp")
+            logits = F.forward(st.nat, st.base, _edge_edit(st, L, site, r.head, delta[s]), logits_pos=st.read)
+            out.append(float(st.value(logits)[0] - m0))
     return torch.tensor(out)
 
 

@@ -154,6 +154,12 @@ class Receive:
         """Per-head inputs ``{site: [rows, pos, head, d_model]}`` for the sites that differ from ``x``."""
         return {}
 
+    needs_outs = True  # whether `mlp` / `logits` read ``outs``
+
+    def edits(self, L: int, site: str) -> bool:
+        """Whether `project` may change ``site`` of layer ``L`` (if not, rows that share an input share it)."""
+        return True
+
     def project(self, L: int, site: str, t: Tensor, x: Tensor, at, layer: F.Layer, w: HeadWeights) -> Tensor:
         """The projected q/k/v ``t [rows, at, head, d_head]`` (``x``: the residual read, at all positions)."""
         return t
@@ -188,7 +194,8 @@ def _qkv(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], qp: Te
          L: int, groups: int) -> list[Tensor]:
     """q (at positions ``qp``), k, v ``[rows, pos, head, d_head]``: from ``x``, or per head from ``R[site]``.
 
-    ``groups`` > 1: ``x`` is shared by that many row groups; the projections are computed once and repeated."""
+    ``groups`` > 1: ``x`` is shared by that many row groups; a site ``recv`` does not edit stays shared
+    (``[rows / groups, ...]``), the others are repeated and edited."""
     a = layer.attn
     h = layer.ln1(x) if len(R) < 3 else None
     xr = x.repeat(groups, 1, 1) if groups > 1 else x
@@ -196,31 +203,40 @@ def _qkv(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], qp: Te
     for s, mod, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv), ("v", a.v, a.n_kv)):
         at = qp if s == "q" else slice(None)
         t = F.heads(mod(h[:, at]), n, a.d_head) if s not in R else head_input(layer, w, s, R[s][:, at])
-        out.append(recv.project(L, s, t.repeat(groups, 1, 1, 1) if groups > 1 else t, xr, at, layer, w))
+        if groups > 1:
+            t = t.repeat(groups, 1, 1, 1) if recv.edits(L, s) else t
+        out.append(recv.project(L, s, t, xr, at, layer, w) if t.shape[0] == xr.shape[0] else t)
     return out
 
 
 def _attend(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], pos: Tensor, qp: Tensor,
             recv: Receive, L: int, groups: int = 1) -> Tensor:
-    """Head outputs z ``[rows, qp, head, d_head]`` of the queries at ``qp``."""
+    """Head outputs z ``[rows, qp, head, d_head]`` of the queries at ``qp`` (rows: ``groups`` copies of x's)."""
     a = layer.attn
+    n = x.shape[0]
     q, k, v = _qkv(layer, w, x, R, qp, recv, L, groups)
-    qr = F.rope(a, q.transpose(1, 2), qp)
-    kr = F.expand_kv(a, F.rope(a, k.transpose(1, 2), pos))
+
+    def grouped(t: Tensor) -> Tensor:  # [groups or 1 (shared), n, ...]
+        return t.view(-1, n, *t.shape[1:])
+
+    qr = grouped(F.rope(a, q.transpose(1, 2), qp))
+    kr = grouped(F.expand_kv(a, F.rope(a, k.transpose(1, 2), pos)))
     pattern = F.attention_pattern(a, torch.matmul(qr, kr.transpose(-2, -1)), qp, pos)
-    return torch.matmul(pattern, F.expand_kv(a, v.transpose(1, 2))).transpose(1, 2)
+    z = torch.matmul(pattern, grouped(F.expand_kv(a, v.transpose(1, 2))))
+    return z.expand(groups, *z.shape[1:]).reshape(groups * n, *z.shape[2:]).transpose(1, 2)
 
 
 def run_graph(nat: F.Native, ws: list[HeadWeights], tokens: Int[Tensor, "rows pos"], read_pos: Tensor,
               recv: Receive | None = None, start: tuple[int, Tensor] | None = None,
-              embed: Tensor | None = None) -> Run:
+              embed: Tensor | None = None, record: bool = True) -> Run:
     """The model's forward with every receiver input a separate tensor, given by ``recv``.
 
     The last layer's queries and MLP, and the logits, are computed at ``read_pos`` only; from there on
     the sender outputs (``Run.outs``) and the final residual are kept at ``read_pos`` only.
     ``start=(L, x, groups)``: begin at layer L with residual x (at ``read_pos`` when L is ``n_layers``)
     shared by ``groups`` row groups (for receivers that edit only through `Receive.project`, ``mlp`` and
-    ``logits``; no sender outputs before L are kept); ``embed``: this embedding in place of the tokens'.
+    ``logits``; no sender outputs before L are kept); ``embed``: this embedding in place of the tokens';
+    ``record=False``: no sender outputs in the returned run.
     """
     recv, nl = recv or Receive(), len(nat.layers)
     pos = torch.arange(tokens.shape[1], device=tokens.device)
@@ -241,13 +257,16 @@ def run_graph(nat: F.Native, ws: list[HeadWeights], tokens: Int[Tensor, "rows po
         x, groups = (x.repeat(groups, 1, 1) if groups > 1 else x), 1
         if L == nl - 1:  # from here on only the read positions
             outs, x, cur = [o[:, read_pos] for o in outs], x[:, read_pos], read_pos
-        new = list(torch.einsum("bphd,hdm->bphm", z, w.W_O).unbind(2))
+        keep_outs = record or recv.needs_outs  # else outs stays as it is: nothing reads it
+        new = list(torch.einsum("bphd,hdm->bphm", z, w.W_O).unbind(2)) if keep_outs else []
         x = x + layer.attn.o(z.reshape(z.shape[0], z.shape[1], -1))  # as `probekit.forward` computes it
         if layer.mlp is not None:
-            new.append(layer.mlp(layer.ln2(recv.mlp(L, x, outs + new, cur))))
-            x = x + new[-1]
+            mo = layer.mlp(layer.ln2(recv.mlp(L, x, outs + new, cur)))
+            new += [mo] if keep_outs else []
+            x = x + mo
         outs += new
-        kept += [o if cur is pos else _at(o, read_pos, len(pos)) for o in new]
+        if record:
+            kept += [o if cur is pos else _at(o, read_pos, len(pos)) for o in new]
     resid.append(x)
     return Run(nat.unembed(nat.ln_final(recv.logits(x, outs, cur))), kept, resid)
 
@@ -313,6 +332,12 @@ class _EdgePatch(Receive):
             R[rows] += self.delta[s][:, at]
         else:
             R[rows, :, head] += self.delta[s][:, at]
+
+    needs_outs = False
+
+    def edits(self, L, site):
+        return any(self.g.receivers[j].kind == "head" and (self.g.receivers[j].layer, self.g.receivers[j].site) == (L, site)
+                   for _, j in self.edges)
 
     def project(self, L, site, t, x, at, layer, w):
         """Recompute only the receiving head of each edge's row group, from its input plus the delta."""
@@ -495,7 +520,7 @@ def exact_edges(st: Setup, base: Run, src: Run, edges: Sequence[int] | None = No
     for chunk in [c for L in sorted(by_stage) for c in _chunks(by_stage[L], max(1, max_batch // N))]:
         K, L0 = len(chunk), stage[chunk[0]]
         recv = _EdgePatch(g, [g.edges[i] for i in chunk], delta, N)
-        run = run_graph(st.nat, st.ws, st.base, st.read, recv, start=(L0, base.resid[L0], K))
+        run = run_graph(st.nat, st.ws, st.base, st.read, recv, start=(L0, base.resid[L0], K), record=False)
         out[chunk] = (st.value(run.logits, K) - m_base).cpu()
     return out if edges is None else out[idx]
 
@@ -538,7 +563,8 @@ def circuit_values(st: Setup, clean_tokens: Tensor, keeps: list[Tensor], abl: Te
         ablated = torch.zeros(len(chunk), len(g.senders), len(g.receivers), dtype=torch.bool, device=abl.device)
         for k, keep in enumerate(chunk):
             ablated[k, s_idx, j_idx] = ~keep.to(abl.device)
-        run = run_graph(st.nat, st.ws, clean_tokens.repeat(len(chunk), 1), st.read, _Ablate(g, ablated, abl, N))
+        run = run_graph(st.nat, st.ws, clean_tokens.repeat(len(chunk), 1), st.read, _Ablate(g, ablated, abl, N),
+                        record=False)
         out.append(st.value(run.logits, len(chunk)).cpu())
     return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)
 
