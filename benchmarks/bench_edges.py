@@ -74,7 +74,7 @@ def naive(st, base, src):
     return torch.tensor(out)
 
 
-def timing(n: int = 32, repeats: int = 1, max_batch: int = 1024) -> dict:
+def timing(n: int = 32, repeats: int = 1, max_batch: int = 512) -> dict:
     from probekit import edges as E
 
     st, base, src = _setup(n)

@@ -161,7 +161,8 @@ class Receive:
         return True
 
     def project(self, L: int, site: str, t: Tensor, x: Tensor, at, layer: F.Layer, w: HeadWeights) -> Tensor:
-        """The projected q/k/v ``t [rows, at, head, d_head]`` (``x``: the residual read, at all positions)."""
+        """The projected q/k/v ``t [rows, at, head, d_head]``, a tensor of its own (it may be edited in place);
+        ``x``: the residual read, at all positions (one row group's rows when the groups share it)."""
         return t
 
     def mlp(self, L: int, mid: Tensor, outs: list[Tensor], at: Tensor) -> Tensor:
@@ -198,14 +199,13 @@ def _qkv(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], qp: Te
     (``[rows / groups, ...]``), the others are repeated and edited."""
     a = layer.attn
     h = layer.ln1(x) if len(R) < 3 else None
-    xr = x.repeat(groups, 1, 1) if groups > 1 else x
     out = []
     for s, mod, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv), ("v", a.v, a.n_kv)):
         at = qp if s == "q" else slice(None)
         t = F.heads(mod(h[:, at]), n, a.d_head) if s not in R else head_input(layer, w, s, R[s][:, at])
         if groups > 1:
             t = t.repeat(groups, 1, 1, 1) if recv.edits(L, s) else t
-        out.append(recv.project(L, s, t, xr, at, layer, w) if t.shape[0] == xr.shape[0] else t)
+        out.append(recv.project(L, s, t, x, at, layer, w) if t.shape[0] == groups * x.shape[0] else t)
     return out
 
 
@@ -254,9 +254,9 @@ def run_graph(nat: F.Native, ws: list[HeadWeights], tokens: Int[Tensor, "rows po
         resid.append(x)
         qp = read_pos if L == nl - 1 else pos
         z = _attend(layer, w, x, recv.attn(L, x, outs) if groups == 1 else {}, pos, qp, recv, L, groups)
-        x, groups = (x.repeat(groups, 1, 1) if groups > 1 else x), 1
         if L == nl - 1:  # from here on only the read positions
             outs, x, cur = [o[:, read_pos] for o in outs], x[:, read_pos], read_pos
+        x, groups = (x.repeat(groups, 1, 1) if groups > 1 else x), 1
         keep_outs = record or recv.needs_outs  # else outs stays as it is: nothing reads it
         new = list(torch.einsum("bphd,hdm->bphm", z, w.W_O).unbind(2)) if keep_outs else []
         x = x + layer.attn.o(z.reshape(z.shape[0], z.shape[1], -1))  # as `probekit.forward` computes it
@@ -345,10 +345,10 @@ class _EdgePatch(Receive):
                 if self.g.receivers[j] == Node("head", L, self.g.receivers[j].head, site)]
         if not hits:
             return t
-        t = t.clone()
         for k, s, head in hits:
             rows = slice(k * self.n, (k + 1) * self.n)
-            t[rows, :, head] = head_input(layer, w, site, x[rows][:, at] + self.delta[s][:, at], head)
+            xk = x if x.shape[0] == self.n else x[rows]
+            t[rows, :, head] = head_input(layer, w, site, xk[:, at] + self.delta[s][:, at], head)
         return t
 
     def mlp(self, L, mid, outs, at):
@@ -507,6 +507,7 @@ def exact_edges(st: Setup, base: Run, src: Run, edges: Sequence[int] | None = No
     """The exact effect ``m(patched) - m(base)`` of each edge (indices into ``st.graph.edges``; default all).
 
     K = max_batch // N edges per pass, all reaching the same layer; each pass starts there from the base run.
+    Row groups share every projection, key and value their edges do not change.
     """
     g, N = st.graph, st.base.shape[0]
     idx = list(range(len(g.edges))) if edges is None else [int(e) for e in edges]
@@ -514,9 +515,9 @@ def exact_edges(st: Setup, base: Run, src: Run, edges: Sequence[int] | None = No
     m_base = st.value(base.logits)[0]
     stage = {i: _stage(g.receivers[g.edges[i][1]], g.n_layers) for i in idx}
     out = torch.full((len(g.edges),), float("nan"), dtype=delta.dtype)
-    by_stage: dict[int, list[int]] = {}
+    by_stage: dict[tuple[int, bool], list[int]] = {}  # MLP receivers apart: their passes share the attention
     for i in sorted(idx, key=lambda i: g.edges[i][1]):
-        by_stage.setdefault(stage[i], []).append(i)
+        by_stage.setdefault((stage[i], g.receivers[g.edges[i][1]].kind == "mlp"), []).append(i)
     for chunk in [c for L in sorted(by_stage) for c in _chunks(by_stage[L], max(1, max_batch // N))]:
         K, L0 = len(chunk), stage[chunk[0]]
         recv = _EdgePatch(g, [g.edges[i] for i in chunk], delta, N)
