@@ -781,10 +781,12 @@ def plot_edges(report: EdgeReport, path: str | Path | None = None, title: str | 
                title=f"faithfulness, {f.ablation} ablation" if f is not None else "no faithfulness curve")
         m = report.matrix()
         lim = float(m.nan_to_num(0).abs().max()) or 1.0
-        im = a1.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        cmap = plt.get_cmap("RdBu_r").copy()
+        cmap.set_bad("0.75")  # no such edge
+        im = a1.imshow(m.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         a1.set_yticks(range(len(report.senders)), report.senders)
         a1.set_xticks(range(len(report.receivers)), report.receivers, rotation=90)
-        a1.set(xlabel="receiver", ylabel="sender", title=f"{report.settings.get('method', 'eap')} edge scores")
+        a1.set(xlabel="receiver", ylabel="sender", title=f"{report.settings.get('method', 'eap')} edge scores (grey: no edge)")
         fig.colorbar(im, ax=a1, label=f"score (change of {report.settings.get('metric', 'metric')})")
         fig.suptitle(title or f"edges of {report.settings.get('model') or 'the model'}")
     if path is not None:
