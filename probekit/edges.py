@@ -781,8 +781,7 @@ def plot_edges(report: EdgeReport, path: str | Path | None = None, title: str | 
                title=f"faithfulness, {f.ablation} ablation" if f is not None else "no faithfulness curve")
         m = report.matrix()
         lim = float(m.nan_to_num(0).abs().max()) or 1.0
-        cmap = plt.get_cmap("RdBu_r").copy()
-        cmap.set_bad("0.75")  # no such edge
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.75")  # grey: no such edge
         im = a1.imshow(m.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         a1.set_yticks(range(len(report.senders)), report.senders)
         a1.set_xticks(range(len(report.receivers)), report.receivers, rotation=90)
