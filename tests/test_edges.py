@@ -193,3 +193,15 @@ def test_shipped_sort_baseline_eap_ig_agrees_with_exact():
     rep = E.edge_report(model, pair, method="eap-ig", steps=10, ablation=None)
     assert len(rep.edges) == 110
     assert rep.spearman >= 0.9
+
+
+def test_denoising_scores_and_the_same_clean_circuit_metric(planted):
+    model, pair = planted
+    noise = E.edge_report(model, pair, exact=False, ablation="resample")
+    den = E.edge_report(model, pair, direction="denoise", exact=True, ablation="resample")
+    assert den.settings["m_base"] == pytest.approx(noise.settings["m_src"], abs=1e-5)  # base = the corrupted run
+    # faithfulness is always measured on the clean run: same endpoints whatever the scores' direction
+    assert den.faithfulness.m_clean == pytest.approx(noise.faithfulness.m_clean, abs=1e-5)
+    assert den.faithfulness.m_ablated == pytest.approx(noise.faithfulness.m_ablated, abs=1e-5)
+    top_exact = [den.labels[i] for i in torch.argsort(den.exact.abs(), descending=True)[:4]]
+    assert sorted(top_exact) == sorted(PLANTED)
