@@ -22,10 +22,11 @@ and patches clean values in. The effect of an edge is ``m(patched) - m(base run)
   ``steps`` runs whose embedding is ``base + alpha (src - base)``, ``alpha = k / steps``, k = 0..steps-1
   (a left Riemann sum: ``steps=1`` is plain EAP); ``steps + 1`` forwards, ``steps`` backwards.
 - `exact_edges`: the exact effect of every edge; K edges run as K row groups of one batch, each pass
-  starting at the first layer its edges reach, from the recorded base run.
+  starting at the layer its edges reach, from the recorded base run; row groups share what their edges do
+  not change, and the last layer and the logits are computed at the metric's read positions only.
 - `faithfulness`: circuits of the top-n edges by ``|score|``: every other edge is ablated, i.e. its
-  receiver reads ``ablated - current`` of that sender in place of the sender's output (``mean``: the
-  clean batch's per-position mean; ``resample``: the corrupted run). Faithfulness is
+  receiver reads the sender's ablated output in place of its current one (input = current - (out - ablated);
+  ``mean``: the clean batch's per-position mean; ``resample``: the corrupted run's output). Faithfulness is
   ``(m_circuit - m_all_ablated) / (m_clean - m_all_ablated)`` on the clean run.
 
 Axis names: ``rows`` (K row groups of the N examples), ``pos``, ``head``, ``d_head``, ``d_model``,
