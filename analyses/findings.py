@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from probekit.io import write_text
 from probekit.model import MODELS_DIR, shipped_models
 from probekit.report import run_study
 
@@ -21,6 +22,9 @@ PAPERS = [
     ("Sorting, trained on lengths <= 20, exact match at length 100",
      "Awasthi & Gupta 2023: < 1 % without hints; 92.6 % with the successor hint (repeated values)",
      ["sort-baseline", "sort-successor", "sort-predecessor", "sort-learned-pos", "sort-baseline-temp", "sort-successor-temp"], 100),
+    ("Sorting distinct values from 256, trained on lengths <= 20, exact match at length 100",
+     "Awasthi & Gupta 2023: small NoPE sorters with a length-dependent temperature extrapolate; learned absolute "
+     "positions do not", ["sort-extrap", "sort-extrap-learned-pos"], 100),
     ("5 x 1 multiplication, 1 layer, 3 heads, reversed product",
      "Qiu et al. 2024: 99.3 % (reversed), 89.8 % (forward)", ["mult-5x1"], None),
     ("N x N multiplication, reversed product, with depth and simple samples",
@@ -65,7 +69,7 @@ def main() -> int:
         lines += [f"## {st.title}", ""]
         lines += [f"- {c['text']}  \n  `{c['command']}`" for c in st.claims]
         lines += [f"- _{n}_" for n in st.notes] + [""]
-    (ROOT / "docs" / "findings.md").write_text("\n".join(lines) + "\n")
+    write_text(ROOT / "docs" / "findings.md", "\n".join(lines) + "\n")
     print("wrote docs/findings.md")
     return 0
 
