@@ -134,7 +134,8 @@ def test_every_zoo_grid_validates(capsys):
 SHIPPED_FROM = {("sort-zoo", c): c for c in ("sort-baseline", "sort-baseline-temp", "sort-learned-pos",
                                               "sort-predecessor", "sort-successor")} | {
     ("mult-3x3", "mult-3x3-v4"): "mult-3x3", ("mult-3x3", "mult-3x3-forward-v2"): "mult-3x3-forward",
-    ("mult-extrap", "mult-extrap-v3"): "mult-extrap", ("mult-5x1", "mult-5x1"): "mult-5x1"}
+    ("mult-extrap", "mult-extrap-v3"): "mult-extrap", ("mult-5x1", "mult-5x1"): "mult-5x1",
+    ("sort-extrap", "nope"): "sort-extrap", ("sort-extrap", "learned-pos"): "sort-extrap-learned-pos"}
 
 
 @pytest.mark.parametrize("grid, config", sorted(SHIPPED_FROM))

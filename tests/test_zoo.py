@@ -73,3 +73,11 @@ def test_sorting_failure_at_length_100_is_counting_copies():
         assert failed > 0 and (fe["extra_copy"] + fe["dropped_copy"]) / failed > 0.5, (name, fe)
         distinct = evaluate(model, dataclasses.replace(task, repeats=False), [50], n=64, seed=4321)
         assert distinct.exact_match(50) > 0.8 > _em(name, 50), name
+
+
+def test_the_extrapolating_sorter_and_its_failing_twin():
+    """NoPE + length temperature + value windows reach length 100; the same recipe with learned positions does not."""
+    if not {"sort-extrap", "sort-extrap-learned-pos"} <= set(NAMES):
+        pytest.skip("sort-extrap and its twin are not shipped")
+    assert _em("sort-extrap", 20) > 0.95 and _em("sort-extrap", 100) >= 0.9
+    assert _em("sort-extrap-learned-pos", 20) > 0.9 and _em("sort-extrap-learned-pos", 100) < 0.05
