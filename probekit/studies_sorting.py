@@ -6,13 +6,18 @@ is answered as a prediction across a grid of list *compositions* x *lengths*:
 1. The heads that select the next value are chosen by causal effect: activation patching of each
    head's output (``z``, all positions, denoising) on a ``successor-change`` corruption at
    ``patch_length`` (the target at the middle step changes, the emitted prefix does not); the
-   ``n_heads`` heads with the largest normalised logit-difference restoration are kept.
+   ``n_heads`` heads with the largest normalised logit-difference restoration are kept (default 4:
+   the effect is spread over the heads, no single head restores more than about a third).
 2. For every sort step of every list of every cell (teacher forcing: the correct prefix is given),
    from the model's own activations, per chosen head: ``mass`` (attention on the input positions
    holding the target value) and ``margin`` (pre-softmax score of the best such key minus the best
    input key holding another value; temperature included; +``MARGIN_CAP`` when every input holds
-   the target value). With the step type: ``repeat`` (the target equals the previous output) and
-   ``log_copies_left`` (log of the copies of the target value still to write, the target included).
+   the target value); with ``confusor``, ``cmass`` and ``cmargin``, the same against the *confusor*
+   keys, whose selection makes the step's typical error: on a repeat step the next larger value
+   (advancing drops a copy), on a new-value step the previous output (repeating writes an extra
+   copy). With the step type: ``repeat`` (the target equals the previous output) and
+   ``log_copies_left`` (log of the copies of the target value still to write, the target included);
+   with ``by_step_type`` every head quantity also enters multiplied by ``repeat``.
 3. A logistic regression (scikit-learn, standardised features) of the per-step error (teacher-forced
    argmax != target) is fitted on the steps of the *fit* cells; the predicted error rate of a cell is
    the mean predicted probability over its steps. R^2 of predicted vs observed rate is computed over
@@ -122,10 +127,28 @@ def _scores(model, tokens: torch.Tensor, layers: list[int]) -> tuple[dict[int, t
     return out, logits
 
 
+def _confusor(inputs: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """``[rows, step, L]`` the input keys whose selection makes the step's typical error: on a repeat step
+    the next larger value (advancing drops a copy), on a new-value step the previous output (an extra copy)."""
+    above = torch.where(inputs[:, None, :] > target[:, :, None], inputs[:, None, :], torch.iinfo(inputs.dtype).max)
+    nxt = above.amin(-1)  # rows step; max int where target is the largest value
+    conf = torch.where(prev == target, nxt, prev)  # prev = -1 at step 0: no confusor
+    return inputs[:, None, :] == conf[:, :, None]
+
+
+def _head_quantities(s: torch.Tensor, A: torch.Tensor, keys: torch.Tensor, correct: torch.Tensor) -> tuple:
+    """Attention mass on ``keys`` and the score margin of the best correct key over the best of ``keys``."""
+    best_ok = s.masked_fill(~correct, float("-inf")).amax(-1)
+    best_bad = s.masked_fill(~keys, float("-inf")).amax(-1)
+    margin = torch.where(torch.isinf(best_bad), MARGIN_CAP, (best_ok - best_bad).clamp(-MARGIN_CAP, MARGIN_CAP))
+    return (A * keys).sum(-1).numpy(), margin.numpy()
+
+
 @torch.no_grad()
 def step_quantities(model, batch: Batch, heads: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     """Per sort step (rows x steps, flattened): ``error`` (teacher-forced), ``row``, ``repeat``,
-    ``log_copies_left`` and, per head ``LxHy``, ``mass_LxHy`` and ``margin_LxHy`` (module docstring)."""
+    ``log_copies_left`` and, per head ``LxHy``: ``mass_LxHy`` / ``margin_LxHy`` (target value against every
+    other value), ``cmass_LxHy`` / ``cmargin_LxHy`` (against the confusor, `_confusor`), ``chance_LxHy``."""
     L_in, p0 = batch.length, 1  # input element i sits at token position 1 + i
     pp = torch.nonzero(batch.pred_mask[0]).flatten()  # predicting positions, one per step
     scores, logits = _scores(model, batch.tokens, sorted({L for L, _ in heads}))
@@ -133,26 +156,39 @@ def step_quantities(model, batch: Batch, heads: list[tuple[int, int]]) -> dict[s
     prev = batch.feature("prev_output")[:, pp]
     inputs = batch.tokens[:, p0:p0 + L_in]  # rows L
     correct = inputs[:, None, :] == target[:, :, None]  # rows step L
+    confusor = _confusor(inputs, target, prev)
     out = {"error": (logits[:, pp].argmax(-1) != target).numpy(),
            "row": np.broadcast_to(np.arange(batch.n)[:, None], target.shape),
            "repeat": (prev == target).numpy().astype(float),
            "log_copies_left": np.log(batch.feature("copies_left")[:, pp].float().numpy())}
+    causal = torch.arange(batch.seq_len)[None, :] > pp[:, None]
     for L, h in heads:
-        s = scores[L][:, h][:, pp][:, :, p0:p0 + L_in]  # rows step L (input keys are visible to every step)
-        A = torch.softmax(scores[L][:, h][:, pp].masked_fill(
-            torch.arange(batch.seq_len)[None, :] > pp[:, None], float("-inf")), -1)[:, :, p0:p0 + L_in]
-        best_ok = s.masked_fill(~correct, float("-inf")).amax(-1)
-        best_bad = s.masked_fill(correct, float("-inf")).amax(-1)
-        margin = torch.where(torch.isinf(best_bad), MARGIN_CAP, (best_ok - best_bad).clamp(-MARGIN_CAP, MARGIN_CAP))
-        out[f"mass_L{L}H{h}"] = (A * correct).sum(-1).numpy()
-        out[f"margin_L{L}H{h}"] = margin.numpy()
-        out[f"chance_L{L}H{h}"] = (correct.sum(-1).float() / (pp[None, :] + 1).float()).numpy()
+        full = scores[L][:, h][:, pp]  # rows step key_pos
+        A = torch.softmax(full.masked_fill(causal, float("-inf")), -1)[:, :, p0:p0 + L_in]
+        s = full[:, :, p0:p0 + L_in]  # input keys are visible to every step
+        lab = f"L{L}H{h}"
+        out[f"mass_{lab}"] = (A * correct).sum(-1).numpy()
+        out[f"margin_{lab}"] = _head_quantities(s, A, ~correct, correct)[1]
+        out[f"cmass_{lab}"], out[f"cmargin_{lab}"] = _head_quantities(s, A, confusor, correct)
+        out[f"chance_{lab}"] = (correct.sum(-1).float() / (pp[None, :] + 1).float()).numpy()
     return {k: np.ascontiguousarray(v).reshape(-1) for k, v in out.items()}
 
 
-def feature_names(heads: list[tuple[int, int]]) -> list[str]:
-    """The regressors, in the order of the fitted coefficients."""
-    return [f"{q}_L{L}H{h}" for L, h in heads for q in ("mass", "margin")] + ["repeat", "log_copies_left"]
+def feature_names(heads: list[tuple[int, int]], confusor: bool = True) -> list[str]:
+    """The per-step quantities used as regressors (before the step-type interactions, `design`)."""
+    kinds = ("mass", "margin", "cmass", "cmargin") if confusor else ("mass", "margin")
+    return [f"{q}_L{L}H{h}" for L, h in heads for q in kinds] + ["repeat", "log_copies_left"]
+
+
+def design(q: dict[str, np.ndarray], names: list[str], by_step_type: bool) -> tuple[np.ndarray, list[str]]:
+    """The regression matrix: the quantities, plus each head quantity times ``repeat`` when ``by_step_type``
+    (a repeat step and a new-value step use the lookup differently)."""
+    cols, labels = [q[k] for k in names], list(names)
+    if by_step_type:
+        head_q = [k for k in names if k not in ("repeat", "log_copies_left")]
+        cols += [q[k] * q["repeat"] for k in head_q]
+        labels += [f"{k}*repeat" for k in head_q]
+    return np.column_stack(cols), labels
 
 
 # ---------------------------------------------------------------------------- fit and score
@@ -231,11 +267,11 @@ def _attention_rows(cell: dict, heads) -> list[dict]:
     return out
 
 
-def _score_cells(cells: list[dict], names: list[str], clf) -> None:
+def _score_cells(cells: list[dict], names: list[str], by_step_type: bool, clf) -> None:
     """Observed and predicted per-cell error rates (and per-row sums for the bootstrap), in place."""
     for c in cells:
         q = c["_q"]
-        p = clf.predict_proba(np.column_stack([q[k] for k in names]))[:, 1]
+        p = clf.predict_proba(design(q, names, by_step_type)[0])[:, 1]
         rows = q["row"]
         c["_err_by_row"] = np.bincount(rows, weights=q["error"].astype(float), minlength=c["n_lists"])
         c["_pred_by_row"] = np.bincount(rows, weights=p, minlength=c["n_lists"])
@@ -248,9 +284,10 @@ def _score_cells(cells: list[dict], names: list[str], clf) -> None:
         c["repeat_share"] = float(rep.mean())
 
 
-def sorting_failure(model, task, size: str = "default", *, split: str = "checkerboard", n_heads: int = 2,
+def sorting_failure(model, task, size: str = "default", *, split: str = "checkerboard", n_heads: int = 4,
                     heads=None, lengths=None, n: int | None = None, compositions=COMPOSITIONS,
-                    patch_length: int | None = None, seed: int = 0) -> SortingFailureResult:
+                    patch_length: int | None = None, confusor: bool = True, by_step_type: bool = True,
+                    seed: int = 0) -> SortingFailureResult:
     """The predictive account (module docstring). ``heads`` (list of (layer, head)) skips the patching choice."""
     if size not in SIZES:
         raise ProbekitError(f"size {size!r}; expected one of {list(SIZES)}")
@@ -272,23 +309,24 @@ def sorting_failure(model, task, size: str = "default", *, split: str = "checker
             c = _measure_cell(model, task, chosen, comp, L, n, [seed, i, L])
             c["split"] = split_of(i, j, len(lengths), split)
             cells.append(c)
-    names = feature_names(chosen)
+    names = feature_names(chosen, confusor)
     fit = [c for c in cells if c["split"] == "fit"]
     held = [c for c in cells if c["split"] == "held-out"]
-    X = np.concatenate([np.column_stack([c["_q"][k] for k in names]) for c in fit])
+    X = np.concatenate([design(c["_q"], names, by_step_type)[0] for c in fit])
     clf = fit_error_model(X, np.concatenate([c["_q"]["error"] for c in fit]).astype(int))
-    _score_cells(cells, names, clf)
+    _score_cells(cells, names, by_step_type, clf)
+    labels = design(cells[0]["_q"], names, by_step_type)[1]
     lr = clf[-1]
     attention = [row for c in cells for row in _attention_rows(c, chosen)]
     settings = {"model": getattr(model, "probekit_name", None), "size": size, "split": split, "lengths": list(lengths),
                 "compositions": list(compositions), "n_per_cell": n, "patch_length": plen, "seed": seed,
-                "features": names, "margin_cap": MARGIN_CAP, "n_boot": cfg["n_boot"]}
+                "features": labels, "confusor": confusor, "by_step_type": by_step_type, "margin_cap": MARGIN_CAP, "n_boot": cfg["n_boot"]}
     r2_ci = _bootstrap_r2(held, cfg["n_boot"], seed)
     return SortingFailureResult(
         cells=[{k: v for k, v in c.items() if not k.startswith("_")} for c in cells],
         r2=r_squared([c["observed"] for c in held], [c["predicted"] for c in held]), r2_ci95=r2_ci,
         r2_fit=r_squared([c["observed"] for c in fit], [c["predicted"] for c in fit]),
-        coefficients=dict(zip(names, (float(v) for v in lr.coef_[0]), strict=True)),
+        coefficients=dict(zip(labels, (float(v) for v in lr.coef_[0]), strict=True)),
         intercept=float(lr.intercept_[0]), heads=ranked, attention=attention, settings=settings)
 
 

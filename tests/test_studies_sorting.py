@@ -53,7 +53,10 @@ def test_cells_split_and_r2_by_hand(result):
 def test_heads_are_the_largest_patching_effects(result):
     effects = [h["effect"] for h in result.heads]
     assert effects == sorted(effects, reverse=True)
-    assert [h["chosen"] for h in result.heads] == [True, True] + [False] * (len(effects) - 2)
+    assert [h["chosen"] for h in result.heads] == [True] * 4 + [False] * (len(effects) - 4)
+    labels = [h["label"] for h in result.heads if h["chosen"]]
+    assert result.settings["features"][:4] == [f"{k}_{labels[0]}" for k in ("mass", "margin", "cmass", "cmargin")]
+    assert f"cmargin_{labels[0]}*repeat" in result.coefficients
 
 
 def test_step_quantities_against_the_bridge(tiny_sort):
@@ -77,6 +80,14 @@ def test_step_quantities_against_the_bridge(tiny_sort):
         margin = (logA.masked_fill(~correct, -1e9).amax(-1) - logA.masked_fill(correct, -1e9).amax(-1)).numpy().ravel()
         ok = np.abs(margin) < 20
         np.testing.assert_allclose(q[f"margin_L{L}H{h}"][ok], margin[ok], atol=1e-3)
+        # confusor on repeat steps: the next larger input value; on new-value steps: the previous output
+        prev = batch.feature("prev_output")[:, pp]
+        for r in range(batch.n):
+            for t in range(batch.length):
+                xs, y, yp = inputs[r].tolist(), int(target[r, t]), int(prev[r, t])
+                conf = min([v for v in xs if v > y], default=None) if yp == y else (yp if yp >= 0 else None)
+                want = sum(float(A[r, t, i]) for i, v in enumerate(xs) if v == conf)
+                assert q[f"cmass_L{L}H{h}"][r * batch.length + t] == pytest.approx(want, abs=1e-5)
     rep = (batch.feature("prev_output")[:, pp] == target).numpy().ravel()
     assert (q["repeat"] == rep).all()
 
