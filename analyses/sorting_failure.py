@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import probekit
+from probekit.io import write_text
 from probekit.studies_sorting import plot_sorting_failure, sorting_failure
 
 VARIANTS = {"main": {}, "first": {"n_heads": 2, "confusor": False, "by_step_type": False}, "long": {"split": "long"}}
@@ -45,8 +46,12 @@ for name in args.models.split(","):
         if args.figures and variant == "main":
             plot_sorting_failure(res, Path(args.figures) / f"sorting_failure_{name}.png")
         lo, hi = res.r2_ci95
+        cmd = f"analyses/sorting_failure.py --models {name} --variants {variant} --size {args.size} --seed {args.seed}"
+        v = res.verdict(cmd)
+        write_text(out / f"{stem}-verdict.json", v.to_json())
         print(f"\n### {name}, variant {variant} ({time.time() - t0:.0f} s)\n")
-        print(f"held-out R^2 = {res.r2:.3f} [{lo:.3f}, {hi:.3f}]; fit-cell R^2 = {res.r2_fit:.3f}")
+        print(f"held-out R^2 = {res.r2:.3f} [{lo:.3f}, {hi:.3f}]; fit-cell R^2 = {res.r2_fit:.3f}; "
+              f"'{v.hypothesis.text()}': {v.verdict}")
         print("heads by patching effect: " + ", ".join(
             f"{h['label']} {h['effect']:.3f}{'*' if h['chosen'] else ''}" for h in res.heads))
         print("coefficients (standardised): " + ", ".join(f"{k} {v:+.2f}" for k, v in res.coefficients.items())

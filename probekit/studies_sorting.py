@@ -352,6 +352,15 @@ class SortingFailureResult:
         d["r2_ci95"] = list(self.r2_ci95)
         return d
 
+    def verdict(self, command: str, threshold: float = 0.8):
+        """The `probekit.stats.Verdict` of "held-out R^2 >= threshold" (stated before measuring) from the interval."""
+        from probekit.stats import Hypothesis, judge
+
+        h = Hypothesis("the per-step lookup quantities predict the per-cell error rate of held-out cells",
+                       "held-out R^2", ">=", threshold)
+        n_held = sum(c["split"] == "held-out" for c in self.cells)
+        return judge(h, self.r2, self.r2_ci95, command, baseline={"r2_fit_cells": self.r2_fit}, n=n_held)
+
     def to_json(self, path=None) -> str:
         from probekit.io import dumps_json, write_text
 

@@ -48,6 +48,9 @@ def test_cells_split_and_r2_by_hand(result):
     frame = result.to_frame()
     assert len(frame) == len(cells)
     assert '"r2"' in result.to_json()
+    v = result.verdict("pytest", threshold=0.8)
+    want = "supported" if lo >= 0.8 else "not supported" if hi < 0.8 else "inconclusive"
+    assert v.verdict == want and v.n == len(held)
 
 
 def test_heads_are_the_largest_patching_effects(result):
