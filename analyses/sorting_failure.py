@@ -5,7 +5,7 @@
 
 Variants: ``main`` (4 heads chosen by patching, target and confusor quantities, step-type interactions,
 checkerboard split), ``first`` (the first version: 2 heads, target quantities only, no interactions),
-``long`` (``main`` with the two longest lengths held out). Writes ``<model>-<variant>.json`` / ``.csv`` /
+``long`` (``main`` with the two longest lengths held out), ``all`` (``main`` with all 8 heads). Writes ``<model>-<variant>.json`` / ``.csv`` /
 ``.png`` to ``--out`` and prints a markdown summary per run.
 """
 
@@ -19,7 +19,8 @@ import probekit
 from probekit.io import write_text
 from probekit.studies_sorting import plot_sorting_failure, sorting_failure
 
-VARIANTS = {"main": {}, "first": {"n_heads": 2, "confusor": False, "by_step_type": False}, "long": {"split": "long"}}
+VARIANTS = {"main": {}, "first": {"n_heads": 2, "confusor": False, "by_step_type": False}, "long": {"split": "long"},
+            "all": {"n_heads": 8}}
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--models", default="sort-baseline,sort-baseline-temp")

@@ -17,7 +17,7 @@ is answered as a prediction across a grid of list *compositions* x *lengths*:
    (advancing drops a copy), on a new-value step the previous output (repeating writes an extra
    copy). With the step type: ``repeat`` (the target equals the previous output) and
    ``log_copies_left`` (log of the copies of the target value still to write, the target included);
-   with ``by_step_type`` every head quantity also enters multiplied by ``repeat``.
+   with ``by_step_type`` every quantity (the copies left included) also enters multiplied by ``repeat``.
 3. A logistic regression (scikit-learn, standardised features) of the per-step error (teacher-forced
    argmax != target) is fitted on the steps of the *fit* cells; the predicted error rate of a cell is
    the mean predicted probability over its steps. R^2 of predicted vs observed rate is computed over
@@ -181,13 +181,13 @@ def feature_names(heads: list[tuple[int, int]], confusor: bool = True) -> list[s
 
 
 def design(q: dict[str, np.ndarray], names: list[str], by_step_type: bool) -> tuple[np.ndarray, list[str]]:
-    """The regression matrix: the quantities, plus each head quantity times ``repeat`` when ``by_step_type``
-    (a repeat step and a new-value step use the lookup differently)."""
+    """The regression matrix: the quantities, plus each of them (but ``repeat``) times ``repeat`` when
+    ``by_step_type`` (a repeat step and a new-value step use the lookup, and the copies left, differently)."""
     cols, labels = [q[k] for k in names], list(names)
     if by_step_type:
-        head_q = [k for k in names if k not in ("repeat", "log_copies_left")]
-        cols += [q[k] * q["repeat"] for k in head_q]
-        labels += [f"{k}*repeat" for k in head_q]
+        inter = [k for k in names if k != "repeat"]
+        cols += [q[k] * q["repeat"] for k in inter]
+        labels += [f"{k}*repeat" for k in inter]
     return np.column_stack(cols), labels
 
 

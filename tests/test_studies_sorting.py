@@ -59,7 +59,7 @@ def test_heads_are_the_largest_patching_effects(result):
     assert [h["chosen"] for h in result.heads] == [True] * 4 + [False] * (len(effects) - 4)
     labels = [h["label"] for h in result.heads if h["chosen"]]
     assert result.settings["features"][:4] == [f"{k}_{labels[0]}" for k in ("mass", "margin", "cmass", "cmargin")]
-    assert f"cmargin_{labels[0]}*repeat" in result.coefficients
+    assert f"cmargin_{labels[0]}*repeat" in result.coefficients and "log_copies_left*repeat" in result.coefficients
 
 
 def test_step_quantities_against_the_bridge(tiny_sort):
