@@ -1,12 +1,15 @@
 """The predictive account of the sorting failure: the numbers and figures of docs/sorting_failure.md.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python analyses/sorting_failure.py \
-        [--models sort-baseline,sort-baseline-temp] [--variants main,first,long] [--size default] [--figures docs/figures]
+        [--models sort-baseline,sort-baseline-temp] [--variants main,first,long,all,steptype] [--size default] \
+        [--seed 0] [--figures docs/figures]
 
 Variants: ``main`` (4 heads chosen by patching, target and confusor quantities, step-type interactions,
 checkerboard split), ``first`` (the first version: 2 heads, target quantities only, no interactions),
-``long`` (``main`` with the two longest lengths held out), ``all`` (``main`` with all 8 heads). Writes ``<model>-<variant>.json`` / ``.csv`` /
-``.png`` to ``--out`` and prints a markdown summary per run.
+``long`` (``main`` with the two longest lengths held out), ``all`` (``main`` with all 8 heads),
+``steptype`` (the control: no head quantity, only the step type and the copies left). Writes
+``<model>-<variant>.json`` / ``.csv`` / ``.png`` and ``-verdict.json`` to ``--out`` and prints a markdown
+summary per run.
 """
 
 import argparse
@@ -20,11 +23,11 @@ from probekit.io import write_text
 from probekit.studies_sorting import plot_sorting_failure, sorting_failure
 
 VARIANTS = {"main": {}, "first": {"n_heads": 2, "confusor": False, "by_step_type": False}, "long": {"split": "long"},
-            "all": {"n_heads": 8}}
+            "all": {"n_heads": 8}, "steptype": {"heads": []}}
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--models", default="sort-baseline,sort-baseline-temp")
-ap.add_argument("--variants", default="main,first,long")
+ap.add_argument("--variants", default="main,first,long,all,steptype")
 ap.add_argument("--size", default="default")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--out", default="runs/sorting-failure")
