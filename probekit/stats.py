@@ -52,18 +52,35 @@ def _check_level(n_boot: int, level: float) -> None:
 
 
 def bootstrap_ci(data, statistic: Callable[[np.ndarray], float] = _mean, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
+                 level: float = 0.95, groups=None) -> tuple[float, float, float]:
     """``(estimate, lo, hi)``: the statistic on ``data`` and its percentile bootstrap interval.
 
     ``data``: examples (or per-seed values) along the first axis; ``statistic`` maps a resample
-    (same shape) to a float. Resamples that give NaN are dropped; all-NaN gives a NaN interval.
+    (same shape) to a float. ``groups`` (one label per row, e.g. the list a sort step belongs to):
+    resample whole groups, for rows that are not independent (a cluster bootstrap). Resamples that
+    give NaN are dropped; all-NaN gives a NaN interval.
     """
     a = _rows(data, "bootstrap data")
     _check_level(n_boot, level)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    if groups is None:
+        idx = rng.integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    else:
+        idx = _group_resamples(np.asarray(groups), a.shape[0], n_boot, rng)
     stats = np.array([statistic(a[i]) for i in idx], dtype=float)
     return (float(statistic(a)),) + _percentiles(stats, level)
+
+
+def _group_resamples(groups: np.ndarray, n: int, n_boot: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of ``n_boot`` resamples that draw whole groups with replacement."""
+    if groups.shape != (n,):
+        raise ProbekitError(f"groups has shape {groups.shape}; expected one label per row ({n},)")
+    _, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    if len(members) < 2:
+        raise ProbekitError("groups has a single group; expected at least 2 groups to resample")
+    picks = rng.integers(0, len(members), size=(n_boot, len(members)))
+    return [np.concatenate([members[g] for g in row]) for row in picks]
 
 
 def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:

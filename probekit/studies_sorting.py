@@ -247,7 +247,8 @@ def _measure_cell(model, task, heads, composition: str, length: int, n: int, see
 
 
 def _attention_rows(cell: dict, heads) -> list[dict]:
-    """Chance-normalised attention on the target value per step type (repeat / new) for each chosen head."""
+    """Chance-normalised attention on the target value per step type (repeat / new) for each chosen head;
+    intervals resample whole lists (the steps of one list are not independent)."""
     from probekit.stats import bootstrap_ci
 
     q = cell["_q"]
@@ -260,7 +261,7 @@ def _attention_rows(cell: dict, heads) -> list[dict]:
             if sel.sum() < 2:
                 continue
             ratio = q[f"mass_{lab}"][sel] / q[f"chance_{lab}"][sel]
-            est, lo, hi = bootstrap_ci(ratio, n_boot=200, seed=0)
+            est, lo, hi = bootstrap_ci(ratio, n_boot=200, seed=0, groups=q["row"][sel])  # resample lists
             out.append({"composition": cell["composition"], "length": cell["length"], "head": lab, "step_type": t,
                         "n_steps": int(sel.sum()), "mass": float(q[f"mass_{lab}"][sel].mean()),
                         "chance": float(q[f"chance_{lab}"][sel].mean()), "ratio": est, "ratio_ci95": [lo, hi]})

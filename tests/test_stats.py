@@ -36,6 +36,20 @@ def test_bootstrap_is_deterministic_given_seed_and_checks_input():
         stats.bootstrap_ci(x, level=95)
 
 
+def test_cluster_bootstrap_widens_for_correlated_rows():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 25)  # 40 clusters of 25 rows sharing a cluster effect
+    x = rng.normal(size=40)[groups] + rng.normal(scale=0.1, size=groups.size)
+    _, lo, hi = stats.bootstrap_ci(x, n_boot=500)
+    _, glo, ghi = stats.bootstrap_ci(x, n_boot=500, groups=groups)
+    # the naive interval treats 1000 rows as independent; the cluster one sees about 40 (5x wider)
+    assert (ghi - glo) > 3 * (hi - lo)
+    with pytest.raises(ProbekitError):
+        stats.bootstrap_ci(x, groups=groups[:10])
+    with pytest.raises(ProbekitError):
+        stats.bootstrap_ci(x, groups=np.zeros(x.size))
+
+
 def test_paired_bootstrap_identical_samples_gives_zero_and_shift_is_found():
     rng = np.random.default_rng(1)
     a = rng.normal(size=100)
