@@ -147,7 +147,8 @@ def majority_baseline(y_train, y_test) -> dict:
     """Accuracy on ``y_test`` of always answering the most frequent label of ``y_train`` (Wilson interval)."""
     y_train, y_test = np.asarray(y_train).ravel(), np.asarray(y_test).ravel()
     if y_train.size == 0 or y_test.size == 0:
-        raise ProbekitError(f"majority baseline got {y_train.size} train and {y_test.size} test labels; expected both > 0")
+        raise ProbekitError(f"majority baseline got {y_train.size} train and {y_test.size} test labels; "
+                            "expected both > 0")
     label = Counter(y_train.tolist()).most_common(1)[0][0]
     k = int((y_test == label).sum())
     return {"kind": "majority", "label": label, "accuracy": k / y_test.size, "ci95": list(wilson(k, y_test.size)),

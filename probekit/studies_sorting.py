@@ -238,7 +238,8 @@ def _measure_cell(model, task, heads, composition: str, length: int, n: int, see
     """Per-step quantities and greedy exact match of one grid cell."""
     from probekit.evaluate import greedy_decode, wilson
 
-    batch = task.with_objective("sort").batch_from_inputs(composition_inputs(task.n_values, composition, n, length, seed))
+    x = composition_inputs(task.n_values, composition, n, length, seed)
+    batch = task.with_objective("sort").batch_from_inputs(x)
     q = step_quantities(model, batch, heads)
     pred = greedy_decode(model, batch)
     k = int(((pred == batch.tokens) | ~batch.answer_mask).all(1).sum())
@@ -298,7 +299,8 @@ def sorting_failure(model, task, size: str = "default", *, split: str = "checker
     lengths = tuple(lengths or cfg["lengths"])
     n = int(n or cfg["n"])
     if len(lengths) < 2 or len(compositions) < 1:
-        raise ProbekitError(f"lengths {lengths} and compositions {compositions}; expected >= 2 lengths, >= 1 composition")
+        raise ProbekitError(f"lengths {lengths} and compositions {compositions}; "
+                            "expected >= 2 lengths and >= 1 composition")
     split_of(0, 0, len(lengths), split)  # refuses an unknown split before any work
     plen = patch_length or min(task.default_length, max(lengths))
     ranked = choose_heads(model, task, n_heads, plen, cfg["patch_n"], seed) if heads is None else \
@@ -321,7 +323,8 @@ def sorting_failure(model, task, size: str = "default", *, split: str = "checker
     attention = [row for c in cells for row in _attention_rows(c, chosen)]
     settings = {"model": getattr(model, "probekit_name", None), "size": size, "split": split, "lengths": list(lengths),
                 "compositions": list(compositions), "n_per_cell": n, "patch_length": plen, "seed": seed,
-                "features": labels, "confusor": confusor, "by_step_type": by_step_type, "margin_cap": MARGIN_CAP, "n_boot": cfg["n_boot"]}
+                "features": labels, "confusor": confusor, "by_step_type": by_step_type, "margin_cap": MARGIN_CAP,
+                "n_boot": cfg["n_boot"]}
     r2_ci = _bootstrap_r2(held, cfg["n_boot"], seed)
     return SortingFailureResult(
         cells=[{k: v for k, v in c.items() if not k.startswith("_")} for c in cells],
