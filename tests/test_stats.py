@@ -1,0 +1,124 @@
+"""probekit.stats: interval coverage, paired bootstrap, verdict truth table, baselines by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from probekit import evaluate, stats
+from probekit.tasks import ProbekitError
+
+
+def test_bootstrap_covers_the_true_mean_about_95_percent():
+    rng = np.random.default_rng(0)
+    n_sets, true_mean = 200, 1.0  # exponential(1): skewed, so coverage is a real test
+    hits = 0
+    for i in range(n_sets):
+        x = rng.exponential(true_mean, size=80)
+        _, lo, hi = stats.bootstrap_ci(x, n_boot=500, seed=i)
+        hits += lo <= true_mean <= hi
+    # percentile intervals undercover slightly on skewed data; binomial sd at 0.95 and 200 sets is 1.5 %
+    sd = math.sqrt(0.95 * 0.05 / n_sets)
+    assert 0.95 - 3.5 * sd - 0.02 <= hits / n_sets <= 0.95 + 3.5 * sd
+
+
+def test_bootstrap_is_deterministic_given_seed_and_checks_input():
+    x = np.arange(20.0)
+    assert stats.bootstrap_ci(x, seed=3) == stats.bootstrap_ci(x, seed=3)
+    assert stats.bootstrap_ci(x, seed=3) != stats.bootstrap_ci(x, seed=4)
+    est, lo, hi = stats.bootstrap_ci(x, statistic=np.median)
+    assert est == 9.5 and lo < est < hi
+    with pytest.raises(ProbekitError):
+        stats.bootstrap_ci([1.0])
+    with pytest.raises(ProbekitError):
+        stats.bootstrap_ci(x, level=95)
+
+
+def test_cluster_bootstrap_widens_for_correlated_rows():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 25)  # 40 clusters of 25 rows sharing a cluster effect
+    x = rng.normal(size=40)[groups] + rng.normal(scale=0.1, size=groups.size)
+    _, lo, hi = stats.bootstrap_ci(x, n_boot=500)
+    _, glo, ghi = stats.bootstrap_ci(x, n_boot=500, groups=groups)
+    # the naive interval treats 1000 rows as independent; the cluster one sees about 40 (5x wider)
+    assert (ghi - glo) > 3 * (hi - lo)
+    with pytest.raises(ProbekitError):
+        stats.bootstrap_ci(x, groups=groups[:10])
+    with pytest.raises(ProbekitError):
+        stats.bootstrap_ci(x, groups=np.zeros(x.size))
+
+
+def test_paired_bootstrap_identical_samples_gives_zero_and_shift_is_found():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=100)
+    d, lo, hi = stats.paired_bootstrap(a, a.copy())
+    assert d == 0.0 and lo == 0.0 and hi == 0.0
+    b = a - 0.5 + rng.normal(scale=0.1, size=100)  # same examples, shifted
+    d, lo, hi = stats.paired_bootstrap(a, b)
+    assert lo < 0.5 < hi and hi - lo < 0.1  # pairing removes the between-example spread (sd 1)
+    _, ulo, uhi = stats.bootstrap_ci(a)
+    assert hi - lo < (uhi - ulo) / 3
+    with pytest.raises(ProbekitError):
+        stats.paired_bootstrap(a, a[:50])
+
+
+@pytest.mark.parametrize("op,threshold,interval,expected", [
+    (">", 0.0, (0.1, 0.4), "supported"),
+    (">", 0.0, (-0.2, -0.1), "not supported"),
+    (">", 0.0, (-0.1, 0.2), "inconclusive"),
+    (">", 0.0, (0.0, 0.2), "inconclusive"),  # 0 does not satisfy "> 0"
+    (">=", 0.3, (0.3, 0.5), "supported"),
+    (">=", 0.3, (0.1, 0.29), "not supported"),
+    (">=", 0.3, (0.2, 0.4), "inconclusive"),
+    ("<", 0.05, (0.01, 0.04), "supported"),
+    ("<", 0.05, (0.05, 0.2), "not supported"),
+    ("<=", 0.05, (0.0, 0.05), "supported"),
+    ("<=", 0.05, (0.04, 0.06), "inconclusive"),
+    (">", 0.0, (float("nan"), 1.0), "inconclusive"),
+])
+def test_verdict_truth_table(op, threshold, interval, expected):
+    h = stats.Hypothesis("the head carries the lookup", "effect", op, threshold)
+    v = stats.judge(h, effect=float(np.nanmean(interval)), interval=interval, command="probekit x", n=10)
+    assert v.verdict == expected
+    back = stats.Verdict.from_json(v.to_json())
+    assert back.verdict == expected and back.hypothesis == h and back.command == "probekit x"
+
+
+def test_hypothesis_and_verdict_refuse_bad_input():
+    with pytest.raises(ProbekitError):
+        stats.Hypothesis("s", "effect", "=>", 0.0)
+    h = stats.Hypothesis("s", "effect", ">", 0.0)
+    with pytest.raises(ProbekitError):
+        stats.judge(h, 0.1, (0.0, 0.2), command="")
+
+
+def test_token_baseline_against_hand_computation():
+    tok_tr = [1, 1, 1, 2, 2, 3]
+    y_tr = ["a", "a", "b", "b", "b", "c"]
+    # table: 1->a, 2->b, 3->c; unseen 4 -> train majority (b: 3 of 6)
+    tok_te = [1, 2, 3, 4, 1]
+    y_te = ["a", "a", "c", "b", "b"]
+    res = stats.token_baseline(tok_tr, y_tr, tok_te, y_te)
+    assert res["accuracy"] == pytest.approx(3 / 5)  # right: 1->a, 3->c, 4->b
+    assert res["n_unseen"] == 1 and res["table"] == {1: "a", 2: "b", 3: "c"}
+    assert res["ci95"] == list(evaluate.wilson(3, 5))
+    maj = stats.majority_baseline(y_tr, y_te)
+    assert maj["label"] == "b" and maj["accuracy"] == pytest.approx(2 / 5)
+
+
+def test_wilson_is_the_evaluate_one():
+    assert stats.wilson is evaluate.wilson
+
+
+def test_chance_normalised_attention_by_hand():
+    # two queries of type "new": 4 visible keys, one target; one "repeat" query: 2 visible keys, 2 targets
+    A = np.array([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+    tgt = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=bool)
+    res = stats.chance_normalised_attention(A, tgt, ["new", "new", "repeat"], n_boot=50)
+    assert res["new"]["chance"] == pytest.approx(0.25)
+    assert res["new"]["ratio"] == pytest.approx((0.7 / 0.25 + 1.0) / 2)
+    rep = res["repeat"]  # one query: no interval
+    assert (rep["n"], rep["mass"], rep["chance"], rep["ratio"]) == (1, 1.0, 1.0, 1.0)
+    assert all(np.isnan(v) for v in rep["ratio_ci95"])

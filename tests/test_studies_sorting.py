@@ -1,0 +1,109 @@
+"""probekit.studies_sorting on the tiny sorter: runs, splits as stated, R^2 by hand, quantities vs the bridge."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from probekit import studies_sorting as ss
+from probekit.tasks import ProbekitError
+
+
+@pytest.fixture(scope="module")
+def result(tiny_sort):
+    model, task = tiny_sort
+    return ss.sorting_failure(model, task, size="quick", lengths=(6, 10, 14), n=30)
+
+
+def test_composition_inputs_have_the_stated_copies():
+    x = ss.composition_inputs(64, "copies3", 5, 10, seed=1)
+    for row in x:  # ceil(10 / 3) = 4 values: three with 3 copies, the last truncated to 1
+        assert sorted(Counter(row.tolist()).values()) == [1, 3, 3, 3]
+    d = ss.composition_inputs(64, "distinct", 5, 20, seed=1)
+    assert all(len(set(r.tolist())) == 20 for r in d)
+    u = ss.composition_inputs(64, "uniform", 3, 7, seed=2)
+    assert (u == ss.composition_inputs(64, "uniform", 3, 7, seed=2)).all()
+    with pytest.raises(ProbekitError):
+        ss.composition_inputs(16, "distinct", 2, 20, seed=0)
+
+
+def test_cells_split_and_r2_by_hand(result):
+    cells = result.cells
+    comps, lengths = result.settings["compositions"], result.settings["lengths"]
+    assert len(cells) == len(comps) * len(lengths)
+    for c in cells:
+        i, j = comps.index(c["composition"]), lengths.index(c["length"])
+        assert c["split"] == ("held-out" if (i + j) % 2 else "fit")
+        assert 0 <= c["observed"] <= 1 and 0 <= c["predicted"] <= 1
+    held = [c for c in cells if c["split"] == "held-out"]
+    o = np.array([c["observed"] for c in held])
+    p = np.array([c["predicted"] for c in held])
+    r2 = 1 - ((o - p) ** 2).sum() / ((o - o.mean()) ** 2).sum()
+    assert result.r2 == pytest.approx(r2)
+    lo, hi = result.r2_ci95
+    assert lo <= hi
+    assert set(result.coefficients) == set(result.settings["features"])
+    frame = result.to_frame()
+    assert len(frame) == len(cells)
+    assert '"r2"' in result.to_json()
+    v = result.verdict("pytest", threshold=0.8)
+    want = "supported" if lo >= 0.8 else "not supported" if hi < 0.8 else "inconclusive"
+    assert v.verdict == want and v.n == len(held)
+
+
+def test_heads_are_the_largest_patching_effects(result):
+    effects = [h["effect"] for h in result.heads]
+    assert effects == sorted(effects, reverse=True)
+    assert [h["chosen"] for h in result.heads] == [True] * 4 + [False] * (len(effects) - 4)
+    labels = [h["label"] for h in result.heads if h["chosen"]]
+    assert result.settings["features"][:4] == [f"{k}_{labels[0]}" for k in ("mass", "margin", "cmass", "cmargin")]
+    assert f"cmargin_{labels[0]}*repeat" in result.coefficients and "log_copies_left*repeat" in result.coefficients
+
+
+def test_step_quantities_against_the_bridge(tiny_sort):
+    model, task = tiny_sort
+    batch = task.batch_from_inputs(ss.composition_inputs(task.n_values, "copies2", 8, 6, seed=3))
+    heads = [(1, 0), (0, 2)]
+    q = ss.step_quantities(model, batch, heads)
+    names = {f"blocks.{L}.attn.hook_pattern" for L, _ in heads}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda n: n in names)
+    pp = torch.nonzero(batch.pred_mask[0]).flatten()
+    target = batch.feature("target")[:, pp]
+    assert (q["error"] == (logits[:, pp].argmax(-1) != target).numpy().ravel()).all()
+    inputs = batch.tokens[:, 1:1 + batch.length]
+    correct = inputs[:, None, :] == target[:, :, None]
+    for L, h in heads:
+        A = cache[f"blocks.{L}.attn.hook_pattern"][:, h][:, pp][:, :, 1:1 + batch.length]
+        mass = (A * correct).sum(-1).numpy().ravel()
+        np.testing.assert_allclose(q[f"mass_L{L}H{h}"], mass, atol=1e-5)
+        logA = torch.log(A.clamp_min(1e-30))  # score differences = log-ratio of attention weights
+        margin = (logA.masked_fill(~correct, -1e9).amax(-1) - logA.masked_fill(correct, -1e9).amax(-1)).numpy().ravel()
+        ok = np.abs(margin) < 20
+        np.testing.assert_allclose(q[f"margin_L{L}H{h}"][ok], margin[ok], atol=1e-3)
+        # confusor on repeat steps: the next larger input value; on new-value steps: the previous output
+        prev = batch.feature("prev_output")[:, pp]
+        for r in range(batch.n):
+            for t in range(batch.length):
+                xs, y, yp = inputs[r].tolist(), int(target[r, t]), int(prev[r, t])
+                conf = min([v for v in xs if v > y], default=None) if yp == y else (yp if yp >= 0 else None)
+                want = sum(float(A[r, t, i]) for i, v in enumerate(xs) if v == conf)
+                assert q[f"cmass_L{L}H{h}"][r * batch.length + t] == pytest.approx(want, abs=1e-5)
+    rep = (batch.feature("prev_output")[:, pp] == target).numpy().ravel()
+    assert (q["repeat"] == rep).all()
+
+
+def test_bad_input_is_refused(tiny_sort):
+    model, task = tiny_sort
+    with pytest.raises(ProbekitError):
+        ss.sorting_failure(model, task, size="huge")
+    with pytest.raises(ProbekitError):
+        ss.sorting_failure(model, task, size="quick", split="diagonal", heads=[(0, 0)])
+
+
+def test_figure_is_written(result, tmp_path):
+    ss.plot_sorting_failure(result, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
