@@ -278,8 +278,8 @@ def das_cmd(
 @app.command("edges")
 def edges_cmd(
     model: str = MODEL,
-    corruption: str = typer.Option(..., help="Corruption of the model's task, e.g. operand-digit (multiplication), "
-                                             "successor-change (sorting)."),
+    corruption: str = typer.Option(..., help="Corruption of the model's task: for multiplication e.g. "
+                                             "operand-digit, for sorting e.g. successor-change."),
     metric: str = typer.Option("logit-diff", help="Gradient metric: logit-diff | logit | logprob | prob | margin."),
     method: str = typer.Option("eap", help="eap | eap-ig (gradients averaged over --steps interpolations)."),
     steps: int = typer.Option(10, help="EAP-IG interpolation steps (1 to 1000; eap ignores it)."),
@@ -295,9 +295,9 @@ def edges_cmd(
 ):
     """Circuit discovery on edges: EAP / EAP-IG scores, exact effects, faithfulness.
 
-    Scores every edge (sender -> head q/k/v, MLP or logits) by attribution patching, checks each
-    score against the edge's exact patching effect (Spearman), and finds the smallest circuit of
-    top-scored edges that keeps 90 % of the clean metric when every other edge is ablated.
+    Scores every edge (sender -> head q/k/v, MLP or logits) by attribution patching, checks the
+    scores against each edge's exact patching effect (Spearman), and finds the fewest top-scored
+    edges that keep 90 % of the clean metric when every other edge is ablated.
 
     Example: probekit edges --model mult-5x1 --corruption operand-digit --method eap-ig --steps 10
     --n 64 --out runs/edges
