@@ -30,6 +30,7 @@ MODULES = [
     "probekit.patching",
     "probekit.attribution",
     "probekit.circuits",
+    "probekit.edges",
     "probekit.interventions",
     "probekit.groundtruth",
     "probekit.viz",

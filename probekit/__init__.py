@@ -1,5 +1,5 @@
-"""probekit: linear probes, activation patching, head attribution, weight-based circuits and interchange
-interventions (DAS) for small transformers.
+"""probekit: linear probes, activation patching, head attribution, weight-based circuits, circuit
+discovery on edges (EAP, EAP-IG) and interchange interventions (DAS) for small transformers.
 
     model, task = probekit.load("sort-successor")
     batch = task.sample(256, length=20, seed=0)
@@ -50,6 +50,10 @@ _LAZY = {
     "qk_circuit": "probekit.circuits",
     "ov_circuit": "probekit.circuits",
     "composition_scores": "probekit.circuits",
+    "edge_report": "probekit.edges",
+    "EdgeReport": "probekit.edges",
+    "circuit_faithfulness": "probekit.edges",
+    "plot_edges": "probekit.edges",
     "Location": "probekit.interventions",
     "Where": "probekit.interventions",
     "counterfactual_pairs": "probekit.interventions",

@@ -21,6 +21,8 @@ folder (``model.safetensors``, ``config.json``, ``train_log.jsonl``); ``report``
     probekit circuits  circuits.json (QK/OV circuits, scores, composition), circuits.csv (scores),
                        circuits_composition.csv, circuits.png
     probekit das       das.json, das.csv, das.png (IIA, random-subspace control, full-vector ceiling)
+    probekit edges     edges.json (EAP / EAP-IG scores, exact effects, faithfulness curve), edges.csv (one row
+                       per edge), edges.png
     probekit compare   compare.json (settings), compare_<part>.json|csv|png for accuracy, probe, patch and
                        attribution: each a result with a leading model axis (A, B, B - A)
 """
@@ -650,8 +652,59 @@ def run_das(model: str, vary: str, at: str, target: str, k: int = 4, hold: str |
 
 
 # ---------------------------------------------------------------------------- edges
-# `probekit edges` (probekit.edges.edge_report) goes here: a `run_edges` in the same shape as
-# `run_circuits` / `run_das` (validate, then work inside `_out`, write edges.json|csv|png).
+
+EDGE_STEPS_MAX = 1000  # EAP-IG interpolation steps: each is one forward and one backward pass
+
+
+def _edges_lines(rep) -> list[str]:
+    f = rep.faithfulness
+    keeps = (f"smallest circuit keeping {f.threshold:.0%} ({f.ablation} ablation): "
+             + (f"{f.smallest} of {len(rep.edges)} edges" if f.smallest is not None else "none of those evaluated"))
+    rho = "not computed" if rep.spearman is None else f"{rep.spearman:.3f} (|score| vs |exact|: {rep.spearman_abs:.3f})"
+    return [f"{len(rep.edges)} edges; {rep.settings['method']} scores vs exact effects: Spearman {rho}", keeps,
+            "top 5 edges by |score|: " + ", ".join(f"{e} {v:+.4f}" for e, v in rep.top(5))]
+
+
+def run_edges(model: str, corruption: str, metric: str = "logit-diff", method: str = "eap", steps: int = 10,
+              ablation: str = "mean", direction: str = "noise", n: int = 64, length: int | None = None, seed: int = 0,
+              max_batch: int = 512, out: Path | None = None, overwrite: bool = False, device: str = "cpu") -> Outcome:
+    """EAP / EAP-IG scores of every edge, their exact effects and the faithfulness curve of the top-n circuits
+    (`probekit.edges.edge_report`); ``edges.json`` (the report), ``edges.csv`` (one row per edge),
+    ``edges.png`` in ``out``."""
+    from probekit.corruptions import corrupt
+    from probekit.edges import ABLATIONS, METHODS, edge_report, plot_edges
+    from probekit.evaluate import check_fits
+    from probekit.io import write_csv, write_json
+    from probekit.metrics import GRADIENT_METRICS, check_metric
+
+    if out is None:
+        raise ProbekitError("--out is required; expected a folder for edges.json, edges.csv and edges.png")
+    check_metric(metric, GRADIENT_METRICS, "gradient metric")
+    if method not in METHODS:
+        raise ProbekitError(f"unknown --method {method!r}; expected one of {list(METHODS)}")
+    if ablation not in ABLATIONS:
+        raise ProbekitError(f"unknown --ablation {ablation!r}; expected one of {list(ABLATIONS)}")
+    if direction not in ("denoise", "noise"):
+        raise ProbekitError(f"unknown --direction {direction!r}; expected 'denoise' or 'noise'")
+    check_int(steps, "--steps", 1, EDGE_STEPS_MAX), check_n(n), check_seed(seed), check_int(length, "--length")
+    check_int(max_batch, "--max-batch"), check_device(device)
+    with _out(out, overwrite):
+        m, task = _load(model, device)
+        _corruption_options(task, corruption, None, None, None)
+        check_fits(m, task, length)
+        pair = corrupt(task, task.sample(n, length=length, seed=seed), corruption, seed=seed)
+        rep = edge_report(m, pair, metric=metric, method=method, steps=steps, exact=True, ablation=ablation,
+                          direction=direction, max_batch=max_batch)
+        rep.settings["command"] = {"model": model, "corruption": corruption, "metric": metric, "method": method,
+                                   "steps": steps, "ablation": ablation, "direction": direction, "n": n,
+                                   "length": length, "seed": seed}
+        files = [write_json(out / "edges.json", rep.to_dict(), indent=None),
+                 write_csv(out / "edges.csv", rep.to_frame()[["sender", "receiver", "score", "exact", "rank"]])]
+        plot_edges(rep, out / "edges.png")
+        files.append(out / "edges.png")
+    return Outcome(lines=_edges_lines(rep), files=files, out=out, json=rep.to_json())
+
+
 # ---------------------------------------------------------------------------- compare
 
 _COMPARE_FIGURES = {"accuracy": "compare_accuracy", "probe": "compare_probe", "patch": "compare_heatmap",

@@ -68,6 +68,7 @@ class Node:
 
     @property
     def label(self) -> str:
+        """``embed``, ``logits``, ``MLP{l}``, ``L{l}H{h}`` (a sender) or ``L{l}H{h}.q|k|v`` (a receiver)."""
         if self.kind in ("embed", "logits"):
             return self.kind
         if self.kind == "mlp":
@@ -89,6 +90,7 @@ class Graph:
 
     @classmethod
     def of(cls, model) -> Graph:
+        """The graph of ``model`` from its config (grouped-query models: one k and v receiver per kv head)."""
         cfg = model.cfg
         nl, nh = cfg.n_layers, cfg.n_heads
         nkv = getattr(cfg, "n_key_value_heads", None) or nh
@@ -107,6 +109,7 @@ class Graph:
         return [j for j, r in enumerate(self.receivers) if r.layer == L and r.kind == kind]
 
     def label(self, e: tuple[int, int]) -> str:
+        """``"sender->receiver"`` of an edge, e.g. ``"embed->L1H2.q"``."""
         return f"{self.senders[e[0]].label}->{self.receivers[e[1]].label}"
 
 
@@ -134,6 +137,7 @@ class HeadWeights:
 
 
 def head_weights(nat: F.Native) -> list[HeadWeights]:
+    """The per-head q/k/v/o weights of every layer of a native model, detached (see `HeadWeights`)."""
     out = []
     for layer in nat.layers:
         a = layer.attn
@@ -643,6 +647,7 @@ class EdgeReport:
 
     @property
     def labels(self) -> list[str]:
+        """``"sender->receiver"`` of every edge, in the order of ``edges``."""
         return [f"{self.senders[s]}->{self.receivers[j]}" for s, j in self.edges]
 
     def matrix(self, which: str = "scores") -> Tensor:
@@ -654,6 +659,7 @@ class EdgeReport:
         return m
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` edges of largest ``|score|`` as ``(label, score)``, largest first."""
         order = torch.argsort(self.scores.abs(), descending=True, stable=True)[:k]
         return [(self.labels[i], float(self.scores[i])) for i in order.tolist()]
 
@@ -665,6 +671,8 @@ class EdgeReport:
         return Result("edge_scores", self.scores, ("edge",), {"edge": self.labels}, self.settings, extra)
 
     def to_frame(self):
+        """One row per edge: ``edge``, ``sender``, ``receiver``, ``score``, ``exact`` (when computed), ``rank``
+        (1 = largest ``|score|``)."""
         import pandas as pd
 
         data = {"edge": self.labels, "sender": [self.senders[s] for s, _ in self.edges],
@@ -677,6 +685,7 @@ class EdgeReport:
         return pd.DataFrame(data)
 
     def to_dict(self) -> dict:
+        """Plain lists and numbers (the faithfulness curve as a dict), as written by `to_json`."""
         return {"kind": "edge_report", "senders": self.senders, "receivers": self.receivers,
                 "edges": [list(e) for e in self.edges], "scores": self.scores.tolist(),
                 "exact": self.exact.tolist() if self.exact is not None else None, "spearman": self.spearman,
@@ -695,6 +704,7 @@ class EdgeReport:
 
     @classmethod
     def from_json(cls, s: str | Path) -> EdgeReport:
+        """A report from `to_json`'s text or a path to it; anything else is a `ProbekitError`."""
         from probekit.results import _tensor
 
         try:

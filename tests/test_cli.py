@@ -117,7 +117,8 @@ def test_config_that_is_a_directory(tmp_path, capsys):
     _bad(["train", "--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys, "is a directory")
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "probe", "patch", "attribute", "report", "circuits", "das"])
+@pytest.mark.parametrize("command", ["train", "eval", "probe", "patch", "attribute", "report", "circuits", "das",
+                                     "edges"])
 def test_help_fits_80_columns_with_an_example(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     assert main([command, "--help"]) == 0
@@ -192,3 +193,36 @@ def test_das_writes_what_the_library_computes(tmp_path, capsys):
     for key in ("control_mean", "ceiling", "floor"):
         assert d["extra"][key] == res.extra[key].tolist()
 
+
+
+@needs_shipped
+def test_edges_writes_what_the_library_computes(tmp_path, capsys):
+    import pandas as pd
+
+    from probekit.corruptions import corrupt
+    from probekit.edges import edge_report
+    from probekit.model import load_model
+
+    out = tmp_path / "edges"
+    assert main(["edges", "--model", "mult-5x1", "--corruption", "operand-digit", "--n", "16", "--method", "eap-ig",
+                 "--steps", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["edges.csv", "edges.json", "edges.png"]
+    d = json.loads((out / "edges.json").read_text())
+    m, task, _ = load_model("mult-5x1")
+    pair = corrupt(task, task.sample(16, seed=0), "operand-digit", seed=0)
+    rep = edge_report(m, pair, metric="logit-diff", method="eap-ig", steps=3)
+    assert d["scores"] == rep.scores.tolist() and d["exact"] == rep.exact.tolist()
+    assert d["settings"]["command"] == {"model": "mult-5x1", "corruption": "operand-digit", "metric": "logit-diff",
+                                        "method": "eap-ig", "steps": 3, "ablation": "mean", "direction": "noise",
+                                        "n": 16, "length": None, "seed": 0}
+    assert d["faithfulness"]["smallest"] == rep.faithfulness.smallest
+    printed = capsys.readouterr().out
+    assert f"{len(rep.edges)} edges; eap-ig scores vs exact effects: Spearman {rep.spearman:.3f}" in printed
+    assert f"smallest circuit keeping 90% (mean ablation): {rep.faithfulness.smallest} of" in printed
+    label, score = rep.top(1)[0]
+    assert f"top 5 edges by |score|: {label} {score:+.4f}" in printed
+    frame = pd.read_csv(out / "edges.csv")
+    assert list(frame.columns) == ["sender", "receiver", "score", "exact", "rank"] and len(frame) == len(rep.edges)
+    assert sorted(frame["rank"]) == list(range(1, len(rep.edges) + 1))
+    assert frame.loc[frame["rank"] == 1, "sender"].item() + "->" + frame.loc[frame["rank"] == 1, "receiver"].item() \
+        == label

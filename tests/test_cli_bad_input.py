@@ -73,6 +73,7 @@ REPORT = ["report", "--quick", "--study", "overview"]
 CIRC = ["circuits", *SORT]
 DAS = ["das", *MULT, "--vary", "carry_in", "--hold", "column_sum", "--at", "digit_index=2", "--target", "carry",
        "--n", "40", "--steps", "2", "--sites", "resid_post"]
+EDGES = ["edges", *MULT, "--corruption", "operand-digit", "--n", "8"]
 COMPARE = ["compare", *SORT, "--model", "sort-successor", "--lengths", "5", "--n", "4"]
 
 CASES = {
@@ -138,6 +139,18 @@ CASES = {
     "das n 2": ([*DAS, "--n", "2", "--out", "{ws}/o"], "--n must be >= 8"),
     "das steps 0": ([*DAS, "--steps", "0", "--out", "{ws}/o"], "--steps must be positive"),
     "das vary also held": ([*DAS, "--hold", "carry_in", "--out", "{ws}/o"], "both varied and held"),
+    # edges: corruption, gradient metric, method, steps, ablation, direction, n, seed
+    "edges missing --corruption": (["edges", *MULT, "--out", "{ws}/o"], "Missing option '--corruption'"),
+    "edges corruption of another task": ([*EDGES, "--corruption", "swap", "--out", "{ws}/o"], "not defined for task"),
+    "edges non-gradient metric": ([*EDGES, "--metric", "acc", "--out", "{ws}/o"], "unknown gradient metric 'acc'"),
+    "edges unknown method": ([*EDGES, "--method", "ig", "--out", "{ws}/o"], "unknown --method 'ig'"),
+    "edges steps 0": ([*EDGES, "--method", "eap-ig", "--steps", "0", "--out", "{ws}/o"], "--steps must be positive"),
+    "edges steps huge": ([*EDGES, "--steps", "100000", "--out", "{ws}/o"], "--steps must be <= 1_000"),
+    "edges unknown ablation": ([*EDGES, "--ablation", "zero", "--out", "{ws}/o"], "unknown --ablation 'zero'"),
+    "edges unknown direction": ([*EDGES, "--direction", "both", "--out", "{ws}/o"], "unknown --direction 'both'"),
+    "edges n huge": ([*EDGES, "--n", "10000000", "--out", "{ws}/o"], "--n must be <= 100_000"),
+    "edges seed -1": ([*EDGES, "--seed", "-1", "--out", "{ws}/o"], "--seed must be >= 0"),
+    "edges length past the task's range": ([*EDGES, "--length", "50", "--out", "{ws}/o"], "expected an integer in 1..12"),
     "sweep empty --jobs": (["sweep", "{ws}/cfg.json", "--out", "{ws}/o", "--jobs", ","], "--jobs is empty"),
     # --out: a file, under a file, the user's non-empty folder
     "train out is a file": ([*TRAIN, "--out", "{ws}/afile"], "is a file"),
@@ -154,6 +167,7 @@ CASES = {
     "report out non-empty": ([*REPORT, "--out", "{ws}/keep"], "is not empty"),
     "circuits out non-empty": ([*CIRC, "--out", "{ws}/keep"], "is not empty"),
     "das out is a file": ([*DAS, "--out", "{ws}/afile"], "is a file"),
+    "edges out non-empty": ([*EDGES, "--out", "{ws}/keep"], "is not empty"),
     # failures found only after the model is loaded: still nothing written
     "patch corruption of another task": (["patch", *MULT, "--corruption", "swap", "--n", "8", "--out", "{ws}/o"],
                                          "not defined for task"),

@@ -185,7 +185,7 @@ def test_bad_input_is_refused(planted):
 
 def test_shipped_sort_baseline_eap_ig_agrees_with_exact():
     """On the shipped sort-baseline (110 edges), EAP-IG's ranking agrees with exact edge patching
-    (docs/edges.md: Spearman 0.93 at n=64; plain EAP 0.62)."""
+    (docs/guide.md, edges section: Spearman 0.93 at n=64; plain EAP 0.62)."""
     from probekit.model import load
 
     model, task = load("sort-baseline")
