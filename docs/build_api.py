@@ -34,7 +34,12 @@ MODULES = [
     "probekit.interventions",
     "probekit.groundtruth",
     "probekit.viz",
+    "probekit.stats",
     "probekit.studies",
+    "probekit.studies_sorting",
+    "probekit.compare",
+    "probekit.sweep",
+    "probekit.checks",
     "probekit.report",
     "probekit.commands",
 ]

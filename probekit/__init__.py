@@ -60,6 +60,12 @@ _LAZY = {
     "fit_das": "probekit.interventions",
     "das_sweep": "probekit.interventions",
     "run_report": "probekit.report",
+    "compare_models": "probekit.compare",
+    "run_sweep": "probekit.sweep",
+    "Hypothesis": "probekit.stats",
+    "judge": "probekit.stats",
+    "bootstrap_ci": "probekit.stats",
+    "sorting_failure": "probekit.studies_sorting",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -52,6 +52,7 @@ def check_comparable(model_a, task_a, model_b, task_b) -> None:
 
 
 def model_names(model_a, model_b) -> tuple[str, str]:
+    """Display names of the two models: their probekit names, marked (A) and (B) when they are equal."""
     a, b = (getattr(m, "probekit_name", None) or "model" for m in (model_a, model_b))
     return (f"{a} (A)", f"{b} (B)") if a == b else (a, b)
 
