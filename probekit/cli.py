@@ -396,7 +396,7 @@ def compare_cmd(
                                        "(accuracy, probe, patch, attribution)."),
     n: int = typer.Option(200, help="Examples per length, probe batch, patching pairs (1 to 100000)."),
     seed: int = SEED,
-    feature: str | None = typer.Option(None, help="Probe feature (default: target for sorting, carry_out for "
+    feature: str | None = typer.Option(None, help="Probe feature (default: the task's probe_feature: target for sorting, carry_out for "
                                                   "multiplication)."),
     hook: str = typer.Option("resid_post", help="Probe hook kind (every layer), e.g. resid_pre | resid_post."),
     train_length: int | None = typer.Option(None, help="Probe training length (default --length)."),
