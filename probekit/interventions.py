@@ -605,9 +605,11 @@ class DASFit:
                 "rotation": self.rotation.tolist(), "correct": self.correct.int().tolist(), "settings": self.settings}
 
     def to_json(self, path: str | Path | None = None) -> str:
+        from probekit.io import write_text
+
         s = json.dumps(_no_nan(self.to_dict()), allow_nan=False)
         if path is not None:
-            Path(path).write_text(s)
+            write_text(path, s)
         return s
 
     def to_frame(self):
