@@ -81,15 +81,21 @@ def _norm(ln) -> Callable[[Tensor], Tensor]:
     return run
 
 
+_INPLACE = {torch.nn.functional.relu: lambda x: torch.nn.functional.relu(x, inplace=True),
+            torch.nn.functional.silu: lambda x: torch.nn.functional.silu(x, inplace=True)}
+
+
 def _mlp(mlp) -> Callable[[Tensor], Tensor]:
     comp = _raw(mlp)
     if not all(hasattr(comp, a) for a in ("fc_in", "fc_out", "act")):
         return mlp  # another MLP (gated): the bridge's own
     fc_in, fc_out, act = _raw(comp.fc_in), _raw(comp.fc_out), comp.act
     ln = _raw(comp.ln) if getattr(comp, "ln", None) is not None else None
+    act_ = _INPLACE.get(act)
 
     def run(h: Tensor) -> Tensor:
-        mid = act(fc_in(h))
+        pre = fc_in(h)  # our own tensor: without autograd, the activation can overwrite it (same values)
+        mid = act_(pre) if act_ is not None and not torch.is_grad_enabled() else act(pre)
         return fc_out(ln(mid) if ln is not None else mid)
 
     return run
@@ -394,14 +400,15 @@ def _partial_attention(layer: Layer, L: int, base: Mapping, x: Tensor, pos: Tens
     a = layer.attn
     T = base["kr", L].shape[2]
     kc, vc = _repeat(base["k", L][:, key_pos], groups), _repeat(base["v", L][:, key_pos], groups)
-    if len(new_pos):  # one norm call for the queries' and the new keys' positions
-        h = layer.ln1(torch.cat([x, x_new], dim=1))
-        h, h_new = h[:, :len(pos)], h[:, len(pos):]
+    # queries, keys and values are the base run's wherever the residual is: recomputed only at new_pos
+    q = _repeat(base["q", L][:, pos], groups)
+    if len(new_pos):
+        h_new = layer.ln1(x_new)
         at = torch.searchsorted(key_pos, new_pos)
         kc[:, at], vc[:, at] = heads(a.k(h_new), a.n_kv, a.d_head), heads(a.v(h_new), a.n_kv, a.d_head)
-    else:
-        h = layer.ln1(x)
-    q = heads(a.q(h), a.n_heads, a.d_head)
+        mine = torch.isin(pos, new_pos)
+        if bool(mine.any()):
+            q[:, mine] = heads(a.q(h_new[:, torch.searchsorted(new_pos, pos[mine])]), a.n_heads, a.d_head)
     q, kc, vc = edit("q", L, q, pos), edit("k", L, kc, key_pos), edit("v", L, vc, key_pos)
     qr = rope(a, q.transpose(1, 2), pos)
     kcr = expand_kv(a, rope(a, kc.transpose(1, 2), key_pos))

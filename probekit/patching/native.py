@@ -174,6 +174,19 @@ class Patcher:
         return act
 
 
+def writes_base(c: Patch, base: Cache, src: Cache) -> bool:
+    """Whether patch ``c`` would write exactly the base run's values (so it changes nothing)."""
+    if isinstance(c, PathPatch):
+        site, L, head, pos = "z", c.sender_layer, c.sender_head, c.sender_pos
+    else:
+        site, L, head, pos = c.site, c.layer, c.head, c.pos
+    b, s = base[site, L], src[site, L]
+    if site == "pattern":  # [rows, head, pos, key]: read as [rows, pos, head, key]
+        b, s = b.transpose(1, 2), s.transpose(1, 2)
+    at = (slice(None), slice(None) if pos is None else pos) + (() if head is None else (head,))
+    return torch.equal(b[at], s[at])
+
+
 def layer_positions(pl: Plan, L: int, changed: Tensor, last: bool) -> tuple[Tensor, Tensor, bool]:
     """``(key_pos, out_pos, attention)``: positions whose keys/values may differ, those whose outputs may,
     and whether any query, key, value or pattern of the layer changed. ``changed``: residual entering L."""
@@ -234,7 +247,22 @@ class NativeEngine:
 
     def run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O,
                     tokens: Tensor | None = None) -> Tensor:
-        """Logits [K*N, answer, d_vocab] at ``read_pos`` for K patches (rows k*N..(k+1)*N-1 = patch k)."""
+        """Logits [K*N, answer, d_vocab] at ``read_pos`` for K patches (rows k*N..(k+1)*N-1 = patch k).
+
+        A patch that writes the base run's own values (e.g. at a position before the first token where
+        the two runs differ) changes nothing: its rows are the base run's logits, and it is not run.
+        """
+        live = [k for k, g in enumerate(patches) if not all(writes_base(c, base, src) for c in g)]
+        if len(live) == len(patches):
+            return self._run_patched(base, src, patches, read_pos, W_O)
+        out = base.logits.repeat(len(patches), 1, 1)
+        if live:
+            N = base.logits.shape[0]
+            rows = torch.cat([torch.arange(k * N, (k + 1) * N, device=out.device) for k in live])
+            out[rows] = self._run_patched(base, src, [patches[k] for k in live], read_pos, W_O)
+        return out
+
+    def _run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O) -> Tensor:
         pl = plan(patches, base, src, W_O, read_pos, len(self.nat.layers))
         if not bool((read_pos >= pl.first_pos).any()):
             return base.logits.repeat(pl.groups, 1, 1)  # nothing the metric reads can change
