@@ -429,7 +429,7 @@ def _partial_attention(layer: Layer, L: int, base: Mapping, x: Tensor, pos: Tens
 
 def recompute_layer(nat: Native, L: int, base: Mapping[tuple[str, int], Tensor], x: Tensor, pos: Tensor,
                     x_new: Tensor | None, new_pos: Tensor, key_pos: Tensor, groups: int, edit: Edit = keep,
-                    attention: bool = True) -> Float[Tensor, "rows pos d_model"]:
+                    attention: bool = True, need: Tensor | None = None) -> Float[Tensor, "rows pos d_model"]:
     """Layer ``L``'s resid_post at positions ``pos``, for rows that are ``groups`` copies of the base run's examples.
 
     ``base`` holds a `record_sites` run (rows = examples). ``x`` is the residual entering the layer at
@@ -437,13 +437,21 @@ def recompute_layer(nat: Native, L: int, base: Mapping[tuple[str, int], Tensor],
     differs from the base run (their keys and values are recomputed). ``key_pos`` (sorted, containing
     ``new_pos``) are all positions whose keys or values may differ; elsewhere they are the base run's.
     ``attention=False``: nothing the heads read has changed, so their outputs z are the base run's.
+    ``need`` (bool ``[rows, pos]``): the block's output is computed only there (elsewhere it is left as
+    ``x``), and ``edit`` is not called after z; for a last layer whose outputs are read only in places.
     """
     layer = nat.layers[L]
     if attention:
         z = _partial_attention(layer, L, base, x, pos, x_new, new_pos, key_pos, groups, edit)
     else:
         z = _repeat(base["z", L][:, pos], groups)
-    return after_attention(layer, L, x, edit("z", L, z, pos), pos, edit)
+    z = edit("z", L, z, pos)
+    if need is None:
+        return after_attention(layer, L, x, z, pos, edit)
+    post = x.clone()
+    if bool(need.any()):
+        post[need] = after_attention(layer, L, x[need][:, None], z[need][:, None], pos[:1])[:, 0]
+    return post
 
 
 __all__ = ["Attention", "KVCache", "Layer", "Native", "Recording", "after_attention", "attention_forward",

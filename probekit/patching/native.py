@@ -56,6 +56,7 @@ class Plan:
     paths: list[PathDelta]
     first_layer: int
     first_pos: int
+    need: Tensor | None = None  # bool [N, answer]: the read logits that matter (None: all)
 
     def rows(self, k: int) -> slice:
         return slice(k * self.n, (k + 1) * self.n)
@@ -201,6 +202,14 @@ def layer_positions(pl: Plan, L: int, changed: Tensor, last: bool) -> tuple[Tens
     return key_pos, out, bool(len(key_pos) or len(q_pos) or len(p_pos))
 
 
+def last_need(pl: Plan, L: int, out_pos: Tensor) -> Tensor | None:
+    """Where the last layer's outputs at ``out_pos`` are read (``pl.need``), when nothing is patched after its heads."""
+    if pl.need is None or any((s, L) in pl.comps for s in ("attn_out", "resid_mid", "mlp_out", "resid_post")):
+        return None
+    need = pl.need.repeat(pl.groups, 1)[:, torch.searchsorted(pl.read_pos, out_pos)]
+    return None if bool(need.all()) else need
+
+
 def patch_layer(nat: F.Native, pl: Plan, base: Cache, resid: Residual, patcher: Patcher, L: int) -> None:
     """Stage 2: recompute layer ``L`` where it can differ from the base run; update ``resid``."""
     x_base = base["resid_pre", L]
@@ -212,7 +221,9 @@ def patch_layer(nat: F.Native, pl: Plan, base: Cache, resid: Residual, patcher: 
         resid.set(pl.allT[:0], None)
         return
     x = resid.read(x_base, out_pos)
-    post = F.recompute_layer(nat, L, base.acts, x, out_pos, x_new, new_pos, key_pos, pl.groups, patcher, attention)
+    need = last_need(pl, L, out_pos) if L == len(nat.layers) - 1 else None
+    post = F.recompute_layer(nat, L, base.acts, x, out_pos, x_new, new_pos, key_pos, pl.groups, patcher, attention,
+                             need)
     resid.set(out_pos, post)
 
 
@@ -246,24 +257,27 @@ class NativeEngine:
         return Cache(acts, logits)
 
     def run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O,
-                    tokens: Tensor | None = None) -> Tensor:
+                    tokens: Tensor | None = None, need: Tensor | None = None) -> Tensor:
         """Logits [K*N, answer, d_vocab] at ``read_pos`` for K patches (rows k*N..(k+1)*N-1 = patch k).
 
+        ``need`` (bool [N, answer]): the logits the caller reads; elsewhere they may be any finite values.
         A patch that writes the base run's own values (e.g. at a position before the first token where
         the two runs differ) changes nothing: its rows are the base run's logits, and it is not run.
         """
         live = [k for k, g in enumerate(patches) if not all(writes_base(c, base, src) for c in g)]
         if len(live) == len(patches):
-            return self._run_patched(base, src, patches, read_pos, W_O)
+            return self._run_patched(base, src, patches, read_pos, W_O, need)
         out = base.logits.repeat(len(patches), 1, 1)
         if live:
             N = base.logits.shape[0]
             rows = torch.cat([torch.arange(k * N, (k + 1) * N, device=out.device) for k in live])
-            out[rows] = self._run_patched(base, src, [patches[k] for k in live], read_pos, W_O)
+            out[rows] = self._run_patched(base, src, [patches[k] for k in live], read_pos, W_O, need)
         return out
 
-    def _run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O) -> Tensor:
+    def _run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O,
+                     need: Tensor | None) -> Tensor:
         pl = plan(patches, base, src, W_O, read_pos, len(self.nat.layers))
+        pl.need = need
         if not bool((read_pos >= pl.first_pos).any()):
             return base.logits.repeat(pl.groups, 1, 1)  # nothing the metric reads can change
         resid = Residual(pl)

@@ -170,6 +170,12 @@ class _Sums:
         full[:, self.at.to(ps.device)] = ps
         return full
 
+    def need(self, rows: Tensor) -> Tensor | None:
+        """bool [rows, computed steps]: the logits the metric reads (a logit-diff step whose answers agree is 0)."""
+        if self.live.metric.kind != "logit-diff":
+            return None
+        return (self.live.correct != self.live.wrong).to(rows.device)[rows]
+
     def add_reference(self, j: int, bm: BoundMetric, logits: Tensor, rows: Tensor) -> None:
         ps = self._per_step(logits, rows)
         self.ref[j, :-1] += ps.double().sum(0).cpu()
@@ -221,7 +227,8 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
                 sums.add_reference(0, bm, base.logits, rows)
                 sums.add_reference(1, bm, src.logits, rows)
                 cur = e
-            logits = eng.run_patched(base, src, [groups[i] for i in idx], read, W_O, tokens=tb)
+            kw = {"need": sums.need(rows)} if isinstance(eng, NativeEngine) else {}
+            logits = eng.run_patched(base, src, [groups[i] for i in idx], read, W_O, tokens=tb, **kw)
             sums.add_patches(idx, bm, logits, rows)
             if bar is not None:
                 bar.update(1)
