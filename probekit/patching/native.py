@@ -9,6 +9,10 @@ A pipeline of three stages:
    with a `Patcher` as its edit (it writes the source run's values at the patched sites);
 3. `read_out`: the final residual at the positions the metric reads -> logits.
 
+Work that cannot change what is read is skipped: a patch that writes the base run's own values
+(`writes_base`) is not run, and with a ``need`` mask (the (example, answer step) logits the metric
+reads) the last layer computes its outputs only there (`last_need`).
+
 `Residual` carries, between layers, the positions whose residual differs from the base run and its
 values there; everything else is read from the base run's cache. Under causal attention only later
 queries can change, so a patch at position p leaves every earlier position as it was.

@@ -215,7 +215,8 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
     N = pair.clean.n
     n_ex, chunks = _passes(groups, model.cfg.n_layers, N, max_batch)
     was_training = model.training
-    model.eval()
+    if was_training:  # (setting the mode walks every module: only when it changes)
+        model.eval()
     bar = _bar(progress, len(chunks))
     try:
         cur = None
@@ -235,7 +236,8 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
+        if was_training:
+            model.train()
     return sums.values(N, direction)
 
 
