@@ -18,8 +18,9 @@ Positions are chosen by a rule:
 - or a boolean mask ``[batch, pos]``.
 
 With a feature, positions where it is -1 are always dropped. Memory: the forward runs ``chunk_size``
-examples at a time under `run_with_hooks` with hooks that keep only the selected positions of the
-requested hooks (never a full cache), and stops after the last block it needs.
+examples at a time and keeps only the selected positions of the requested hooks (never a full cache),
+stopping after the last block it needs: on a TL-native bridge without hooks attached, on
+`probekit.forward.record`; otherwise under `run_with_hooks`.
 """
 
 from __future__ import annotations
@@ -176,6 +177,29 @@ def _stop_layer(model, names: Sequence[str]) -> int | None:
     return stop if 0 < stop < model.cfg.n_layers else None
 
 
+def _chunk_forward(model, names: Sequence[str], store):
+    """A forward over a chunk of tokens that calls ``store(act, None, name)`` for each hook in ``names``.
+
+    On a TL-native bridge with no hooks attached, `probekit.forward.record` (the same forward without
+    the hook machinery, stopping after the last block needed); otherwise ``run_with_hooks``.
+    """
+    from probekit import forward as F
+
+    skip = ("pattern", "mlp_out") if model.cfg.attn_only else ("pattern",)
+    sites = {F.hook_name(s, L) for L in range(model.cfg.n_layers) for s in F.SITES if s not in skip}
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    if not hooked and set(names) <= sites and F.supports_native(model):
+        def run(tokens: Tensor) -> None:
+            rec = F.record(model, tokens, names, logits=False)
+            for n in names:
+                store(rec[n], None, n)
+
+        return run
+    fwd_hooks = [(n, functools.partial(store, name=n)) for n in names]
+    stop = _stop_layer(model, names)
+    return lambda tokens: model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop)
+
+
 def model_device(model) -> torch.device:
     """The device of the model's parameters (CPU for a model without any)."""
     try:
@@ -242,8 +266,7 @@ def _record_rows(model, batch: Batch, mask: Bool[Tensor, "batch pos"], names: li
         out[name][state["lo"]:state["hi"]] = sel.reshape(sel.shape[0], -1).to("cpu", dtype)
         return None
 
-    fwd_hooks = [(n, functools.partial(store, name=n)) for n in names]
-    stop = _stop_layer(model, names)
+    run = _chunk_forward(model, names, store)
     starts = range(0, batch.n, chunk_size)
     if progress:
         from tqdm.auto import tqdm
@@ -252,9 +275,8 @@ def _record_rows(model, batch: Batch, mask: Bool[Tensor, "batch pos"], names: li
     for s in starts:
         e = min(batch.n, s + chunk_size)
         state.update(lo=int(row_start[s]), hi=int(row_start[e]), mask=mask[s:e].to(dev))
-        if state["lo"] == state["hi"]:
-            continue
-        model.run_with_hooks(batch.tokens[s:e].to(dev), fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop)
+        if state["lo"] != state["hi"]:
+            run(batch.tokens[s:e].to(dev))
     missing = [n for n in names if n not in out]
     if missing:
         raise ProbekitError(f"hooks {missing} never fired during the forward pass; expected per-position activations")

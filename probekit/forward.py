@@ -90,15 +90,21 @@ def _norm(ln) -> Callable[[Tensor], Tensor]:
     return run
 
 
+_INPLACE = {torch.nn.functional.relu: lambda x: torch.nn.functional.relu(x, inplace=True),
+            torch.nn.functional.silu: lambda x: torch.nn.functional.silu(x, inplace=True)}
+
+
 def _mlp(mlp) -> Callable[[Tensor], Tensor]:
     comp = _raw(mlp)
     if not all(hasattr(comp, a) for a in ("fc_in", "fc_out", "act")):
         return mlp  # another MLP (gated): the bridge's own
     fc_in, fc_out, act = _raw(comp.fc_in), _raw(comp.fc_out), comp.act
     ln = _raw(comp.ln) if getattr(comp, "ln", None) is not None else None
+    act_ = _INPLACE.get(act)
 
     def run(h: Tensor) -> Tensor:
-        mid = act(fc_in(h))
+        pre = fc_in(h)  # our own tensor: without autograd, the activation can overwrite it (same values)
+        mid = act_(pre) if act_ is not None and not torch.is_grad_enabled() else act(pre)
         return fc_out(ln(mid) if ln is not None else mid)
 
     return run
@@ -471,14 +477,15 @@ def _partial_attention(layer: Layer, L: int, base: Mapping, x: Tensor, pos: Tens
     a = layer.attn
     T = base["kr", L].shape[2]
     kc, vc = _repeat(base["k", L][:, key_pos], groups), _repeat(base["v", L][:, key_pos], groups)
-    if len(new_pos):  # one norm call for the queries' and the new keys' positions
-        h = layer.ln1(torch.cat([x, x_new], dim=1))
-        h, h_new = h[:, :len(pos)], h[:, len(pos):]
+    # queries, keys and values are the base run's wherever the residual is: recomputed only at new_pos
+    q = _repeat(base["q", L][:, pos], groups)
+    if len(new_pos):
+        h_new = layer.ln1(x_new)
         at = torch.searchsorted(key_pos, new_pos)
         kc[:, at], vc[:, at] = heads(a.k(h_new), a.n_kv, a.d_head), heads(a.v(h_new), a.n_kv, a.d_head)
-    else:
-        h = layer.ln1(x)
-    q = heads(a.q(h), a.n_heads, a.d_head)
+        mine = torch.isin(pos, new_pos)
+        if bool(mine.any()):
+            q[:, mine] = heads(a.q(h_new[:, torch.searchsorted(new_pos, pos[mine])]), a.n_heads, a.d_head)
     q, kc, vc = edit("q", L, q, pos), edit("k", L, kc, key_pos), edit("v", L, vc, key_pos)
     qr = rope(a, q.transpose(1, 2), pos)
     kcr = expand_kv(a, rope(a, kc.transpose(1, 2), key_pos))
@@ -499,7 +506,7 @@ def _partial_attention(layer: Layer, L: int, base: Mapping, x: Tensor, pos: Tens
 
 def recompute_layer(nat: Native, L: int, base: Mapping[tuple[str, int], Tensor], x: Tensor, pos: Tensor,
                     x_new: Tensor | None, new_pos: Tensor, key_pos: Tensor, groups: int, edit: Edit = keep,
-                    attention: bool = True) -> Float[Tensor, "rows pos d_model"]:
+                    attention: bool = True, need: Tensor | None = None) -> Float[Tensor, "rows pos d_model"]:
     """Layer ``L``'s resid_post at positions ``pos``, for rows that are ``groups`` copies of the base run's examples.
 
     ``base`` holds a `record_sites` run (rows = examples). ``x`` is the residual entering the layer at
@@ -507,13 +514,21 @@ def recompute_layer(nat: Native, L: int, base: Mapping[tuple[str, int], Tensor],
     differs from the base run (their keys and values are recomputed). ``key_pos`` (sorted, containing
     ``new_pos``) are all positions whose keys or values may differ; elsewhere they are the base run's.
     ``attention=False``: nothing the heads read has changed, so their outputs z are the base run's.
+    ``need`` (bool ``[rows, pos]``): the block's output is computed only there (elsewhere it is left as
+    ``x``), and ``edit`` is not called after z; for a last layer whose outputs are read only in places.
     """
     layer = nat.layers[L]
     if attention:
         z = _partial_attention(layer, L, base, x, pos, x_new, new_pos, key_pos, groups, edit)
     else:
         z = _repeat(base["z", L][:, pos], groups)
-    return after_attention(layer, L, x, edit("z", L, z, pos), pos, edit)
+    z = edit("z", L, z, pos)
+    if need is None:
+        return after_attention(layer, L, x, z, pos, edit)
+    post = x.clone()
+    if bool(need.any()):
+        post[need] = after_attention(layer, L, x[need][:, None], z[need][:, None], pos[:1])[:, 0]
+    return post
 
 
 __all__ = ["Attention", "KVCache", "Layer", "Native", "Recording", "after_attention", "attention_forward",

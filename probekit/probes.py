@@ -54,6 +54,7 @@ Folders of format 1 (``weight [d, k]``, ``bias``) still load. See docs/guide.md 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -98,7 +99,8 @@ def probe_kind(feature: str, kind: str = "auto", values: Tensor | None = None) -
 
 
 def _preconditioner(X: Float[Tensor, "g n d"], w: Float[Tensor, "g n"], lam: Float[Tensor, " g"]):
-    """Weighted mean [g, d] and P [g, d, d] = U (S + lam)^(-1/2), where U S U^T is the weighted covariance.
+    """Weighted mean [g, d], P [g, d, d] = U (S + lam)^(-1/2) where U S U^T is the weighted covariance, and
+    the diagonal of P^T P = (S + lam)^(-1) [g, d] (so that ||P Wz||^2 = sum_e Wz_e^2 (P^T P)_ee).
 
     With W = P @ Wz the data term of the loss has curvature about 1 in every direction of Wz, so L-BFGS
     converges in tens of steps on residual-stream activations (which are far from isotropic).
@@ -108,8 +110,25 @@ def _preconditioner(X: Float[Tensor, "g n d"], w: Float[Tensor, "g n"], lam: Flo
     Xc = (X - mean[:, None]) * ws[..., None].sqrt()
     cov = (Xc.transpose(1, 2) @ Xc).double()
     ev, U = torch.linalg.eigh(cov)
-    P = U / (ev.clamp_min(0) + lam.double()[:, None]).sqrt()[:, None, :]
-    return mean, P.to(X.dtype)
+    inv = 1.0 / (ev.clamp_min(0) + lam.double()[:, None])
+    P = U * inv.sqrt()[:, None, :]
+    return mean, P.to(X.dtype), inv.to(X.dtype)
+
+
+def _logistic_loss(Z: Tensor, Zt: Tensor, Wz: Tensor, yc: Tensor, wn: Tensor, pen: Tensor) -> tuple[Tensor, Tensor]:
+    """Loss and its gradient in Wz [g, v, k, e]: weighted cross-entropy of Z Wz^T plus 0.5 sum pen * Wz^2.
+
+    Z [g, n, e] and its transpose Zt [g, e, n] (both contiguous: class-major logits [g, v, k, n] make the
+    two skinny matmuls fastest); yc [g, v, 1, n] class indices, wn [g, v, 1, n] row weights. The gradient
+    is written out (softmax minus one-hot, through one matmul), not taken by autograd.
+    """
+    G, V, K, e = Wz.shape
+    logp = torch.bmm(Wz.view(G, V * K, e), Zt).view(G, V, K, -1).log_softmax(2)
+    loss = -(logp.gather(2, yc) * wn).sum() + 0.5 * (pen * Wz * Wz).sum()
+    dlogits = logp.exp_().scatter_add_(2, yc, torch.full(yc.shape, -1.0, dtype=logp.dtype, device=logp.device))
+    dlogits.mul_(wn)
+    grad = torch.bmm(dlogits.view(G, V * K, -1), Z).view(G, V, K, e).add_(pen * Wz)
+    return loss, grad
 
 
 def fit_logistic(X: Float[Tensor, "g n d"], y: Int[Tensor, "g v n"], w: Float[Tensor, "g n"], n_classes: int,
@@ -130,28 +149,26 @@ def fit_logistic(X: Float[Tensor, "g n d"], y: Int[Tensor, "g v n"], w: Float[Te
     valid = (y >= 0).float() * w[:, None, :]  # g v n
     n_eff = valid.sum(2).clamp_min(1.0)  # g v
     lam = 1.0 / (C * n_eff)  # g v
-    mean, P = _preconditioner(X, w, lam.mean(1))
+    mean, P, diag = _preconditioner(X, w, lam.mean(1))
     Z = torch.cat([(X - mean[:, None]) @ P, torch.ones(G, N, 1, dtype=X.dtype, device=X.device)], 2)  # g n d+1
-    wn = valid / n_eff[..., None]
-    yc = y.clamp_min(0)[..., None]
-    Wz = torch.zeros(G, V, d + 1, n_classes, dtype=X.dtype, device=X.device, requires_grad=True)
+    wn = (valid / n_eff[..., None])[:, :, None]  # g v 1 n
+    yc = y.clamp_min(0)[:, :, None]  # g v 1 n
+    # ||W||^2 in the original space = ||P Wz||^2 = sum_e diag_e Wz_e^2 (P's columns are orthogonal); no bias term
+    pen = lam[:, :, None, None] * torch.cat([diag, diag.new_zeros(G, 1)], 1)[:, None, None, :]  # g v 1 e
+    Wz = torch.zeros(G, V, n_classes, d + 1, dtype=X.dtype, device=X.device)
+    Zt = Z.transpose(1, 2).contiguous()
     opt = torch.optim.LBFGS([Wz], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=tol * G * V)
     evals = [0]
 
     def closure():
-        opt.zero_grad()
-        logp = torch.einsum("gnd,gvdk->gvnk", Z, Wz).log_softmax(-1)
-        nll = -logp.gather(-1, yc)[..., 0]  # g v n
-        Wo = torch.einsum("gde,gvek->gvdk", P, Wz[:, :, :d])  # weights in the original space
-        loss = (nll * wn).sum() + 0.5 * (lam[..., None, None] * Wo ** 2).sum()
-        loss.backward()
+        loss, Wz.grad = _logistic_loss(Z, Zt, Wz, yc, wn, pen)
         evals[0] += 1
         return loss
 
-    with torch.enable_grad():
+    with torch.no_grad():
         opt.step(closure)
-    Wz = Wz.detach()
+    Wz = Wz.transpose(2, 3)  # g v e k
     W = torch.einsum("gde,gvek->gvdk", P, Wz[:, :, :d])
     b = Wz[:, :, d] - torch.einsum("gd,gvdk->gvk", mean, W)
     return W, b, evals[0]
@@ -1015,6 +1032,138 @@ def _fit_and_score(tr: Activations, evs: dict[str, Activations], names: list[str
     return metric, stats[..., 3], fits
 
 
+def _collect_splits(m, train: Batch, ev_batches: dict[str, Batch], names: list[str], feature: str, positions,
+                    chunk_size: int, device, progress: bool) -> tuple[Activations, dict[str, Activations]]:
+    """Stage 1 (collect): the activations of ``train`` and of each split (``train`` first) under model ``m``."""
+    kw = dict(feature=feature, positions=positions, chunk_size=chunk_size, device=device)
+    if isinstance(positions, Tensor) and ev_batches:
+        raise ProbekitError("a position mask only fits the training batch; use a rule ('feature', 'pred', ...) with evals")
+    tr = collect(m, train, names, progress=progress, **kw)
+    return tr, {"train": tr} | {k: collect(m, b, names, **kw) for k, b in ev_batches.items()}
+
+
+def _label_variants(tr: Activations, evs: dict[str, Activations], tg: _Targets, controls: list[str], seed: int,
+                    n_types: int, T: int) -> tuple[list[str], Tensor, dict[str, Tensor]]:
+    """Stage 2 (targets): label variants ``true``; ``shuffled`` (fitted on train labels permuted across rows,
+    scored against each split's labels permuted the same way on train and independently elsewhere);
+    ``control`` (control-task labels). Returns the variants, train targets [v, n], split targets [v, m]."""
+    variants = ["true"]
+    y_tr = [tg.index(tr.labels)]
+    y_ev = {s: [tg.index(a.labels)] for s, a in evs.items()}
+    if "shuffle" in controls:
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(tr.n_rows, generator=g)
+        variants.append("shuffled")
+        y_tr.append(tg.index(tr.labels[perm]))
+        for s, a in evs.items():
+            p_s = perm if s == "train" else torch.randperm(a.n_rows, generator=g)
+            y_ev[s].append(tg.index(a.labels[p_s]))
+    if "control_task" in controls:
+        cmap = _control_map(tr, seed, n_types)
+        variants.append("control")
+        y_tr.append(tg.index(_control_labels(tr, cmap, T)))
+        for s, a in evs.items():
+            y_ev[s].append(tg.index(_control_labels(a, cmap, T)))
+    return variants, torch.stack(y_tr), {s: torch.stack(v) for s, v in y_ev.items()}
+
+
+def _majority(evs: dict[str, Activations], tg: _Targets, n_pos: int) -> Tensor:
+    """Stage 4 (controls): the constant predictor (majority class / train mean) per slot and split."""
+    maj = torch.full((1 + n_pos, len(evs)), float("nan"))
+    for e, a in enumerate(evs.values()):
+        yv = tg.index(a.labels)
+        if tg.kind == "logistic":
+            const = torch.zeros(len(yv), len(tg.classes))
+            const[:, int((tg.classes == tg.majority_class).nonzero())] = 1.0
+        else:
+            const = torch.full((len(yv), 1), tg.train_mean)
+        maj[:, e] = _metric(tg.kind, _by_slot(_row_stats(tg.kind, const, yv), a.slot, n_pos)).float()
+    return maj
+
+
+def _random_model_metric(model, seed: int, collect_splits, names, tg: _Targets, by_position: bool, n_pos: int,
+                         C: float, alpha: float, max_iter: int) -> tuple[Tensor | None, str | None]:
+    """Stage 4 (controls): the true-label metric [hook, 1 + n_pos, split] of probes on a re-initialised model."""
+    rmodel, note = _random_model(model, seed)
+    if rmodel is None:
+        return None, note
+    rtr, revs = collect_splits(rmodel)
+    rmetric, _, _ = _fit_and_score(rtr, revs, names, tg, tg.index(rtr.labels)[None],
+                                   {s: tg.index(a.labels)[None] for s, a in revs.items()},
+                                   by_position, n_pos, C, alpha, max_iter)
+    return rmetric[:, 0], note
+
+
+def _cell(names: list[str], kinds_: list[str], n_cells: int):
+    """(hook index, (hook kind row, layer column)) of each hook in the [hook kind, layer] grid."""
+    for i, nm in enumerate(names):
+        L = hook_layer(nm)
+        yield i, (kinds_.index(hook_kind(nm)), L if L is not None else n_cells - 1)
+
+
+def _assemble(model, names: list[str], variants: list[str], metric: Tensor, counts: Tensor, maj: Tensor,
+              rnd: Tensor | None, n_pos: int, n_splits: int):
+    """Stage 5 (read out): values and extras [hook kind, layer, position, split], hook kinds, layer labels."""
+    kinds_ = list(dict.fromkeys(hook_kind(n) for n in names))
+    layer_labels = [str(L) for L in range(int(model.cfg.n_layers))]
+    if any(hook_layer(n) is None for n in names):
+        layer_labels.append("-")
+    shape = (len(kinds_), len(layer_labels), 1 + n_pos, n_splits)
+    values, shuffled, control, random_model, n_rows, majority = (torch.full(shape, float("nan")) for _ in range(6))
+    for i, at in _cell(names, kinds_, len(layer_labels)):
+        values[at] = metric[i, 0].float()
+        n_rows[at] = counts[i, 0].float()
+        majority[at] = maj
+        if "shuffled" in variants:
+            shuffled[at] = metric[i, variants.index("shuffled")].float()
+        if "control" in variants:
+            control[at] = metric[i, variants.index("control")].float()
+        if rnd is not None:
+            random_model[at] = rnd[i].float()
+    extra = {"shuffled": shuffled, "control": control, "selectivity": values - control,
+             "random_model": random_model, "majority": majority, "n": n_rows}
+    return values, extra, kinds_, layer_labels
+
+
+def _sweep_settings(model, train: Batch, batches: dict[str, Batch], evs: dict[str, Activations], feature: str,
+                    tg: _Targets, names: list[str], by_position: bool, C: float, alpha: float, controls: list[str],
+                    rnd_note: str | None, seed: int) -> dict:
+    rule = evs["train"].position_rule
+    return _model_meta(model) | {
+        "feature": feature, "kind": tg.kind, "metric": "accuracy" if tg.kind == "logistic" else "r2",
+        "hooks": names, "position_rule": rule, "by_position": by_position,
+        "position_probes": "per_position" if by_position else "pooled",
+        "slot_meaning": f"slot k = k-th position selected by rule {rule!r} in an example; "
+                        f"token positions per split in slot_pos",
+        "slot_pos": {s: a.pos[a.example == a.example[0]].tolist() for s, a in evs.items()},
+        "C": C if tg.kind == "logistic" else None, "alpha": alpha if tg.kind == "ridge" else None,
+        "controls": controls, "control_task": "label drawn at random per (token, position) type",
+        "random_model": rnd_note, "seed": seed, "classes": tg.classes.tolist() if tg.classes is not None else None,
+        "splits": {s: {"length": batches[s].length, "n": batches[s].n, "rows": evs[s].n_rows,
+                       "objective": batches[s].objective} for s in evs},
+    }
+
+
+def _attach_probes(sweep: ProbeSweep, model, train: Batch, tr: Activations, fits: dict, tg: _Targets,
+                   feature: str, names: list[str]) -> None:
+    """Stage 6: the fitted probes (true labels), with their training rows' means for interventions."""
+    kinds_, layer_labels, splits = sweep.labels["hook"], sweep.labels["layer"], sweep.labels["split"]
+    y_true = tg.index(tr.labels)
+    base_meta = _model_meta(model) | {"train": _train_desc(train, tr), "C": sweep.settings["C"],
+                                      "alpha": sweep.settings["alpha"]}
+    fingerprints = {nm: model_fingerprint(model, nm) for nm in names}
+    for (nm, pos), (W, b) in fits.items():
+        keep = torch.ones(tr.n_rows) if pos == "all" else (tr.slot == int(pos)).float()
+        L = hook_layer(nm)
+        h, li = kinds_.index(hook_kind(nm)), L if L is not None else len(layer_labels) - 1
+        p = 0 if pos == "all" else 1 + int(pos)
+        scores = {s: float(sweep.values[h, li, p, e]) for e, s in enumerate(splits)}
+        sweep.probes[(nm, pos)] = _probe_from(nm, feature, tg, W, b, tr.acts[nm], y_true, keep, tr.shapes[nm],
+                                              tr.position_rule, None if pos == "all" else int(pos),
+                                              base_meta | {"train": dict(base_meta["train"]), "scores": scores,
+                                                           "fingerprint": fingerprints[nm]})
+
+
 def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = "resid_pre,resid_mid,resid_post",
                 evals: Mapping[str, Batch] | Sequence[Batch] | Batch | None = None,
                 positions: str | Tensor = "feature", by_position: bool = False, kind: str = "auto",
@@ -1036,126 +1185,28 @@ def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = 
     ev_batches = _split_labels(evals)
     for b in ev_batches.values():
         b.feature(feature)
-
-    def gather(m):
-        kw = dict(feature=feature, positions=positions, chunk_size=chunk_size, device=device)
-        if isinstance(positions, Tensor) and ev_batches:
-            raise ProbekitError("a position mask only fits the training batch; use a rule ('feature', 'pred', ...) with evals")
-        tr_ = collect(m, train, names, progress=progress, **kw)
-        evs_ = {"train": tr_} | {k: collect(m, b, names, **kw) for k, b in ev_batches.items()}
-        return tr_, evs_
-
-    tr, evs = gather(model)
+    collect_splits = functools.partial(_collect_splits, train=train, ev_batches=ev_batches, names=names,
+                                       feature=feature, positions=positions, chunk_size=chunk_size, device=device,
+                                       progress=progress)
+    tr, evs = collect_splits(model)
     tg = _targets(tr.labels, kind, feature)
-    splits = list(evs)
     n_pos = max(int(a.slot.max()) + 1 for a in evs.values())
     T = max(b.seq_len for b in [train, *ev_batches.values()])
-    n_types = int(model.cfg.d_vocab) * T
-    # label variants: true; shuffled (fitted on train labels permuted across rows, scored against each split's
-    # labels permuted the same way on train and independently elsewhere); control task (control labels)
-    variants = ["true"]
-    y_tr = [tg.index(tr.labels)]
-    y_ev = {s: [tg.index(a.labels)] for s, a in evs.items()}
-    if "shuffle" in controls:
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(tr.n_rows, generator=g)
-        variants.append("shuffled")
-        y_tr.append(tg.index(tr.labels[perm]))
-        for s, a in evs.items():
-            p_s = perm if s == "train" else torch.randperm(a.n_rows, generator=g)
-            y_ev[s].append(tg.index(a.labels[p_s]))
-    if "control_task" in controls:
-        cmap = _control_map(tr, seed, n_types)
-        variants.append("control")
-        y_tr.append(tg.index(_control_labels(tr, cmap, T)))
-        for s, a in evs.items():
-            y_ev[s].append(tg.index(_control_labels(a, cmap, T)))
-    y_tr = torch.stack(y_tr)
-    y_ev = {s: torch.stack(v) for s, v in y_ev.items()}
+    variants, y_tr, y_ev = _label_variants(tr, evs, tg, controls, seed, int(model.cfg.d_vocab) * T, T)
     metric, counts, fits = _fit_and_score(tr, evs, names, tg, y_tr, y_ev, by_position, n_pos, C, alpha, max_iter)
-
-    # constant predictor (majority class / train mean) per split and slot
-    maj = torch.full((1 + n_pos, len(splits)), float("nan"))
-    for e, s in enumerate(splits):
-        a = evs[s]
-        yv = tg.index(a.labels)
-        if kind == "logistic":
-            const = torch.zeros(len(yv), len(tg.classes))
-            const[:, int((tg.classes == tg.majority_class).nonzero())] = 1.0
-        else:
-            const = torch.full((len(yv), 1), tg.train_mean)
-        st = _row_stats(kind, const, yv)
-        maj[:, e] = _metric(kind, _by_slot(st, a.slot, n_pos)).float()
-
-    rnd = None
-    rnd_note = None
+    maj = _majority(evs, tg, n_pos)
+    rnd, rnd_note = None, None
     if "random_model" in controls:
-        rmodel, rnd_note = _random_model(model, seed)
-        if rmodel is not None:
-            rtr, revs = gather(rmodel)
-            rmetric, _, _ = _fit_and_score(rtr, revs, names, tg, tg.index(rtr.labels)[None],
-                                           {s: tg.index(a.labels)[None] for s, a in revs.items()},
-                                           by_position, n_pos, C, alpha, max_iter)
-            rnd = rmetric[:, 0]
-
-    # assemble [hook kind, layer, position, split]
-    kinds_ = list(dict.fromkeys(hook_kind(n) for n in names))
-    n_layers = int(model.cfg.n_layers)
-    layer_labels = [str(L) for L in range(n_layers)]
-    if any(hook_layer(n) is None for n in names):
-        layer_labels.append("-")
-    shape = (len(kinds_), len(layer_labels), 1 + n_pos, len(splits))
-    nan = lambda: torch.full(shape, float("nan"))  # noqa: E731
-    values, shuffled, control, random_model, n_rows = nan(), nan(), nan(), nan(), nan()
-    majority = nan()
-    for i, nm in enumerate(names):
-        h = kinds_.index(hook_kind(nm))
-        L = hook_layer(nm)
-        li = L if L is not None else len(layer_labels) - 1
-        values[h, li] = metric[i, 0].float()
-        n_rows[h, li] = counts[i, 0].float()
-        majority[h, li] = maj
-        if "shuffled" in variants:
-            shuffled[h, li] = metric[i, variants.index("shuffled")].float()
-        if "control" in variants:
-            control[h, li] = metric[i, variants.index("control")].float()
-        if rnd is not None:
-            random_model[h, li] = rnd[i].float()
-    extra = {"shuffled": shuffled, "control": control, "selectivity": values - control,
-             "random_model": random_model, "majority": majority, "n": n_rows}
-
-    slot_pos = {s: a.pos[a.example == a.example[0]].tolist() for s, a in evs.items()}
-    settings = _model_meta(model) | {
-        "feature": feature, "kind": kind, "metric": "accuracy" if kind == "logistic" else "r2",
-        "hooks": names, "position_rule": tr.position_rule, "by_position": by_position,
-        "position_probes": "per_position" if by_position else "pooled",
-        "slot_meaning": f"slot k = k-th position selected by rule {tr.position_rule!r} in an example; "
-                        f"token positions per split in slot_pos",
-        "slot_pos": slot_pos, "C": C if kind == "logistic" else None, "alpha": alpha if kind == "ridge" else None,
-        "controls": controls, "control_task": "label drawn at random per (token, position) type",
-        "random_model": rnd_note, "seed": seed, "classes": tg.classes.tolist() if tg.classes is not None else None,
-        "splits": {s: {"length": (train if s == "train" else ev_batches[s]).length,
-                       "n": (train if s == "train" else ev_batches[s]).n, "rows": evs[s].n_rows,
-                       "objective": (train if s == "train" else ev_batches[s]).objective} for s in splits},
-    }
+        rnd, rnd_note = _random_model_metric(model, seed, collect_splits, names, tg, by_position, n_pos, C, alpha,
+                                             max_iter)
+    values, extra, kinds_, layer_labels = _assemble(model, names, variants, metric, counts, maj, rnd, n_pos, len(evs))
+    settings = _sweep_settings(model, train, {"train": train} | ev_batches, evs, feature, tg, names, by_position,
+                               C, alpha, controls, rnd_note, seed)
     sweep = ProbeSweep(kind="probe_sweep", values=values, axes=("hook", "layer", "position", "split"),
                        labels={"hook": kinds_, "layer": layer_labels,
-                               "position": ["all"] + [str(k) for k in range(n_pos)], "split": splits},
+                               "position": ["all"] + [str(k) for k in range(n_pos)], "split": list(evs)},
                        settings=settings, extra=extra)
-    # fitted probes (true labels), with their training rows' means for interventions
-    y_true = tg.index(tr.labels)
-    base_meta = _model_meta(model) | {"train": _train_desc(train, tr), "C": settings["C"], "alpha": settings["alpha"]}
-    fingerprints = {nm: model_fingerprint(model, nm) for nm in names}
-    for (nm, pos), (W, b) in fits.items():
-        keep = torch.ones(tr.n_rows) if pos == "all" else (tr.slot == int(pos)).float()
-        h, L = kinds_.index(hook_kind(nm)), hook_layer(nm)
-        li = L if L is not None else len(layer_labels) - 1
-        p = 0 if pos == "all" else 1 + int(pos)
-        scores = {s: float(values[h, li, p, e]) for e, s in enumerate(splits)}
-        sweep.probes[(nm, pos)] = _probe_from(nm, feature, tg, W, b, tr.acts[nm], y_true, keep, tr.shapes[nm],
-                                              tr.position_rule, None if pos == "all" else int(pos),
-                                              base_meta | {"train": dict(base_meta["train"]), "scores": scores,
-                                                           "fingerprint": fingerprints[nm]})
+    _attach_probes(sweep, model, train, tr, fits, tg, feature, names)
     return sweep
 
 

@@ -109,3 +109,17 @@ def test_bad_input_one_line_errors(mult):
     with pytest.raises(ProbekitError, match="d_vocab"):
         collect(model, sort, "resid_pre", feature="rank")
     assert _no_hooks_left(model)
+
+
+def test_collect_sees_hooks_attached_to_the_model(mult):
+    """Without hooks attached, collection runs on probekit's forward (equal to the bridge's, above); with a
+    hook attached by the caller, it runs through the bridge, so the hook's edit is what is collected."""
+    model, task = mult
+    batch = task.sample(7, seed=3)
+    name = "blocks.1.hook_resid_pre"
+    plain = collect(model, batch, [name], positions="all").acts[name]
+    with model.hooks(fwd_hooks=[(name, lambda x, hook: x * 2)]):
+        doubled = collect(model, batch, [name], positions="all").acts[name]
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(doubled, plain * 2, rtol=0, atol=1e-6)
+    assert _no_hooks_left(model)

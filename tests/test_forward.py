@@ -209,3 +209,19 @@ def test_place_ids_past_the_table_are_refused():
         F.forward(F.native(model), digits)
     with pytest.raises(ProbekitError, match="past the place table of 16 rows"):
         model(digits)
+def test_recompute_layer_outputs_only_where_needed():
+    """With ``need``, the block's outputs are computed only at those (row, pos): equal there to the full ones."""
+    model, tokens = _random("rotary-log-temperature")
+    nat = F.native(model)
+    with torch.no_grad():
+        base, _ = F.record_sites(nat, tokens)
+        pos, new_pos = torch.arange(1, tokens.shape[1]), torch.tensor([1])
+        x = base["resid_pre", 1][:, pos].repeat(2, 1, 1)
+        x[:, 0] += 0.1  # the residual differs from the base run at position 1 only
+        full = F.recompute_layer(nat, 1, base, x, pos, x[:, :1], new_pos, new_pos, 2)
+        need = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(0)) < 0.5
+        part = F.recompute_layer(nat, 1, base, x, pos, x[:, :1], new_pos, new_pos, 2, need=need)
+    assert bool(need.any()) and not bool(need.all())
+    assert not torch.allclose(full[need], x[need])  # the block changed what it computed
+    torch.testing.assert_close(part[need], full[need], **ACT_TOL)
+    assert torch.equal(part[~need], x[~need])

@@ -238,6 +238,35 @@ def test_native_engine_matches_the_bridge_on_every_variant(cfg):
 # ---------------------------------------------------------------------------- metrics
 
 
+def test_operand_digit_pair_with_agreeing_steps_equals_transformer_lens():
+    """An operand-digit corruption: positions before the corrupted token (patches there write the base
+    run's values and are skipped), answer steps whose answers agree in every row (logit-diff 0, not
+    computed) and steps that agree in some rows (their last-layer outputs are not computed)."""
+    from probekit.patching.sweeps import read_steps
+
+    task = MultiplicationTask(digits=3)
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_vocab=task.d_vocab, n_ctx=16,
+                                    positional="learned", seed=0))
+    pair = corrupt(task, task.sample(16, seed=0), "operand-digit", seed=0, place=1)
+    bm = P.BoundMetric.bind("logit-diff", pair)
+    agree = bm.correct == bm.wrong
+    _, live = read_steps(bm)
+    assert live is not None and len(live) < agree.shape[1]  # some steps agree in every row ...
+    assert bool((agree[:, live].any(0)).any())  # ... and some live steps agree in some rows
+    first = int((pair.clean.tokens != pair.corrupted.tokens).any(0).nonzero()[0])
+    assert first > 0  # some positions precede every difference
+    tokens, cache, metric = _tl_inputs(model, pair)
+    tl = tlp.get_act_patch_attn_head_out_by_pos(model, tokens, cache, metric)
+    ours = P.sweep(model, pair, "z", by_pos=True, normalize=False, engine="native")
+    torch.testing.assert_close(ours.values, tl, **TOL)
+    hooks = P.sweep(model, pair, "resid_pre", by_pos=True, normalize=False, engine="hooks", per_step=True)
+    native = P.sweep(model, pair, "resid_pre", by_pos=True, normalize=False, engine="native", per_step=True)
+    torch.testing.assert_close(native.values, hooks.values, **TOL)
+    dead = torch.tensor([int(s) for s in range(agree.shape[1]) if s not in live.tolist()])
+    assert bool((native.values[..., dead] == 0).all())  # an agreeing step is 0 exactly, as in the full logits
+    assert bool((ours.values[:, :first] == ours.settings["corrupted_metric"]).all())
+
+
 def test_metrics_against_hand_computation(mult_pair):
     model, pair = mult_pair
     read = P.answer_layout(pair.clean)

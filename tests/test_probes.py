@@ -59,6 +59,31 @@ def test_logistic_matches_sklearn_on_identical_splits():
             assert ours > majority + 0.1  # above chance: not a comparison of two constant predictors
 
 
+def test_logistic_loss_gradient_equals_autograd_of_the_objective():
+    """The written-out loss and gradient equal autograd's on the objective as stated in the original space:
+    weighted cross-entropy of (X - mean) P Wz + b, plus lam/2 ||P Wz||^2 (P from `_preconditioner`)."""
+    from probekit.probes import _logistic_loss, _preconditioner
+
+    g = torch.Generator().manual_seed(0)
+    G, V, N, d, K = 2, 3, 40, 5, 4
+    X = torch.randn(G, N, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = (torch.rand(G, N, generator=g) > 0.1).double()
+    y = torch.randint(0, K, (G, V, N), generator=g)
+    lam = torch.rand(G, V, generator=g, dtype=torch.float64) * 0.1
+    wn = torch.rand(G, V, N, generator=g, dtype=torch.float64)
+    mean, P, diag = _preconditioner(X, w, lam.mean(1))
+    Z = torch.cat([(X - mean[:, None]) @ P, torch.ones(G, N, 1, dtype=X.dtype)], 2)
+    Wz = torch.randn(G, V, K, d + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    logp = torch.einsum("gne,gvke->gvnk", Z, Wz).log_softmax(-1)
+    Wo = torch.einsum("gde,gvke->gvdk", P, Wz[..., :d])
+    ref = -(logp.gather(-1, y[..., None])[..., 0] * wn).sum() + 0.5 * (lam[..., None, None] * Wo ** 2).sum()
+    ref.backward()
+    pen = lam[:, :, None, None] * torch.cat([diag, diag.new_zeros(G, 1)], 1)[:, None, None, :]
+    loss, grad = _logistic_loss(Z, Z.transpose(1, 2).contiguous(), Wz.detach(), y[:, :, None], wn[:, :, None], pen)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, Wz.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_ridge_matches_sklearn(model):
     from sklearn.linear_model import Ridge
 

@@ -9,6 +9,10 @@ A pipeline of three stages:
    with a `Patcher` as its edit (it writes the source run's values at the patched sites);
 3. `read_out`: the final residual at the positions the metric reads -> logits.
 
+Work that cannot change what is read is skipped: a patch that writes the base run's own values
+(`writes_base`) is not run, and with a ``need`` mask (the (example, answer step) logits the metric
+reads) the last layer computes its outputs only there (`last_need`).
+
 `Residual` carries, between layers, the positions whose residual differs from the base run and its
 values there; everything else is read from the base run's cache. Under causal attention only later
 queries can change, so a patch at position p leaves every earlier position as it was.
@@ -56,6 +60,7 @@ class Plan:
     paths: list[PathDelta]
     first_layer: int
     first_pos: int
+    need: Tensor | None = None  # bool [N, answer]: the read logits that matter (None: all)
 
     def rows(self, k: int) -> slice:
         return slice(k * self.n, (k + 1) * self.n)
@@ -174,6 +179,19 @@ class Patcher:
         return act
 
 
+def writes_base(c: Patch, base: Cache, src: Cache) -> bool:
+    """Whether patch ``c`` would write exactly the base run's values (so it changes nothing)."""
+    if isinstance(c, PathPatch):
+        site, L, head, pos = "z", c.sender_layer, c.sender_head, c.sender_pos
+    else:
+        site, L, head, pos = c.site, c.layer, c.head, c.pos
+    b, s = base[site, L], src[site, L]
+    if site == "pattern":  # [rows, head, pos, key]: read as [rows, pos, head, key]
+        b, s = b.transpose(1, 2), s.transpose(1, 2)
+    at = (slice(None), slice(None) if pos is None else pos) + (() if head is None else (head,))
+    return torch.equal(b[at], s[at])
+
+
 def layer_positions(pl: Plan, L: int, changed: Tensor, last: bool) -> tuple[Tensor, Tensor, bool]:
     """``(key_pos, out_pos, attention)``: positions whose keys/values may differ, those whose outputs may,
     and whether any query, key, value or pattern of the layer changed. ``changed``: residual entering L."""
@@ -188,6 +206,14 @@ def layer_positions(pl: Plan, L: int, changed: Tensor, last: bool) -> tuple[Tens
     return key_pos, out, bool(len(key_pos) or len(q_pos) or len(p_pos))
 
 
+def last_need(pl: Plan, L: int, out_pos: Tensor) -> Tensor | None:
+    """Where the last layer's outputs at ``out_pos`` are read (``pl.need``), when nothing is patched after its heads."""
+    if pl.need is None or any((s, L) in pl.comps for s in ("attn_out", "resid_mid", "mlp_out", "resid_post")):
+        return None
+    need = pl.need.repeat(pl.groups, 1)[:, torch.searchsorted(pl.read_pos, out_pos)]
+    return None if bool(need.all()) else need
+
+
 def patch_layer(nat: F.Native, pl: Plan, base: Cache, resid: Residual, patcher: Patcher, L: int) -> None:
     """Stage 2: recompute layer ``L`` where it can differ from the base run; update ``resid``."""
     x_base = base["resid_pre", L]
@@ -199,7 +225,9 @@ def patch_layer(nat: F.Native, pl: Plan, base: Cache, resid: Residual, patcher: 
         resid.set(pl.allT[:0], None)
         return
     x = resid.read(x_base, out_pos)
-    post = F.recompute_layer(nat, L, base.acts, x, out_pos, x_new, new_pos, key_pos, pl.groups, patcher, attention)
+    need = last_need(pl, L, out_pos) if L == len(nat.layers) - 1 else None
+    post = F.recompute_layer(nat, L, base.acts, x, out_pos, x_new, new_pos, key_pos, pl.groups, patcher, attention,
+                             need)
     resid.set(out_pos, post)
 
 
@@ -233,9 +261,27 @@ class NativeEngine:
         return Cache(acts, logits)
 
     def run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O,
-                    tokens: Tensor | None = None) -> Tensor:
-        """Logits [K*N, answer, d_vocab] at ``read_pos`` for K patches (rows k*N..(k+1)*N-1 = patch k)."""
+                    tokens: Tensor | None = None, need: Tensor | None = None) -> Tensor:
+        """Logits [K*N, answer, d_vocab] at ``read_pos`` for K patches (rows k*N..(k+1)*N-1 = patch k).
+
+        ``need`` (bool [N, answer]): the logits the caller reads; elsewhere they may be any finite values.
+        A patch that writes the base run's own values (e.g. at a position before the first token where
+        the two runs differ) changes nothing: its rows are the base run's logits, and it is not run.
+        """
+        live = [k for k, g in enumerate(patches) if not all(writes_base(c, base, src) for c in g)]
+        if len(live) == len(patches):
+            return self._run_patched(base, src, patches, read_pos, W_O, need)
+        out = base.logits.repeat(len(patches), 1, 1)
+        if live:
+            N = base.logits.shape[0]
+            rows = torch.cat([torch.arange(k * N, (k + 1) * N, device=out.device) for k in live])
+            out[rows] = self._run_patched(base, src, [patches[k] for k in live], read_pos, W_O, need)
+        return out
+
+    def _run_patched(self, base: Cache, src: Cache, patches: list[list[Patch]], read_pos: Tensor, W_O,
+                     need: Tensor | None) -> Tensor:
         pl = plan(patches, base, src, W_O, read_pos, len(self.nat.layers))
+        pl.need = need
         if not bool((read_pos >= pl.first_pos).any()):
             return base.logits.repeat(pl.groups, 1, 1)  # nothing the metric reads can change
         resid = Residual(pl)

@@ -135,22 +135,55 @@ def _passes(groups: list[list[Patch]], n_layers: int, N: int, max_batch: int) ->
     return n_ex, [(e, r) for e in range(0, N, n_ex) for r in runs]
 
 
-class _Sums:
-    """Running sums over examples: per patch (reduced, per step) and the two reference runs."""
+def read_steps(bm: BoundMetric) -> tuple[BoundMetric, Tensor | None]:
+    """``bm`` at the answer steps whose value can depend on the logits, and those steps (None: all).
 
-    def __init__(self, n_patches: int, S: int):
+    A logit-diff step where every example's clean and corrupted answers agree is 0 exactly (a logit
+    minus itself), so its logits need not be computed; the other metrics read every step.
+    """
+    if bm.metric.kind != "logit-diff":
+        return bm, None
+    live = torch.nonzero((bm.correct != bm.wrong).any(0)).flatten()
+    if len(live) == len(bm.read_pos):
+        return bm, None
+    return BoundMetric(bm.metric, bm.read_pos[live], bm.correct[:, live], bm.wrong[:, live]), live
+
+
+class _Sums:
+    """Running sums over examples: per patch (reduced, per step) and the two reference runs.
+
+    ``live``: the answer steps that are computed (`read_steps`); the others are 0 exactly.
+    """
+
+    def __init__(self, n_patches: int, bm: BoundMetric):
+        S = len(bm.read_pos)
+        self.bm, (self.live, self.at) = bm, read_steps(bm)
         self.red = torch.zeros(n_patches, dtype=torch.float64)
         self.step = torch.zeros(n_patches, S, dtype=torch.float64)
         self.ref = torch.zeros(2, S + 1, dtype=torch.float64)  # base, src: per step + reduced
 
+    def _per_step(self, logits: Tensor, rows: Tensor) -> Tensor:
+        ps = self.live.per_step(logits, rows)
+        if self.at is None:
+            return ps
+        full = ps.new_zeros(ps.shape[0], len(self.bm.read_pos))
+        full[:, self.at.to(ps.device)] = ps
+        return full
+
+    def need(self, rows: Tensor) -> Tensor | None:
+        """bool [rows, computed steps]: the logits the metric reads (a logit-diff step whose answers agree is 0)."""
+        if self.live.metric.kind != "logit-diff":
+            return None
+        return (self.live.correct != self.live.wrong).to(rows.device)[rows]
+
     def add_reference(self, j: int, bm: BoundMetric, logits: Tensor, rows: Tensor) -> None:
-        ps = bm.per_step(logits, rows)
+        ps = self._per_step(logits, rows)
         self.ref[j, :-1] += ps.double().sum(0).cpu()
         self.ref[j, -1] += bm.reduce(ps).double().sum().cpu()
 
     def add_patches(self, idx: list[int], bm: BoundMetric, logits: Tensor, rows: Tensor) -> None:
         n, K = len(rows), len(idx)
-        ps = bm.per_step(logits, rows.repeat(K))  # [K*n, S]
+        ps = self._per_step(logits, rows.repeat(K))  # [K*n, S]
         self.red[idx] += bm.reduce(ps).view(K, n).double().sum(1).cpu()
         self.step[idx] += ps.view(K, n, -1).double().sum(1).cpu()
 
@@ -176,13 +209,14 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
         raise ProbekitError(f"the model is on {dev} but device={device!r}; move the model first (probekit.model.to_device)")
     eng = make_engine(model, engine)
     base_b, src_b = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
-    read = bm.read_pos.to(dev)
+    sums = _Sums(len(groups), bm)
+    read = sums.live.read_pos.to(dev)
     W_O = [b.attn.W_O.detach() for b in model.blocks] if any(isinstance(c, PathPatch) for g in groups for c in g) else None
     N = pair.clean.n
     n_ex, chunks = _passes(groups, model.cfg.n_layers, N, max_batch)
-    sums = _Sums(len(groups), len(read))
     was_training = model.training
-    model.eval()
+    if was_training:  # (setting the mode walks every module: only when it changes)
+        model.eval()
     bar = _bar(progress, len(chunks))
     try:
         cur = None
@@ -194,14 +228,16 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
                 sums.add_reference(0, bm, base.logits, rows)
                 sums.add_reference(1, bm, src.logits, rows)
                 cur = e
-            logits = eng.run_patched(base, src, [groups[i] for i in idx], read, W_O, tokens=tb)
+            kw = {"need": sums.need(rows)} if isinstance(eng, NativeEngine) else {}
+            logits = eng.run_patched(base, src, [groups[i] for i in idx], read, W_O, tokens=tb, **kw)
             sums.add_patches(idx, bm, logits, rows)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
+        if was_training:
+            model.train()
     return sums.values(N, direction)
 
 
