@@ -293,8 +293,12 @@ def sorting_failure(model, task, size: str = "default", *, split: str = "checker
     """The predictive account (module docstring). ``heads`` (list of (layer, head)) skips the patching choice."""
     if size not in SIZES:
         raise ProbekitError(f"size {size!r}; expected one of {list(SIZES)}")
-    if getattr(task, "name", None) != "sorting":
-        raise ProbekitError(f"sorting_failure needs a sorting task, got {getattr(task, 'name', task)!r}")
+    from probekit.corruptions import corruption_kinds
+
+    needs = ("n_values", "batch_from_inputs", "with_objective")
+    if not all(hasattr(task, a) for a in needs) or "successor-change" not in corruption_kinds(task):
+        raise ProbekitError(f"sorting_failure needs a sorting task (lists of n_values values, the 'sort' objective and "
+                            f"the 'successor-change' corruption), got {getattr(task, 'name', task)!r}")
     cfg = SIZES[size]
     lengths = tuple(lengths or cfg["lengths"])
     n = int(n or cfg["n"])
