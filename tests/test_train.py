@@ -97,7 +97,7 @@ def test_task_overrides_change_training_data_only(tmp_path):
     _, loaded_task, _ = load_model(tmp_path / "m")
     assert loaded_task == TASK  # evaluation samples the saved, unmodified task
     # training with the override is training on the overridden task: moving a field into
-    # task_overrides (analyses/move_overrides.py) leaves the weights as they were
+    # task_overrides leaves the weights as they were
     moved = train(CFG, TASK, tc, progress=False).state_dict()
     direct = train(CFG, SortingTask(n_values=10, value_subsets=1.0),
                    TrainConfig(steps=4, batch_size=8, lengths=(6, 6), warmup_steps=1, log_every=2), progress=False)
