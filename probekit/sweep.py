@@ -657,6 +657,6 @@ def ship(job_dir: str | Path, name: str, models_dir: str | Path | None = None, o
     metrics = json.loads((src / "metrics.json").read_text())
     lengths = ",".join(str(r["length"]) for r in metrics["records"])
     metrics |= {"model": name, "command": f"probekit eval --model {name} --lengths {lengths} "
-                f"--n {metrics['records'][0]['n']} --seed {metrics['seed']} --save-metrics"}
+                f"--n {metrics['records'][0]['n']} --seed {metrics['seed']} --save-metrics --overwrite"}
     _write_json(dst / "metrics.json", metrics)
     return dst
