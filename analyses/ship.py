@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         ap.error(f"no finished job of configuration {args.config!r} in {args.out}")
     ship(Path(args.out) / args.config / f"seed{args.seed}", args.name, overwrite=args.overwrite)
     write_json(MODELS / args.name / "seeds.json", {
-        "grid": grid.name, "config": args.config, "shipped_seed": args.seed, "rows": rows,
+        "grid": grid.name, "config": args.config, "shipped_seed": args.seed, "grid_seeds": list(grid.seeds), "rows": rows,
         "command": f"probekit sweep {args.grid} --out {args.out} --jobs {args.config}"})
     write_text(MODELS / args.name / "card.md", card(args.name))
     print(f"shipped models/{args.name} (seed {args.seed}; {rows[0]['seeds']} seed(s) in seeds.json) and its card")
