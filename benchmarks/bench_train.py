@@ -10,27 +10,17 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from probekit.model import ModelConfig, build_model
+from probekit.model import ModelConfig
 from probekit.tasks import SortingTask
-from probekit.train import TrainConfig, batch_seed, step_length, train
+from probekit.train import TrainConfig, train
 
 
 def _plain(cfg: ModelConfig, task, tc: TrainConfig) -> float:
-    model = build_model(cfg).original_model
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
+    from scaling import plain_train  # the one plain loop (benchmarks/ is on sys.path under run.py)
+
     t0 = time.perf_counter()
-    for step in range(tc.steps):
-        b = task.sample(tc.batch_size, length=step_length(tc, step), seed=batch_seed(tc.seed, step))
-        logits = model(b.tokens)
-        mask = b.answer_mask[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1][mask], b.tokens[:, 1:][mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    plain_train(cfg, task, tc)
     return time.perf_counter() - t0
 
 

@@ -318,7 +318,8 @@ def calls_decode(s: dict) -> tuple[dict, dict]:
             {"seq_len": batch.seq_len, "params": nonembedding_params(cfg)})
 
 
-def _plain_train(cfg, task, tc):
+def plain_train(cfg, task, tc):
+    """The plain PyTorch peer of `probekit.train`: same batches, forward, answer-only loss, AdamW and clipping."""
     import torch
     import torch.nn.functional as F
 
@@ -354,7 +355,7 @@ def calls_train_step(s: dict, extra_steps: int = 8) -> tuple[dict, dict]:
     calls = {}
     for k in (1, 1 + extra_steps):
         calls[f"probekit@{k}"] = lambda k=k: train(cfg, task, tc(k), progress=False)
-        calls[f"plain_torch@{k}"] = lambda k=k: _plain_train(cfg, task, tc(k))
+        calls[f"plain_torch@{k}"] = lambda k=k: plain_train(cfg, task, tc(k))
     T = 2 * s["length"] + 2
     info = {"seq_len": T, "extra_steps": extra_steps, "params": nonembedding_params(cfg),
             "flops_required": train_step_flops(cfg, s["n"], T, s["length"])}
