@@ -231,8 +231,7 @@ def lock_dir(folder: str | Path, what: str = "--out") -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ProbekitError(f"{what} {folder} is in use by another probekit command (lock {path}); "
-                                "wait for it to finish or choose another folder") from None
+            raise _busy(folder, what) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -247,6 +246,12 @@ def lock_dir(folder: str | Path, what: str = "--out") -> Iterator[Path]:
         os.close(fd)
 
 
+def _busy(folder: Path, what: str) -> ProbekitError:
+    """The one error for a folder whose lock another process holds."""
+    return ProbekitError(f"{what} {folder} is in use by another probekit command (lock {Path(folder) / LOCK_NAME}); "
+                         "wait for it to finish or choose another folder")
+
+
 def _refuse_if_busy(folder: Path, what: str) -> None:
     """Refuse when another process holds the folder's lock (probed without creating anything)."""
     import fcntl
@@ -258,8 +263,7 @@ def _refuse_if_busy(folder: Path, what: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ProbekitError(f"{what} {folder} is in use by another probekit command (lock {folder / LOCK_NAME}); "
-                            "wait for it to finish or choose another folder") from None
+        raise _busy(folder, what) from None
     finally:
         os.close(fd)
 

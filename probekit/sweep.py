@@ -68,7 +68,6 @@ CONFIG_KEYS = {"name", "notes", "model", "task", "train"}
 EVAL_KEYS = {"lengths", "n", "seed"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OBJECT_STORE_BYTES = 100 * 2**20
-LOCK = ".sweep.lock"
 
 
 # ---------------------------------------------------------------------------- writing
@@ -457,7 +456,7 @@ def _prepare_out(grid: Grid, out: Path, jobs: list[Job], write: bool) -> None:
             raise ProbekitError(f"{out} holds sweep {old['grid']['name']!r}, not {grid.name!r}; choose another --out")
         recorded = old["jobs"]
     elif out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, ".probekit.lock") and not (p.is_dir() and p.name in grid.configs))
+        foreign = sorted(p.name for p in out.iterdir() if p.name != ".probekit.lock" and not (p.is_dir() and p.name in grid.configs))
         if foreign:
             raise ProbekitError(f"{out} holds {foreign[:3]} and no sweep.json; expected a new folder, an earlier "
                                 "sweep's, or one holding only this grid's configuration folders")
