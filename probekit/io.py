@@ -160,7 +160,8 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _entries(folder: Path) -> list[str]:
+def folder_entries(folder: Path) -> list[str]:
+    """The names in ``folder``, leaving out the lock file a probekit command holds there."""
     return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
 
 
@@ -178,7 +179,7 @@ def prepare_out(folder: str | Path, overwrite: bool = False, what: str = "--out"
         raise ProbekitError(f"{what} {folder} is under the file {base}; expected a directory path")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ProbekitError(f"{what} {folder}: {base} is not writable; choose a folder you can write to")
-    if folder.is_dir() and not overwrite and _entries(folder):
+    if folder.is_dir() and not overwrite and folder_entries(folder):
         raise ProbekitError(f"output directory {folder} is not empty; choose another or pass --overwrite")
     return folder
 
@@ -294,7 +295,7 @@ def output_dir(folder: str | Path, overwrite: bool = False, stage: bool = True,
     ok = False
     try:
         with lock_dir(folder, what=what):
-            if not overwrite and _entries(folder):  # filled between the check and the lock
+            if not overwrite and folder_entries(folder):  # filled between the check and the lock
                 raise ProbekitError(f"output directory {folder} is not empty; choose another or pass --overwrite")
             yield folder
             if st is not None:

@@ -61,6 +61,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from probekit.io import folder_entries
 from probekit.tasks import ProbekitError, task_from_spec
 
 GRID_KEYS = {"name", "notes", "base", "configs", "seeds", "eval", "num_cpus"}
@@ -456,7 +457,7 @@ def _prepare_out(grid: Grid, out: Path, jobs: list[Job], write: bool) -> None:
             raise ProbekitError(f"{out} holds sweep {old['grid']['name']!r}, not {grid.name!r}; choose another --out")
         recorded = old["jobs"]
     elif out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name != ".probekit.lock" and not (p.is_dir() and p.name in grid.configs))
+        foreign = [n for n in folder_entries(out) if not ((out / n).is_dir() and n in grid.configs)]
         if foreign:
             raise ProbekitError(f"{out} holds {foreign[:3]} and no sweep.json; expected a new folder, an earlier "
                                 "sweep's, or one holding only this grid's configuration folders")
