@@ -20,7 +20,7 @@ import torch
 
 import probekit
 from probekit.io import write_text
-from probekit.studies_sorting import plot_sorting_failure, sorting_failure
+from probekit.studies.sorting import plot_sorting_failure, sorting_failure
 
 VARIANTS = {"main": {}, "first": {"n_heads": 2, "confusor": False, "by_step_type": False}, "long": {"split": "long"},
             "all": {"n_heads": 8}, "steptype": {"heads": []}}

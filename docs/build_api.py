@@ -36,7 +36,7 @@ MODULES = [
     "probekit.viz",
     "probekit.stats",
     "probekit.studies",
-    "probekit.studies_sorting",
+    "probekit.studies.sorting",
     "probekit.compare",
     "probekit.sweep",
     "probekit.checks",

@@ -65,7 +65,7 @@ _LAZY = {
     "Hypothesis": "probekit.stats",
     "judge": "probekit.stats",
     "bootstrap_ci": "probekit.stats",
-    "sorting_failure": "probekit.studies_sorting",
+    "sorting_failure": "probekit.studies.sorting",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -49,7 +49,7 @@ def _table_html(rows: list[dict]) -> str:
 
 def _overview_figures(st):
     from probekit.evaluate import EvalResult
-    from probekit.studies import _metrics
+    from probekit.studies.common import _metrics
     from probekit.viz import accuracy_vs_length
 
     for prefix in ("sort", "mult"):
@@ -119,7 +119,7 @@ def write_study(study, out: str | Path) -> list[Path]:
 
 
 def _attention_views(names: list[str]) -> list[str]:
-    from probekit.studies import _load
+    from probekit.studies.common import _load
     from probekit.viz import attention_html
 
     views = []

@@ -1,4 +1,4 @@
-"""probekit.studies_sorting on the tiny sorter: runs, splits as stated, R^2 by hand, quantities vs the bridge."""
+"""probekit.studies.sorting on the tiny sorter: runs, splits as stated, R^2 by hand, quantities vs the bridge."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from probekit import studies_sorting as ss
+from probekit.studies import sorting as ss
 from probekit.tasks import ProbekitError
 
 

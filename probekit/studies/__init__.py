@@ -1,0 +1,19 @@
+"""The mechanism studies: each combines the three instruments on shipped models and states claims with numbers.
+
+- `hint_study`: the successor lookup in sorting models (baseline vs hinted), by length.
+- `carry_study`: where carries are represented, used and routed in multiplication models, and what breaks
+  on longer operands than trained.
+- `overview`: accuracy vs length for every shipped model, next to the mechanism metrics.
+
+Each returns a `Study`: claims (text with the numbers in it, and the command that regenerates them),
+and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
+for `probekit report`, "full" for `analyses/run_study.py`).
+"""
+
+
+from probekit.studies.carry import carry_study
+from probekit.studies.common import SIZES, Study, value_mask
+from probekit.studies.hint import hint_study
+from probekit.studies.overview import overview
+
+__all__ = ["SIZES", "Study", "carry_study", "hint_study", "overview", "value_mask"]
