@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 from probekit import evaluate, stats
+from probekit.stats import Hypothesis, judge
 from probekit.tasks import ProbekitError
 
 
@@ -122,3 +124,20 @@ def test_chance_normalised_attention_by_hand():
     rep = res["repeat"]  # one query: no interval
     assert (rep["n"], rep["mass"], rep["chance"], rep["ratio"]) == (1, 1.0, 1.0, 1.0)
     assert all(np.isnan(v) for v in rep["ratio_ci95"])
+
+
+def test_study_records_a_tested_hypothesis_and_a_captioned_figure():
+    """Study.test keeps the verdict judge() gives and states it with its interval; figures need captions."""
+    from probekit.studies import Study
+
+    st = Study("s", "S")
+    h = Hypothesis("the head restores the carry", "restoration", ">", 0.3)
+    v = st.test(h, 0.71, (0.6, 0.8), "probekit report --study s", {"random head": 0.02}, n=100)
+    assert v == judge(h, 0.71, (0.6, 0.8), "probekit report --study s", {"random head": 0.02}, 100)
+    assert st.verdicts == [v] and v.verdict == "supported"
+    assert st.claims[0]["text"].endswith("[0.6, 0.8]; random head 0.02. Verdict: supported.")
+    assert st.test(h, 0.35, (0.2, 0.5), "c").verdict == "inconclusive"
+    with pytest.raises(ProbekitError, match="caption"):
+        st.figure("f", lambda: None, "", "alt")
+    st.figure("f", lambda: None, "What it shows.", "A line plot.")
+    assert json.loads(st.to_json())["figures"] == [{"key": "f", "caption": "What it shows.", "alt": "A line plot."}]

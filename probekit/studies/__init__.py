@@ -12,8 +12,8 @@ for `probekit report`, "full" for `analyses/run_study.py`).
 
 
 from probekit.studies.carry import carry_study
-from probekit.studies.common import SIZES, Study, value_mask
+from probekit.studies.common import SIZES, Study, StudyFigure, value_mask
 from probekit.studies.hint import hint_study
 from probekit.studies.overview import overview
 
-__all__ = ["SIZES", "Study", "carry_study", "hint_study", "overview", "value_mask"]
+__all__ = ["SIZES", "Study", "StudyFigure", "carry_study", "hint_study", "overview", "value_mask"]
