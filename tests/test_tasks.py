@@ -21,9 +21,10 @@ def _stable_order(xs):
 
 
 @FAST
-@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.sampled_from(["sort", "successor", "predecessor"]))
-def test_sorting_features_match_oracle(xs, objective):
-    task = SortingTask(n_values=10, objective=objective)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.sampled_from(["sort", "successor", "predecessor"]),
+       st.sampled_from(["pairs", "successors"]))
+def test_sorting_features_match_oracle(xs, objective, hint_format):
+    task = SortingTask(n_values=10, objective=objective, hint_format=hint_format)
     b = task.batch_from_inputs([xs])
     f = {k: v[0].tolist() for k, v in b.features.items()}
     toks = b.tokens[0].tolist()
@@ -58,9 +59,12 @@ def test_sorting_features_match_oracle(xs, objective):
             y = oracle[step]
             assert f["copies_left"][p] == oracle[step:].count(y)
             assert f["prev_output"][p] == (oracle[step - 1] if step else -1)
-    else:
+    elif hint_format == "pairs":
         queries = [toks[p] for p in pred_pos]
         assert queries == xs and [f["prev_output"][p] for p in pred_pos] == xs
+    else:  # successors alone, in input order: the query is implied by the answer's index
+        assert toks == [task.objective_token(), *xs, task.SEP, *answers]
+        assert [f["prev_output"][p] for p in pred_pos] == xs and b.pos_labels[-L:] == tuple(f"s{i}" for i in range(L))
 
 
 def test_sorting_edges_all_equal_and_length_one():
@@ -115,6 +119,8 @@ def test_sorting_value_subsets_give_repeat_rich_lists():
 def test_sorting_bad_input():
     with pytest.raises(ProbekitError, match="unknown objective 'reverse'"):
         SortingTask(objective="reverse")
+    with pytest.raises(ProbekitError, match="hint_format = 'query'; expected one of"):
+        SortingTask(hint_format="query")
     with pytest.raises(ProbekitError, match="needs 20 distinct values"):
         SortingTask(n_values=10, repeats=False).sample(4, length=20)
     with pytest.raises(ProbekitError, match="n must be a positive integer"):

@@ -6,6 +6,11 @@ Worked example (values 0..63, length 4, repeats allowed), one sequence per objec
     successor   SUCC 5 3 9 3 | 5 9 3 3 9 _ 3 5
     predecessor PRED 5 3 9 3 | 5 3 3 _ 9 5 3 3
 
+With ``hint_format="successors"`` the hints answer with ``s_i`` alone, in input order (the query is
+implied by the answer's index)::
+
+    successor   SUCC 5 3 9 3 | 9 3 _ 5
+
 A task token selects the objective. ``|`` separates prompt and answer. ``sort`` answers with the
 list in ascending order. The hints answer with pairs ``x_i s_i`` in input order: the query ``x_i``
 is given (not predicted) and the model predicts ``s_i``, the element that follows (``successor``)
@@ -59,6 +64,7 @@ from probekit.checks import check_fields
 from probekit.tasks.base import Batch, CorruptionRule, Edit, ProbekitError, check_n, resample_rule, rng_for
 
 OBJECTIVES = ("sort", "successor", "predecessor")
+HINT_FORMATS = ("pairs", "successors")
 _OBJ_TOKEN = {"sort": "SORT", "successor": "SUCC", "predecessor": "PRED"}
 
 
@@ -72,6 +78,7 @@ class SortingTask:
     default_length: int = 20
     value_subsets: float = 0.0
     value_windows: float = 0.0
+    hint_format: str = "pairs"
     name: str = "sorting"
     display_length: ClassVar[int] = 10  # the length of the example shown in figures and attention views
     probe_feature: ClassVar[str] = "target"  # the feature probed when none is named
@@ -82,6 +89,8 @@ class SortingTask:
             raise ProbekitError(f"SortingTask.default_length = {self.default_length}; expected an integer >= 1")
         if self.objective not in OBJECTIVES:
             raise ProbekitError(f"unknown objective {self.objective!r} for task 'sorting'; expected one of {list(OBJECTIVES)}")
+        if self.hint_format not in HINT_FORMATS:
+            raise ProbekitError(f"SortingTask.hint_format = {self.hint_format!r}; expected one of {list(HINT_FORMATS)}")
         if not (2 <= self.n_values <= 1000):
             raise ProbekitError(f"n_values must be in 2..1000, got {self.n_values}")
         if not (0.0 <= self.value_subsets <= 1.0):
@@ -125,6 +134,8 @@ class SortingTask:
             spec["value_subsets"] = self.value_subsets
         if self.value_windows:
             spec["value_windows"] = self.value_windows
+        if self.hint_format != "pairs":
+            spec["hint_format"] = self.hint_format
         return spec
 
     def check_length(self, length: int | None) -> int:
@@ -145,7 +156,12 @@ class SortingTask:
 
     def seq_len(self, length: int | None = None) -> int:
         L = self.check_length(length)
-        return 2 + L + (L if self.objective == "sort" else 2 * L)
+        return 2 + L + (L if self._one_token_answers else 2 * L)
+
+    @property
+    def _one_token_answers(self) -> bool:
+        """One answer token per step (sort, or hints answered as successors alone), not query-answer pairs."""
+        return self.objective == "sort" or self.hint_format == "successors"
 
     # ------------------------------------------------------------------ oracle
     def solve(self, inputs: list[int]) -> list[int | None]:
@@ -249,14 +265,18 @@ class SortingTask:
         return x
 
     def _query_answers(self, tokens, answer_mask, feats, x, other, sep: int, inp0: int) -> None:
-        """successor / predecessor objectives: ``q_r s_r`` pairs, the answer of input ``r``'s neighbour in
-        sorted order (``other``: its input index, -1 for none) or `NONE`."""
+        """successor / predecessor objectives: ``q_r s_r`` pairs (or ``s_r`` alone), the answer of input
+        ``r``'s neighbour in sorted order (``other``: its input index, -1 for none) or `NONE`. The
+        predicting position ``q_pos`` is the query's (pairs) or the token before ``s_r``."""
         steps = np.arange(x.shape[1])
         rows = np.arange(x.shape[0])[:, None]
         has = other >= 0
         s = np.where(has, x[rows, np.maximum(other, 0)], self.NONE)
-        q_pos = sep + 1 + 2 * steps
-        tokens[:, q_pos] = x
+        if self.hint_format == "pairs":
+            q_pos = sep + 1 + 2 * steps
+            tokens[:, q_pos] = x
+        else:
+            q_pos = sep + steps
         tokens[:, q_pos + 1] = s
         answer_mask[:, q_pos + 1] = True
         feats["step"][:, q_pos] = steps
@@ -268,9 +288,9 @@ class SortingTask:
         """Structural position labels: objective, ``x0..``, ``|``, then ``y0..`` (sort) or ``q0 s0 ..``."""
         sep = 1 + L
         labels = [self.objective] + [f"x{i}" for i in range(L)] + ["|"] + [""] * (T - sep - 1)
-        if self.objective == "sort":
+        if self._one_token_answers:
             for r in range(L):
-                labels[sep + 1 + r] = f"y{r}"
+                labels[sep + 1 + r] = f"y{r}" if self.objective == "sort" else f"s{r}"
         else:
             for r in range(L):
                 labels[sep + 1 + 2 * r], labels[sep + 2 + 2 * r] = f"q{r}", f"s{r}"
