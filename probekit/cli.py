@@ -365,6 +365,8 @@ def sweep_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their state; run nothing."),
     tables: Path | None = typer.Option(None, help="Write the finished jobs' summary table into this Markdown file "
                                                    "(e.g. docs/model_sweep.md); run nothing."),
+    threads: int | None = typer.Option(None, help="Torch threads per job (default: the CPUs a job reserves); 1 "
+                                                  "suits a machine busy with other work."),
 ):
     """Train and evaluate every (configuration, seed) job of a grid as Ray tasks; finished jobs are skipped.
 
@@ -381,7 +383,7 @@ def sweep_cmd(
             raise ProbekitError("--tables only writes tables from the finished jobs; it takes no --dry-run or --jobs")
         typer.echo(f"wrote {write_tables(out, tables, grid=load_grid(grid))}")
         return
-    run = run_sweep(grid, out, address=address, jobs=selected, dry_run=dry_run, progress=True)
+    run = run_sweep(grid, out, address=address, jobs=selected, dry_run=dry_run, progress=True, threads=threads)
     typer.echo(run.describe())
     if run.failed:
         raise SystemExit(1)

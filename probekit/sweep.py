@@ -58,7 +58,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from probekit.io import folder_entries
@@ -108,6 +108,7 @@ class Job:
     n: int
     eval_seed: int
     num_cpus: int
+    threads: int | None = None  # torch threads (default num_cpus); fewer suit a machine shared with other work
 
     @property
     def id(self) -> str:
@@ -330,7 +331,7 @@ def run_job(job: Job) -> dict:
     from probekit.model import load_model
     from probekit.train import train
 
-    torch.set_num_threads(job.num_cpus)
+    torch.set_num_threads(job.threads or job.num_cpus)
     folder = Path(job.dir)
     state = job_state(job)
     t0 = time.time()
@@ -476,8 +477,6 @@ def trained_as(job: Job) -> bool:
     path = Path(job.dir) / "config.json"
     if not path.exists():
         return True
-    from dataclasses import replace
-
     conf = json.loads(path.read_text())
     try:
         saved = parse_run({"model": conf["model"], "task": conf["task"], "train": {**(conf["train"] or {}), "extra": {}}})
@@ -497,14 +496,19 @@ def _locked(out: Path):
 
 
 def run_sweep(grid: str | Path | Grid, out: str | Path, *, address: str | None = None, jobs: list[str] | None = None,
-              dry_run: bool = False, progress: bool = True) -> SweepRun:
+              dry_run: bool = False, progress: bool = True, threads: int | None = None) -> SweepRun:
     """Run every unfinished job of ``grid`` (or those named in ``jobs``) on Ray, then write the summary.
 
-    ``dry_run`` lists the jobs and their states and touches nothing. Returns a `SweepRun`.
+    ``dry_run`` lists the jobs and their states and touches nothing. ``threads`` sets each job's torch
+    threads (default: the CPUs it reserves); on a machine busy with other work one thread per job keeps
+    a job from stalling on threads that wait for each other. Results do not depend on it beyond float
+    rounding. Returns a `SweepRun`.
     """
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     out = Path(out)
-    plan = grid.jobs(out, select=jobs)
+    if threads is not None:
+        threads = _positive_int(threads, "threads")
+    plan = [replace(j, threads=threads) for j in grid.jobs(out, select=jobs)]
     _prepare_out(grid, out, plan, write=False)
     result = SweepRun(grid, out, {j.id: job_state(j) for j in plan}, dry_run=dry_run)
     if dry_run:

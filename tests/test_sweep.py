@@ -289,3 +289,22 @@ def test_new_eval_settings_reevaluate_and_a_failed_job_does_not_stop_the_rest(sw
     metrics = json.loads((out / "a" / "seed0" / "metrics.json").read_text())
     assert all(r["n"] == 20 for r in metrics["records"])
     assert "| a | (base) | 2/2 |" in (out / "summary.md").read_text()
+
+
+def test_threads_sets_the_jobs_torch_threads_and_is_checked(swept, tmp_path):
+    """--threads reaches the job: run_job sets torch's threads from it, and the job finishes."""
+    from dataclasses import replace
+
+    from probekit.sweep import run_job
+
+    grid, out, _ = swept
+    with pytest.raises(ProbekitError, match="threads must be a positive integer, got 0"):
+        run_sweep(grid, tmp_path / "t", threads=0, dry_run=True)
+    job = load_grid(grid).jobs(tmp_path / "t", select=["a/seed0"])[0]
+    before = torch.get_num_threads()
+    try:
+        run_job(replace(job, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert [r["length"] for r in json.loads((Path(job.dir) / "metrics.json").read_text())["records"]] == list(job.lengths)
