@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import re
 import time
@@ -605,28 +604,15 @@ class DASFit:
                 "rotation": self.rotation.tolist(), "correct": self.correct.int().tolist(), "settings": self.settings}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        from probekit.io import write_text
+        """Strict JSON (NaN as null, see `probekit.io`); with ``path``, also written there atomically."""
+        from probekit.io import json_text
 
-        s = json.dumps(_no_nan(self.to_dict()), allow_nan=False)
-        if path is not None:
-            write_text(path, s)
-        return s
+        return json_text(self.to_dict(), path)
 
     def to_frame(self):
         import pandas as pd
 
         return pd.DataFrame([self.summary()])
-
-
-def _no_nan(x):
-    """NaN -> None, recursively (JSON has no NaN)."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_no_nan(v) for v in x]
-    return x
 
 
 def _train_rotation(model, pairs, loc, src, fit_idx, val_idx, k, fs: FitSettings):
