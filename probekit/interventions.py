@@ -58,6 +58,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probekit.metrics import token_metric
 from probekit.results import Result
 from probekit.tasks import Batch, ProbekitError
 
@@ -502,8 +503,8 @@ def interchange_correct(model, pairs: CounterfactualPairs, loc: Location, interv
             logits = model(toks.to(_device(model)))
         else:
             logits = intervened_logits(model, toks, loc, bpos[sl], src[sl], intervention)
-        pred = _gather(logits, apos[sl]).argmax(-1).cpu()
-        out.append(pred == pairs.target[sl])
+        step = _gather(logits, apos[sl])
+        out.append(token_metric(step, pairs.target[sl].to(step.device), "acc").bool().cpu())
     return torch.cat(out)
 
 
@@ -518,10 +519,10 @@ def _source_pos(loc: Location, pairs: CounterfactualPairs) -> Tensor:
 
 def _cf_loss(model, pairs: CounterfactualPairs, loc: Location, intervention, src: Tensor, bpos: Tensor,
              apos: Tensor, idx: Tensor) -> Tensor:
-    """Mean ``-log p(counterfactual answer)`` at the answer step under the intervention, on rows ``idx``."""
+    """Mean ``-logprob`` of the counterfactual answer at the answer step under the intervention, on rows ``idx``."""
     logits = intervened_logits(model, pairs.base.tokens[idx], loc, bpos[idx], src[idx], intervention)
     step = _gather(logits, apos[idx])
-    return torch.nn.functional.cross_entropy(step.float(), pairs.target[idx].to(step.device))
+    return -token_metric(step.float(), pairs.target[idx].to(step.device), "logprob").mean()
 
 
 # ---------------------------------------------------------------------------- DAS
