@@ -283,6 +283,8 @@ def edges_cmd(
     metric: str = typer.Option("logit-diff", help="Gradient metric: logit-diff | logit | logprob | prob | margin."),
     method: str = typer.Option("eap", help="eap | eap-ig (gradients averaged over --steps interpolations)."),
     steps: int = typer.Option(10, help="EAP-IG interpolation steps (1 to 1000; eap ignores it)."),
+    norm: str = typer.Option("exact", help="exact: each receiver's own norm applied to the sender's delta, "
+                                           "the gradient taken after it; linear: the gradient before it."),
     ablation: str = typer.Option("mean", help="How edges outside a circuit are ablated: mean | resample."),
     direction: str = typer.Option("noise", help="noise: clean run, corrupted values in; denoise: the reverse."),
     n: int = typer.Option(64, help="Clean/corrupted pairs (1 to 100000)."),
@@ -306,7 +308,7 @@ def edges_cmd(
 
     _emit(run_edges(model, corruption, metric=metric, method=method, steps=steps, ablation=ablation,
                     direction=direction, n=n, length=length, seed=seed, max_batch=max_batch, out=out,
-                    overwrite=overwrite, device=device))
+                    overwrite=overwrite, device=device, norm=norm))
 
 
 def _error(message: str, code: int = 2) -> int:

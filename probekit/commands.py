@@ -667,12 +667,13 @@ def _edges_lines(rep) -> list[str]:
 
 def run_edges(model: str, corruption: str, metric: str = "logit-diff", method: str = "eap", steps: int = 10,
               ablation: str = "mean", direction: str = "noise", n: int = 64, length: int | None = None, seed: int = 0,
-              max_batch: int = 512, out: Path | None = None, overwrite: bool = False, device: str = "cpu") -> Outcome:
+              max_batch: int = 512, out: Path | None = None, overwrite: bool = False, device: str = "cpu",
+              norm: str = "exact") -> Outcome:
     """EAP / EAP-IG scores of every edge, their exact effects and the faithfulness curve of the top-n circuits
     (`probekit.edges.edge_report`); ``edges.json`` (the report), ``edges.csv`` (one row per edge),
     ``edges.png`` in ``out``."""
     from probekit.corruptions import corrupt
-    from probekit.edges import ABLATIONS, METHODS, edge_report, plot_edges
+    from probekit.edges import ABLATIONS, METHODS, NORMS, edge_report, plot_edges
     from probekit.evaluate import check_fits
     from probekit.io import write_csv, write_json
     from probekit.metrics import GRADIENT_METRICS, check_metric
@@ -686,6 +687,8 @@ def run_edges(model: str, corruption: str, metric: str = "logit-diff", method: s
         raise ProbekitError(f"unknown --ablation {ablation!r}; expected one of {list(ABLATIONS)}")
     if direction not in ("denoise", "noise"):
         raise ProbekitError(f"unknown --direction {direction!r}; expected 'denoise' or 'noise'")
+    if norm not in NORMS:
+        raise ProbekitError(f"unknown --norm {norm!r}; expected one of {list(NORMS)}")
     check_int(steps, "--steps", 1, EDGE_STEPS_MAX), check_n(n), check_seed(seed), check_int(length, "--length")
     check_int(max_batch, "--max-batch"), check_device(device)
     with _out(out, overwrite):
@@ -694,10 +697,10 @@ def run_edges(model: str, corruption: str, metric: str = "logit-diff", method: s
         check_fits(m, task, length)
         pair = corrupt(task, task.sample(n, length=length, seed=seed), corruption, seed=seed)
         rep = edge_report(m, pair, metric=metric, method=method, steps=steps, exact=True, ablation=ablation,
-                          direction=direction, max_batch=max_batch)
+                          direction=direction, max_batch=max_batch, norm=norm)
         rep.settings["command"] = {"model": model, "corruption": corruption, "metric": metric, "method": method,
-                                   "steps": steps, "ablation": ablation, "direction": direction, "n": n,
-                                   "length": length, "seed": seed}
+                                   "steps": steps, "norm": norm, "ablation": ablation, "direction": direction,
+                                   "n": n, "length": length, "seed": seed}
         files = [write_json(out / "edges.json", rep.to_dict(), indent=None),
                  write_csv(out / "edges.csv", rep.to_frame()[["sender", "receiver", "score", "exact", "rank"]])]
         plot_edges(rep, out / "edges.png")

@@ -15,12 +15,21 @@ is added only to that receiver's input; everything downstream of the receiver is
 ablation) runs the clean input and patches corrupted values in; ``"denoise"`` runs the corrupted input
 and patches clean values in. The effect of an edge is ``m(patched) - m(base run)`` (raw metric, batch mean).
 
-- `eap`: ``score(s -> r) = (a_src[s] - a_base[s]) . dM/d(input of r)`` at the base run, for every edge from
-  three passes (base forward + backward, source forward); each receiver input is its own tensor in the
-  forward (`run_graph`), so the gradients are exact per head and per q/k/v.
-- EAP-IG (``method="eap-ig"``, Hanna et al. 2024, input interpolation): the gradient is averaged over
+- `eap`: with ``d_s = a_src[s] - a_base[s]``, ``x_r`` the receiver's input at the base run and ``n_r`` the
+  receiver's own norm (``ln1`` of a head's q/k/v, ``ln2`` of an MLP, ``ln_final`` of the logits),
+  ``score(s -> r) = (n_r(x_r + d_s) - n_r(x_r)) . dM/d(n_r(x_r))`` (``norm="exact"``, the default): the
+  receiver's norm is evaluated exactly on the sender's delta and only what follows it is linearised.
+  ``norm="linear"`` is the textbook score ``d_s . dM/dx_r`` (Syed et al. 2023), the first-order term of both.
+  A single-edge patch moves the receiver's input off the clean-to-corrupted path, and its norm's scale moves
+  with it (a sender's delta alone can raise the final residual's norm and shrink every logit); the gradient
+  before the norm cannot see that, the exact norm does (and makes every edge into ``logits`` exact when the
+  metric is linear in the logits, as ``logit-diff`` is); this refinement is ours, not the papers'. Every
+  edge from three passes (base forward + backward, source forward) either way; each receiver input is its
+  own tensor in the forward (`run_graph`), so the gradients are exact per head and per q/k/v.
+- EAP-IG (``method="eap-ig"``, Hanna et al. 2024, input interpolation): the same gradient is averaged over
   ``steps`` runs whose embedding is ``base + alpha (src - base)``, ``alpha = k / steps``, k = 0..steps-1
-  (a left Riemann sum: ``steps=1`` is plain EAP); ``steps + 1`` forwards, ``steps`` backwards.
+  (a left Riemann sum: ``steps=1`` is plain EAP); the norm's change is taken at the base run;
+  ``steps + 1`` forwards, ``steps`` backwards.
 - `exact_edges`: the exact effect of every edge; K edges run as K row groups of one batch, each pass
   starting at the layer its edges reach, from the recorded base run; row groups share what their edges do
   not change, and the last layer and the logits are computed at the metric's read positions only.
@@ -53,6 +62,7 @@ from probekit.tasks import ProbekitError
 QKV = ("q", "k", "v")
 METHODS = ("eap", "eap-ig")
 ABLATIONS = ("mean", "resample")
+NORMS = ("exact", "linear")  # how a receiver's own norm enters the scores (see `eap`)
 
 # ---------------------------------------------------------------------------- the graph
 
@@ -178,6 +188,11 @@ class Receive:
         """The final residual read by the unembedding, at the read positions ``at``."""
         return final
 
+    def normed(self, L: int, site: str, h: Tensor, at) -> Tensor:
+        """A receiver input after its normalization (``ln1`` of the per-head inputs of `attn` (``site`` q/k/v,
+        ``h [rows, at, head, d_model]``), ``ln2`` of `mlp`'s, ``ln_final`` of `logits`' (L = n_layers))."""
+        return h
+
 
 @dataclass
 class Run:
@@ -192,7 +207,12 @@ class Run:
 
 def head_input(layer: F.Layer, w: HeadWeights, site: str, r: Tensor, head: int | slice = slice(None)) -> Tensor:
     """q, k or v of ``head`` (all heads: ``r [..., head, d_model]``) from its receiver input ``r`` (before ln1)."""
-    t = torch.einsum("...m,...dm->...d", layer.ln1(r), w.W[site][head])
+    return _project(w, site, layer.ln1(r), head)
+
+
+def _project(w: HeadWeights, site: str, h: Tensor, head: int | slice = slice(None)) -> Tensor:
+    """q, k or v of ``head`` from the normalized input ``h [..., (head,) d_model]``."""
+    t = torch.einsum("...m,...dm->...d", h, w.W[site][head])
     return t + w.b[site][head] if w.b[site] is not None else t
 
 
@@ -207,7 +227,8 @@ def _qkv(layer: F.Layer, w: HeadWeights, x: Tensor, R: dict[str, Tensor], qp: Te
     out = []
     for s, mod, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv), ("v", a.v, a.n_kv)):
         at = qp if s == "q" else slice(None)
-        t = F.heads(mod(h[:, at]), n, a.d_head) if s not in R else head_input(layer, w, s, R[s][:, at])
+        t = F.heads(mod(h[:, at]), n, a.d_head) if s not in R else \
+            _project(w, s, recv.normed(L, s, layer.ln1(R[s][:, at]), at))
         if groups > 1:
             t = t.repeat(groups, 1, 1, 1) if recv.edits(L, s) else t
         out.append(recv.project(L, s, t, x, at, layer, w) if t.shape[0] == groups * x.shape[0] else t)
@@ -266,14 +287,14 @@ def run_graph(nat: F.Native, ws: list[HeadWeights], tokens: Int[Tensor, "rows po
         new = list(torch.einsum("bphd,hdm->bphm", z, w.W_O).unbind(2)) if keep_outs else []
         x = x + layer.attn.o(z.reshape(z.shape[0], z.shape[1], -1))  # as `probekit.forward` computes it
         if layer.mlp is not None:
-            mo = layer.mlp(layer.ln2(recv.mlp(L, x, outs + new, cur)))
+            mo = layer.mlp(recv.normed(L, "mlp", layer.ln2(recv.mlp(L, x, outs + new, cur)), cur))
             new += [mo] if keep_outs else []
             x = x + mo
         outs += new
         if record:
             kept += [o if cur is pos else _at(o, read_pos, len(pos)) for o in new]
     resid.append(x)
-    return Run(nat.unembed(nat.ln_final(recv.logits(x, outs, cur))), kept, resid)
+    return Run(nat.unembed(recv.normed(nl, "logits", nat.ln_final(recv.logits(x, outs, cur)), cur)), kept, resid)
 
 
 def _at(o: Tensor, where: Tensor, T: int) -> Tensor:
@@ -293,10 +314,14 @@ def _node(t: Tensor) -> Tensor:
 
 
 class _Grad(Receive):
-    """Every receiver input its own tensor, kept for autograd (``inputs[j]``: receiver j's input)."""
+    """Every receiver input its own tensor, kept for autograd: ``inputs[j]`` (before the receiver's norm) and,
+    with ``norm="exact"``, ``normed_inputs[j]`` (after it), each ``(tensor, head or None, positions or None)``;
+    ``groups[(stage, kind)]``: the input before the norm that a group of receivers shares, and its positions."""
 
-    def __init__(self, g: Graph):
-        self.g, self.inputs = g, [None] * len(g.receivers)
+    def __init__(self, g: Graph, norm: str = "linear"):
+        self.g, self.norm = g, norm
+        self.inputs, self.normed_inputs = [None] * len(g.receivers), [None] * len(g.receivers)
+        self.groups: dict[tuple[int, str], tuple[Tensor, Tensor | None]] = {}
 
     def attn(self, L, x, outs):
         R, js = {}, self.g.layer_receivers(L, "head")
@@ -306,21 +331,35 @@ class _Grad(Receive):
             for j in js:
                 if self.g.receivers[j].site == s:
                     self.inputs[j] = (R[s], self.g.receivers[j].head, None)
+        self.groups[(L, "head")] = (x.detach(), None)
         return R
 
     def mlp(self, L, mid, outs, at):
         r = _node(mid)
         self.inputs[self.g.layer_receivers(L, "mlp")[0]] = (r, None, at)
+        self.groups[(L, "mlp")] = (mid.detach(), at)
         return r
 
     def logits(self, final, outs, at):
         r = _node(final)
         self.inputs[-1] = (r, None, at)
+        self.groups[(self.g.n_layers, "logits")] = (final.detach(), at)
         return r
 
-    def tensors(self) -> list[Tensor]:
+    def normed(self, L, site, h, at):
+        if self.norm != "exact":
+            return h
+        t = _node(h)
+        for j, r in enumerate(self.g.receivers):
+            if r.kind == "head" and (r.layer, r.site) == (L, site):
+                self.normed_inputs[j] = (t, r.head, at)
+            elif r.kind == site and _stage(r, self.g.n_layers) == L:
+                self.normed_inputs[j] = (t, None, at)
+        return t
+
+    def tensors(self, which: list) -> list[Tensor]:
         seen = {}
-        for t, _, _ in self.inputs:
+        for t, _, _ in which:
             seen[id(t)] = t
         return list(seen.values())
 
@@ -466,38 +505,70 @@ def _scores(g: Graph, delta: Tensor, grads: Tensor) -> Tensor:
     return full[s, j].to(delta.dtype)
 
 
-def _gradients(st: Setup, embed: Tensor | None = None) -> tuple[Run, Tensor]:
-    """One forward (base tokens, or ``embed``) and one backward: the run, ``dM/d(input) [receiver, N, pos, d]``."""
-    rec = _Grad(st.graph)
+def _gradients(st: Setup, embed: Tensor | None = None, norm: str = "linear") -> tuple[Run, Tensor, dict]:
+    """One forward (base tokens, or ``embed``) and one backward: the run, ``dM/d(input) [receiver, N, pos, d]``
+    (``norm="exact"``: the input after the receiver's norm) and the receivers' shared inputs (`_Grad.groups`)."""
+    rec = _Grad(st.graph, norm)
     with torch.enable_grad():
         run = run_graph(st.nat, st.ws, st.base, st.read, rec, embed=embed)
         m = st.value(run.logits)[0]
-        ts = rec.tensors()
+        which = rec.normed_inputs if norm == "exact" else rec.inputs
+        ts = rec.tensors(which)
         gs = dict(zip([id(t) for t in ts], torch.autograd.grad(m, ts), strict=True))
     N, T = st.base.shape
     out = run.resid[0].new_zeros(len(st.graph.receivers), N, T, run.resid[0].shape[-1])
-    for j, (t, head, at) in enumerate(rec.inputs):
+    for j, (t, head, at) in enumerate(which):
         gj = gs[id(t)] if head is None else gs[id(t)][:, :, head]
         out[j][:, slice(None) if at is None else at] = gj
-    return Run(run.logits.detach(), [o.detach() for o in run.outs], [r.detach() for r in run.resid]), out
+    run = Run(run.logits.detach(), [o.detach() for o in run.outs], [r.detach() for r in run.resid])
+    return run, out, rec.groups
 
 
-def eap(st: Setup, method: str = "eap", steps: int = 10) -> tuple[Tensor, Run, Run]:
-    """EAP (or EAP-IG with ``steps``) scores ``[edge]``, the base run and the source run."""
+def _normed_scores(st: Setup, delta: Tensor, groups: dict, grads: Tensor) -> Tensor:
+    """``(norm(x + delta[s]) - norm(x)) . grads[r]`` for every edge -> ``[edge]``: ``x`` the base run's input of
+    receiver r (before its norm: ``ln1``, ``ln2`` or ``ln_final``), ``grads`` taken after the norm."""
+    g = st.graph
+    out = torch.zeros(len(g.edges), dtype=torch.float64)
+    for (L, kind), (x, at) in groups.items():
+        norm = st.nat.ln_final if kind == "logits" else st.nat.layers[L].ln1 if kind == "head" else st.nat.layers[L].ln2
+        js = [j for j, r in enumerate(g.receivers) if r.kind == kind and _stage(r, g.n_layers) == L]
+        idx = [i for i, (_, j) in enumerate(g.edges) if j in js]
+        ss = sorted({g.edges[i][0] for i in idx})
+        at = slice(None) if at is None or len(at) == delta.shape[2] else at
+        d = delta[ss][:, :, at]
+        dh = norm(x[None] + d) - norm(x)[None]  # [sender, N, pos, d]
+        full = torch.einsum("snpd,jnpd->sj", dh.double(), grads[js][:, :, at].double())
+        out[idx] = full[[ss.index(g.edges[i][0]) for i in idx], [js.index(g.edges[i][1]) for i in idx]]
+    return out.to(delta.dtype)
+
+
+def eap(st: Setup, method: str = "eap", steps: int = 10, norm: str = "exact", src: Run | None = None
+        ) -> tuple[Tensor, Run, Run]:
+    """EAP (or EAP-IG with ``steps``) scores ``[edge]``, the base run and the source run.
+
+    ``norm="exact"``: each receiver's own norm is applied to the sender's delta exactly and the gradient is
+    taken after it; ``"linear"``: the gradient at the receiver's input, before its norm (Syed et al.; Hanna et al.).
+    ``src``: the sender outputs whose deltas are scored (default: the run of the source tokens).
+    """
     if method not in METHODS:
         raise ProbekitError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
         raise ProbekitError(f"steps must be a positive integer, got {steps!r}")
-    base, grads = _gradients(st)
-    with torch.no_grad():
-        src = run_graph(st.nat, st.ws, st.src, st.read)
+    if norm not in NORMS:
+        raise ProbekitError(f"unknown norm {norm!r}; expected one of {list(NORMS)}")
+    base, grads, groups = _gradients(st, norm=norm)
+    if src is None:
+        with torch.no_grad():
+            src = run_graph(st.nat, st.ws, st.src, st.read)
     if method == "eap-ig":
         e0, e1 = base.outs[0], src.outs[0]
         for k in range(1, steps):
-            grads = grads + _gradients(st, embed=e0 + (k / steps) * (e1 - e0))[1]
+            grads = grads + _gradients(st, embed=e0 + (k / steps) * (e1 - e0), norm=norm)[1]
         grads = grads / steps
     delta = torch.stack(src.outs) - torch.stack(base.outs)
-    return _scores(st.graph, delta, grads), base, src
+    with torch.no_grad():
+        scores = _normed_scores(st, delta, groups, grads) if norm == "exact" else _scores(st.graph, delta, grads)
+    return scores, base, src
 
 
 # ---------------------------------------------------------------------------- exact edge patching
@@ -695,12 +766,9 @@ class EdgeReport:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Strict JSON (NaN as null, see `probekit.io`); with ``path``, also written there atomically."""
-        from probekit.io import dumps_json, write_text
+        from probekit.io import json_text
 
-        s = dumps_json(self.to_dict(), indent=None)
-        if path is not None:
-            write_text(path, s)
-        return s
+        return json_text(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, s: str | Path) -> EdgeReport:
@@ -721,9 +789,10 @@ class EdgeReport:
 
 def edge_report(model, pair: CorruptedPair, metric: Metric | str = "logit-diff", method: str = "eap", steps: int = 10,
                 exact: bool = True, ablation: str | None = "mean", direction: str = "noise", threshold: float = 0.9,
-                max_batch: int = 512) -> EdgeReport:
-    """EAP or EAP-IG scores for every edge, their exact effects (``exact``), and the faithfulness curve of
-    the top-n circuits (``ablation`` "mean" or "resample"; None: no curve). See the module docstring."""
+                max_batch: int = 512, norm: str = "exact") -> EdgeReport:
+    """EAP or EAP-IG scores for every edge (``norm``: see `eap`), their exact effects (``exact``), and the
+    faithfulness curve of the top-n circuits (``ablation`` "mean" or "resample"; None: no curve). See the
+    module docstring."""
     if ablation is not None and ablation not in ABLATIONS:
         raise ProbekitError(f"unknown ablation {ablation!r}; expected one of {list(ABLATIONS)} or None")
     if not 0 < float(threshold) <= 1:
@@ -732,7 +801,7 @@ def edge_report(model, pair: CorruptedPair, metric: Metric | str = "logit-diff",
     was = model.training
     model.eval()
     try:
-        scores, base, src = eap(st, method, steps)
+        scores, base, src = eap(st, method, steps, norm)
         ex = exact_edges(st, base, src, max_batch=max_batch) if exact else None
         clean, corr = (base, src) if direction == "noise" else (src, base)
         faith = faithfulness(st, clean, corr, scores, ablation, threshold, max_batch) if ablation else None
@@ -742,7 +811,7 @@ def edge_report(model, pair: CorruptedPair, metric: Metric | str = "logit-diff",
     settings = {"model": getattr(model, "probekit_name", None), "task": pair.clean.task, "n": pair.clean.n,
                 "length": pair.clean.length, "corruption": pair.settings(), "metric": st.bm.metric.kind,
                 "answer_steps": list(st.bm.metric.steps) if st.bm.metric.steps is not None else None,
-                "method": method, "steps": steps if method == "eap-ig" else None, "direction": direction,
+                "method": method, "steps": steps if method == "eap-ig" else None, "norm": norm, "direction": direction,
                 "ablation": ablation, "m_base": float(st.value(base.logits)[0]), "m_src": float(st.value(src.logits)[0])}
     return EdgeReport([n.label for n in g.senders], [n.label for n in g.receivers], list(g.edges), scores, ex,
                       spearman(scores, ex) if ex is not None else None,
@@ -804,6 +873,6 @@ def plot_edges(report: EdgeReport, path: str | Path | None = None, title: str | 
     return fig
 
 
-__all__ = ["ABLATIONS", "EdgeReport", "Faithfulness", "Graph", "METHODS", "Node", "Receive", "Run", "Setup",
+__all__ = ["ABLATIONS", "EdgeReport", "Faithfulness", "Graph", "METHODS", "NORMS", "Node", "Receive", "Run", "Setup",
            "circuit_faithfulness", "circuit_values", "eap", "edge_report", "exact_edges", "faithfulness",
            "head_weights", "plot_edges", "run_graph", "setup", "spearman"]

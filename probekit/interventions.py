@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import re
 import time
@@ -59,6 +58,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probekit.metrics import token_metric
 from probekit.results import Result
 from probekit.tasks import Batch, ProbekitError
 
@@ -503,8 +503,8 @@ def interchange_correct(model, pairs: CounterfactualPairs, loc: Location, interv
             logits = model(toks.to(_device(model)))
         else:
             logits = intervened_logits(model, toks, loc, bpos[sl], src[sl], intervention)
-        pred = _gather(logits, apos[sl]).argmax(-1).cpu()
-        out.append(pred == pairs.target[sl])
+        step = _gather(logits, apos[sl])
+        out.append(token_metric(step, pairs.target[sl].to(step.device), "acc").bool().cpu())
     return torch.cat(out)
 
 
@@ -519,10 +519,10 @@ def _source_pos(loc: Location, pairs: CounterfactualPairs) -> Tensor:
 
 def _cf_loss(model, pairs: CounterfactualPairs, loc: Location, intervention, src: Tensor, bpos: Tensor,
              apos: Tensor, idx: Tensor) -> Tensor:
-    """Mean ``-log p(counterfactual answer)`` at the answer step under the intervention, on rows ``idx``."""
+    """Mean ``-logprob`` of the counterfactual answer at the answer step under the intervention, on rows ``idx``."""
     logits = intervened_logits(model, pairs.base.tokens[idx], loc, bpos[idx], src[idx], intervention)
     step = _gather(logits, apos[idx])
-    return torch.nn.functional.cross_entropy(step.float(), pairs.target[idx].to(step.device))
+    return -token_metric(step.float(), pairs.target[idx].to(step.device), "logprob").mean()
 
 
 # ---------------------------------------------------------------------------- DAS
@@ -605,28 +605,15 @@ class DASFit:
                 "rotation": self.rotation.tolist(), "correct": self.correct.int().tolist(), "settings": self.settings}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        from probekit.io import write_text
+        """Strict JSON (NaN as null, see `probekit.io`); with ``path``, also written there atomically."""
+        from probekit.io import json_text
 
-        s = json.dumps(_no_nan(self.to_dict()), allow_nan=False)
-        if path is not None:
-            write_text(path, s)
-        return s
+        return json_text(self.to_dict(), path)
 
     def to_frame(self):
         import pandas as pd
 
         return pd.DataFrame([self.summary()])
-
-
-def _no_nan(x):
-    """NaN -> None, recursively (JSON has no NaN)."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_no_nan(v) for v in x]
-    return x
 
 
 def _train_rotation(model, pairs, loc, src, fit_idx, val_idx, k, fs: FitSettings):

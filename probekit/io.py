@@ -18,7 +18,7 @@ is refused at once. The kernel drops the lock when the process ends, so a killed
 most a lock file that the next command takes over (it is ignored when checking for emptiness).
 If the block fails, nothing it wrote under the folder appears, and a folder it created is removed.
 
-JSON convention (`write_json`, `dumps_json`): non-finite floats (NaN, Infinity, -Infinity) are not
+JSON convention (`write_json`, `dumps_json`, `json_text`): non-finite floats (NaN, Infinity, -Infinity) are not
 valid JSON and are written as ``null``. When the top-level value is an object, a ``"nan_reason"``
 key is added that says where and what was replaced: ``{"values[*][*]": "NaN written as null (3
 entries)"}`` (list indices shown as ``[*]``). `probekit.results.Result.from_json` reads ``null``
@@ -148,6 +148,15 @@ def dumps_json(obj, indent: int | None = 2) -> str:
 def write_json(path: str | Path, obj, indent: int | None = 2) -> Path:
     """Write ``obj`` as strict JSON (NaN/Infinity -> null plus a ``"nan_reason"`` note), atomically."""
     return write_text(path, dumps_json(obj, indent=indent))
+
+
+def json_text(obj, path: str | Path | None = None) -> str:
+    """Compact strict JSON text of ``obj`` (`dumps_json` without indent); with ``path``, also written there
+    atomically. What the results' ``to_json(path=None)`` return."""
+    text = dumps_json(obj, indent=None)
+    if path is not None:
+        write_text(path, text)
+    return text
 
 
 # ---------------------------------------------------------------------------- output folders

@@ -21,6 +21,9 @@ answer tokens), computed per example and per evaluated answer step, then average
 - ``acc``         1 where the argmax is the answer token;
 - ``exact-match`` 1 where every evaluated step is right (argmax).
 
+`token_metric` gives the per-token metrics (``logit`` .. ``acc``) of any given tokens, e.g. a
+counterfactual answer: `probekit.interventions` scores IIA as its ``acc`` and fits DAS on its ``logprob``.
+
 The evaluated steps are the metric's ``steps``, else a pair's default (`CorruptedPair.answer_steps`:
 the steps whose target the corruption changes by construction), else every step. Old spellings
 (``logit_diff``, ``token_acc``, ...) are refused with the right one named.
@@ -137,6 +140,26 @@ def position_labels(batch: Batch, positions: Sequence[int] | Tensor | None = Non
 # ---------------------------------------------------------------------------- computing a metric
 
 
+TOKEN_METRICS = ("logit", "logprob", "prob", "margin", "acc")  # of one answer token (`token_metric`)
+
+
+def token_metric(logits: Float[Tensor, "... d_vocab"], tokens: Int[Tensor, "..."], kind: str) -> Float[Tensor, "..."]:
+    """Metric ``kind`` of the answer ``tokens`` in ``logits``, one value per token: any of `TOKEN_METRICS`
+    (`BoundMetric` builds ``logit-diff`` and ``exact-match`` from them)."""
+    c = tokens[..., None]
+    if kind == "logit":
+        return logits.gather(-1, c)[..., 0]
+    if kind == "logprob":
+        return logits.log_softmax(-1).gather(-1, c)[..., 0]
+    if kind == "prob":
+        return logits.softmax(-1).gather(-1, c)[..., 0]
+    if kind == "margin":
+        return logits.gather(-1, c)[..., 0] - logits.scatter(-1, c, float("-inf")).max(-1).values
+    if kind == "acc":
+        return (logits.argmax(-1) == tokens).to(logits.dtype)
+    raise ProbekitError(f"unknown token metric {kind!r}; expected one of {list(TOKEN_METRICS)}")
+
+
 @dataclass
 class BoundMetric:
     """A metric bound to a batch (and its corrupted partner): the positions it reads and the tokens it compares."""
@@ -177,20 +200,12 @@ class BoundMetric:
 
     def per_step(self, logits: Float[Tensor, "batch answer d_vocab"], rows: Int[Tensor, "batch"]) -> Float[Tensor, "batch answer"]:
         """Per-example, per-step values; ``rows`` are the example indices of the logits' rows."""
-        c = self.correct.to(logits.device)[rows][..., None]
+        c = self.correct.to(logits.device)[rows]
         kind = self.metric.kind
         if kind == "logit-diff":
             w = self.wrong.to(logits.device)[rows]
-            return logits.gather(-1, c)[..., 0] - logits.gather(-1, w[..., None])[..., 0]
-        if kind == "logit":
-            return logits.gather(-1, c)[..., 0]
-        if kind == "logprob":
-            return logits.log_softmax(-1).gather(-1, c)[..., 0]
-        if kind == "prob":
-            return logits.softmax(-1).gather(-1, c)[..., 0]
-        if kind == "margin":
-            return logits.gather(-1, c)[..., 0] - logits.scatter(-1, c, float("-inf")).max(-1).values
-        return (logits.argmax(-1) == c[..., 0]).to(logits.dtype)
+            return token_metric(logits, c, "logit") - token_metric(logits, w, "logit")
+        return token_metric(logits, c, "acc" if kind == "exact-match" else kind)
 
     def reduce(self, per_step: Float[Tensor, "batch answer"]) -> Float[Tensor, "batch"]:
         if self.metric.kind == "exact-match":
@@ -230,5 +245,5 @@ def metric_value(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch, metri
     return red if per_example else red.mean()
 
 
-__all__ = ["BoundMetric", "GRADIENT_METRICS", "METRICS", "Metric", "PAIR_METRICS", "answer_layout", "answer_targets",
-           "check_metric", "check_pair", "digit_step", "metric_value", "position_labels"]
+__all__ = ["BoundMetric", "GRADIENT_METRICS", "METRICS", "Metric", "PAIR_METRICS", "TOKEN_METRICS", "answer_layout",
+           "answer_targets", "check_metric", "check_pair", "digit_step", "metric_value", "position_labels", "token_metric"]

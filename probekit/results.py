@@ -129,12 +129,9 @@ class Result:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Strict JSON (NaN/Infinity as null, see `probekit.io`); with ``path``, also written there atomically."""
-        from probekit.io import dumps_json, write_text
+        from probekit.io import json_text
 
-        s = dumps_json(self.to_dict(), indent=None)
-        if path is not None:
-            write_text(path, s)
-        return s
+        return json_text(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, s: str | Path) -> Result:

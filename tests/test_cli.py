@@ -213,8 +213,8 @@ def test_edges_writes_what_the_library_computes(tmp_path, capsys):
     rep = edge_report(m, pair, metric="logit-diff", method="eap-ig", steps=3)
     assert d["scores"] == rep.scores.tolist() and d["exact"] == rep.exact.tolist()
     assert d["settings"]["command"] == {"model": "mult-5x1", "corruption": "operand-digit", "metric": "logit-diff",
-                                        "method": "eap-ig", "steps": 3, "ablation": "mean", "direction": "noise",
-                                        "n": 16, "length": None, "seed": 0}
+                                        "method": "eap-ig", "steps": 3, "norm": "exact", "ablation": "mean",
+                                        "direction": "noise", "n": 16, "length": None, "seed": 0}
     assert d["faithfulness"]["smallest"] == rep.faithfulness.smallest
     printed = capsys.readouterr().out
     assert f"{len(rep.edges)} edges; eap-ig scores vs exact effects: Spearman {rep.spearman:.3f}" in printed

@@ -139,7 +139,7 @@ CASES = {
     "das n 2": ([*DAS, "--n", "2", "--out", "{ws}/o"], "--n must be >= 8"),
     "das steps 0": ([*DAS, "--steps", "0", "--out", "{ws}/o"], "--steps must be positive"),
     "das vary also held": ([*DAS, "--hold", "carry_in", "--out", "{ws}/o"], "both varied and held"),
-    # edges: corruption, gradient metric, method, steps, ablation, direction, n, seed
+    # edges: corruption, gradient metric, method, steps, norm, ablation, direction, n, seed
     "edges missing --corruption": (["edges", *MULT, "--out", "{ws}/o"], "Missing option '--corruption'"),
     "edges corruption of another task": ([*EDGES, "--corruption", "swap", "--out", "{ws}/o"], "not defined for task"),
     "edges non-gradient metric": ([*EDGES, "--metric", "acc", "--out", "{ws}/o"], "unknown gradient metric 'acc'"),
@@ -148,6 +148,7 @@ CASES = {
     "edges steps huge": ([*EDGES, "--steps", "100000", "--out", "{ws}/o"], "--steps must be <= 1_000"),
     "edges unknown ablation": ([*EDGES, "--ablation", "zero", "--out", "{ws}/o"], "unknown --ablation 'zero'"),
     "edges unknown direction": ([*EDGES, "--direction", "both", "--out", "{ws}/o"], "unknown --direction 'both'"),
+    "edges unknown norm": ([*EDGES, "--norm", "frozen", "--out", "{ws}/o"], "unknown --norm 'frozen'"),
     "edges n huge": ([*EDGES, "--n", "10000000", "--out", "{ws}/o"], "--n must be <= 100_000"),
     "edges seed -1": ([*EDGES, "--seed", "-1", "--out", "{ws}/o"], "--seed must be >= 0"),
     "edges length past the task's range": ([*EDGES, "--length", "50", "--out", "{ws}/o"], "expected an integer in 1..12"),

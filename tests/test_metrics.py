@@ -67,6 +67,19 @@ def test_each_metric_by_hand(metric):
     torch.testing.assert_close(one, want[:, 1])
 
 
+@pytest.mark.parametrize("metric", M.TOKEN_METRICS)
+def test_token_metric_by_hand(metric):
+    """The metric of given tokens (what interventions score a counterfactual answer with), at the read logits."""
+    read = LOGITS[:, 1:3]
+    got = M.token_metric(read, TOKENS[:, 2:4], metric)
+    torch.testing.assert_close(got, torch.tensor(_hand(metric)))
+
+
+def test_token_metric_refuses_pair_metrics():
+    with pytest.raises(ProbekitError, match="unknown token metric 'logit-diff'"):
+        M.token_metric(LOGITS, TOKENS, "logit-diff")
+
+
 def test_exact_match_is_every_step_right():
     acc = torch.tensor(_hand("acc"))
     got = M.metric_value(LOGITS, _batch(TOKENS), "exact-match", per_example=True)
