@@ -1,7 +1,8 @@
 """Portable probes: a probe fitted by probekit on a Hugging Face GPT-2 (as a TransformerLens bridge), exported,
 and applied without probekit from plain torch, from nnsight and from pyvene; evaluation of a batch without a task.
 
-The GPT-2 is built locally from a `transformers.GPT2Config` (random weights, no download).
+The GPT-2 is built locally from a `transformers.GPT2Config` (random weights, no download; the ``gpt2`` fixture
+and the copy-task helpers are in conftest.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import COPY_K, GPT2_VOCAB, copy_batch, gpt2_bridge, tiny_gpt2
 
 from probekit.activations import collect
 from probekit.evaluate import evaluate_batch
@@ -18,51 +20,7 @@ from probekit.probes import Probe, ProbeModelWarning, fit_probe
 from probekit.tasks import Batch, ProbekitError
 
 HOOK = "blocks.1.hook_resid_post"  # <-> the output of transformer.h[1]
-VOCAB, K = 50, 6  # token ids 1..49 to copy, 0 the separator; K tokens copied
-
-
-def _gpt2(seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def _bridge(hf, name: str):
-    """`TransformerBridge.boot_transformers` on a local model, with a local tokenizer (nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", unk_token="t0")  # no BOS: nothing to fetch
-    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device="cpu").eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    """(bridge, hf): the bridge wraps (and edits in place) one copy; ``hf`` is an untouched copy of the same weights."""
-    hf = _gpt2(0)
-    ref = copy.deepcopy(hf)
-    return _bridge(hf, "gpt2-tiny-local"), ref
-
-
-def copy_batch(n: int, seed: int) -> Batch:
-    """The toy copy task: K tokens, the separator 0, the same K tokens again (the answer).
-
-    Features: ``token`` (the token at each position, an integer class) and ``scaled`` (token / 49, a float;
-    NaN at the separator).
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, VOCAB, (n, K), generator=g)
-    tokens = torch.cat([x, torch.zeros(n, 1, dtype=torch.long), x], 1)
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, K + 1:] = True
-    scaled = tokens.float() / (VOCAB - 1)
-    scaled[:, K] = float("nan")
-    return Batch.from_tokens(tokens, mask, {"token": tokens, "scaled": scaled}, name="copy")
+VOCAB, K = GPT2_VOCAB, COPY_K  # token ids 1..49 to copy, 0 the separator; K tokens copied
 
 
 def load_export(folder):
@@ -168,7 +126,7 @@ def test_gpt2_probe_warns_on_other_weights_and_refuses_other_architectures(gpt2,
     from probekit.model import ModelConfig, build_model
 
     probe, folder = exported["token"]
-    other = _bridge(_gpt2(1), "gpt2-tiny-other")
+    other = gpt2_bridge(tiny_gpt2(1), "gpt2-tiny-other")
     with pytest.warns(ProbeModelWarning, match="fitted on other weights"):
         Probe.load(folder, model=other)
     fp = probe.meta["fingerprint"]

@@ -55,7 +55,7 @@ def make_engine(model, engine: str) -> NativeEngine | HookEngine:
     if engine not in ("auto", "native", "hooks"):
         raise ProbekitError(f"unknown engine {engine!r}; expected 'auto', 'native' or 'hooks'")
     if engine == "native" and not supports_native(model):
-        raise ProbekitError("engine 'native' needs a TL-native TransformerBridge (as built by probekit); use engine='hooks'")
+        raise ProbekitError("engine 'native' needs a TL-native or Hugging Face GPT-2 TransformerBridge; use engine='hooks'")
     if engine == "hooks" or (engine == "auto" and not supports_native(model)):
         return HookEngine(model)
     return NativeEngine(model)
