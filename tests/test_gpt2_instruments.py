@@ -17,10 +17,22 @@ from conftest import COPY_K, copy_batch
 
 from probekit import edges as E
 from probekit import forward as F
-from probekit.attribution import ablate_heads, attribution_patching, direct_logit_attribution, head_ablation_sweep
+from probekit.attribution import (
+    ablate_heads,
+    attribution_patching,
+    direct_logit_attribution,
+    head_ablation_sweep,
+)
 from probekit.circuits import composition_scores, ov_circuit, qk_circuit
 from probekit.corruptions import make_pair
-from probekit.interventions import CounterfactualPairs, Interchange, Location, fit_das, intervened_logits, location_acts
+from probekit.interventions import (
+    CounterfactualPairs,
+    Interchange,
+    Location,
+    fit_das,
+    intervened_logits,
+    location_acts,
+)
 from probekit.metrics import BoundMetric, answer_layout, answer_targets, metric_value
 from probekit.patching import sweep
 from probekit.tasks import Batch
