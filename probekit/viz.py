@@ -399,7 +399,7 @@ def probe_by_length(sweep: Result, position: str | int = "all") -> Result:
 
 
 def probe_by_site(sweep: Result, split: str) -> Result:
-    """A probe sweep on one ``split`` as a (site, position) Result: one row per (hook, layer) labelled like
+    """A probe sweep on one ``split`` as a (site, position) Result: one row per fitted (hook, layer), labelled like
     ``resid_mid L1``, one column per position slot that has a value (the pooled ``all`` column dropped)."""
     _check_probe_sweep(sweep, "probe_by_site")
     if split not in sweep.labels["split"]:
@@ -408,12 +408,13 @@ def probe_by_site(sweep: Result, split: str) -> Result:
     slots = [i for i, p in enumerate(sweep.labels["position"]) if p != "all"]
     v = sweep.values[:, :, slots, s]  # hook layer slot
     v = v.reshape(-1, v.shape[-1])
-    keep = ~torch.isnan(v).all(0)
+    keep, fitted = ~torch.isnan(v).all(0), ~torch.isnan(v).all(1)  # (hooks x layers is a grid; not every cell is fitted)
     sites = [f"{h.removeprefix('hook_')} L{L}" for h in sweep.labels["hook"] for L in sweep.labels["layer"]]
-    return Result(kind=f"probe for {sweep.settings.get('feature')} ({split})", values=v[:, keep],
+    return Result(kind=f"probe for {sweep.settings.get('feature')} ({split})", values=v[fitted][:, keep],
                   axes=("site", "position"),
-                  labels={"site": sites, "position": [sweep.labels["position"][i] for i, k in zip(slots, keep.tolist(),
-                                                                                                    strict=True) if k]},
+                  labels={"site": [site for site, f in zip(sites, fitted.tolist(), strict=True) if f],
+                          "position": [sweep.labels["position"][i] for i, k in zip(slots, keep.tolist(), strict=True)
+                                       if k]},
                   settings=sweep.settings)
 
 
