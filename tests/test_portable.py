@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,26 +177,55 @@ def test_evaluate_batch_without_a_task(gpt2):
         evaluate_batch(bridge, Batch.from_tokens(torch.ones(2, 40, dtype=torch.long), long_mask))
 
 
-def test_bring_your_own_lines(gpt2, tmp_path):
-    """The lines of docs/guide.md ("Your own model and your own data") on the GPT-2 bridge: a probe and a patching
-    sweep on custom data."""
-    from probekit.corruptions import make_pair
-    from probekit.patching import sweep
+ROOT = Path(__file__).resolve().parent.parent
 
-    model, _ = gpt2
+
+def _python_blocks(path: str, section: str, n: int) -> str:
+    """The first ``n`` ```python blocks after the line that starts with ``section`` in ``path``, joined."""
+    text = (ROOT / path).read_text()
+    at, blocks = text.index(f"\n{section}"), []
+    for _ in range(n):
+        at = text.index("```python\n", at) + len("```python\n")
+        end = text.index("```", at)
+        blocks.append(text[at:end])
+        at = end + 3
+    return "\n".join(blocks)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Any hub look-up (config, tokenizer, weights) fails the test; files land in ``tmp_path``."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a hub download was attempted: from_pretrained{args[:1]}")
+
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM,
+                transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    tokens = torch.randint(1, 50, (200, 6)).repeat(1, 2)  # a list, then the list again
-    answer = torch.zeros_like(tokens, dtype=torch.bool)
-    answer[:, 6:] = True  # the copy is the answer
-    batch = Batch.from_tokens(tokens, answer, {"token": tokens, "value": tokens / 49.0})
-    probe = fit_probe(model, batch, "token", "blocks.1.hook_resid_post")
-    assert probe.score(model, batch).value > 0.9
-    assert fit_probe(model, batch, "value", "blocks.1.hook_resid_post").kind == "ridge"
-    probe.save(tmp_path / "my_probe")
-    bad = tokens.clone()
-    bad[:, 0] = bad[:, 6] = bad[:, 0] % 49 + 1  # another first element, and its copy
-    res = sweep(model, make_pair(batch, Batch.from_tokens(bad, answer)), "resid_pre")
+
+
+def _check_probe_and_sweep(ns: dict, res) -> None:
+    model, batch, probe = ns["model"], ns["batch"], ns["probe"]
+    assert type(model.original_model).__name__ == "GPT2LMHeadModel" and not model.training
+    assert probe.kind == "logistic" and probe.score(model, batch).value > 0.9  # the token is linearly readable
     assert res.axes == ("layer", "pos") and tuple(res.values.shape) == (2, 12)
     # layer 0, before any mixing: only the changed positions carry the difference
     assert float(res.values[0, 0]) == pytest.approx(1.0, abs=1e-4)
     assert res.values[0, 1:6].abs().max() < 1e-4
+
+
+def test_bring_your_own_lines(offline, tmp_path):
+    """The README's block and the two blocks of docs/guide.md ("Your own model and your own data"), run as written:
+    a GPT-2 from a config, a probe and a patching sweep on custom data, and nothing downloaded."""
+    readme: dict = {}
+    exec(compile(_python_blocks("README.md", "Your own model and data", 1), "README.md", "exec"), readme)
+    _check_probe_and_sweep(readme, readme["effects"])
+    guide: dict = {}
+    exec(compile(_python_blocks("docs/guide.md", "## Your own model and your own data", 2), "docs/guide.md", "exec"),
+         guide)
+    _check_probe_and_sweep(guide, guide["res"])
+    assert fit_probe(guide["model"], guide["batch"], "value", "blocks.1.hook_resid_post").kind == "ridge"
+    assert (tmp_path / "my_probe" / "probe.json").is_file()
