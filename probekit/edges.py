@@ -808,9 +808,10 @@ def plot_edges(report: EdgeReport, path: str | Path | None = None, title: str | 
         im = a1.imshow(m.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         a1.set_yticks(range(len(report.senders)), report.senders)
         a1.set_xticks(range(len(report.receivers)), report.receivers, rotation=90)
-        a1.set(xlabel="receiver", ylabel="sender", title=f"{report.settings.get('method', 'eap')} edge scores (grey: no edge)")
+        method = {"eap": "EAP", "eap-ig": "EAP-IG"}.get(report.settings.get("method"), "edge attribution")
+        a1.set(xlabel="receiver", ylabel="sender", title=f"{method} score of each edge (grey: no edge)")
         fig.colorbar(im, ax=a1, label=f"score (change of {report.settings.get('metric', 'metric')})")
-        fig.suptitle(title or f"edges of {report.settings.get('model') or 'the model'}")
+        fig.suptitle(title or f"Edges of {report.settings.get('model') or 'the model'}: faithfulness and edge scores")
     if path is not None:
         save_figure(fig, path)
     return fig

@@ -85,7 +85,7 @@ def test_probe_accuracy_draws_a_sweep_by_length_with_its_chance(gt_sweep):
     assert {"length 5", "length 8", "chance"} <= set(lines)
     assert float(lines["chance"].get_ydata()[0]) == pytest.approx(viz.probe_chance(sw))
     h, p = sw.labels["hook"].index("hook_resid_post"), sw.labels["position"].index("all")
-    panel = [ax for ax in fig.axes if ax.get_title() == "resid_post"][0]
+    panel = [ax for ax in fig.axes if ax.get_title() == "residual stream, block output"][0]  # hook_resid_post
     y = [ln for ln in panel.get_lines() if ln.get_label() == "length 8"][0].get_ydata()
     assert torch.allclose(torch.tensor(y, dtype=torch.float32), sw.values[h, :, p, sw.labels["split"].index("8")])
     plt.close(fig)
