@@ -406,3 +406,34 @@ def test_eap_scores_into_the_logits_are_gradients_of_the_hf_model(gpt2_copy, pai
             d = (zx[L][:, :, h] - zc[L][:, :, h]) @ _hf_params(hf, L)["W_O"][h]
             assert sc[f"L{L}H{h}->logits"] == pytest.approx(float((d * grad).sum()), abs=1e-5)
     assert rep.spearman is not None
+
+
+# ---------------------------------------------------------------------------- a bridge probekit's forward does not cover
+
+
+def test_other_architectures_use_hooks_and_refuse_what_needs_probekits_forward(pair):
+    """A Llama (rotary, RMSNorm, gated MLP) booted the same way: patching runs through TransformerLens hooks and
+    equals `transformer_lens.patching`; path patching and edge attribution refuse it in one line."""
+    from tokenizers import Tokenizer, models
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from probekit.patching import path_patch
+    from probekit.tasks import ProbekitError
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=32, bos_token_id=0,
+                                      eos_token_id=0, pad_token_id=0)).eval()
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({str(i): i for i in range(50)},
+                                                                              unk_token="0")))
+    model = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok).eval()
+    assert not F.supports_native(model)
+    tokens, cache, metric = _tl_inputs(model, pair)
+    tl = tlp.get_act_patch_attn_head_out_all_pos(model, tokens, cache, metric)
+    assert tl.abs().max() > 1e-2
+    torch.testing.assert_close(sweep(model, pair, "z", by_pos=False, normalize=False).values, tl, **TOL)
+    for run in (lambda: path_patch(model, pair), lambda: E.edge_report(model, pair)):
+        with pytest.raises(ProbekitError, match=r"needs a TL-native or Hugging Face GPT-2 TransformerBridge.*; "
+                                                r"got LlamaForCausalLM$"):
+            run()

@@ -374,6 +374,9 @@ def path_patch(model, pair: CorruptedPair, receiver: str = "logits", *, sender: 
     """
     if receiver not in RECEIVERS:
         raise ProbekitError(f"unknown path receiver {receiver!r}; expected one of {list(RECEIVERS)}")
+    if not supports_native(model):
+        raise ProbekitError("path patching needs a TL-native or Hugging Face GPT-2 TransformerBridge (probekit's own "
+                            f"forward); got {type(getattr(model, 'original_model', model)).__name__}")
     nl, nh = model.cfg.n_layers, model.cfg.n_heads
     if sender is not None:
         if len(sender) != 2:
