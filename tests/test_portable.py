@@ -220,6 +220,8 @@ def _check_probe_and_sweep(ns: dict, res) -> None:
 def test_bring_your_own_lines(offline, tmp_path):
     """The README's block and the two blocks of docs/guide.md ("Your own model and your own data"), run as written:
     a GPT-2 from a config, a probe and a patching sweep on custom data, and nothing downloaded."""
+    import probekit.sweep  # noqa: F401  (as after probekit.run_sweep: the attribute probekit.sweep is now the module)
+
     readme: dict = {}
     exec(compile(_python_blocks("README.md", "Your own model and data", 1), "README.md", "exec"), readme)
     _check_probe_and_sweep(readme, readme["effects"])
