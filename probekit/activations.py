@@ -19,7 +19,7 @@ Positions are chosen by a rule:
 
 With a feature, positions where it is -1 are always dropped. Memory: the forward runs ``chunk_size``
 examples at a time and keeps only the selected positions of the requested hooks (never a full cache),
-stopping after the last block it needs: on a TL-native bridge without hooks attached, on
+stopping after the last block it needs: on a bridge `probekit.forward` reproduces, without hooks attached, on
 `probekit.forward.record`; otherwise under `run_with_hooks`.
 """
 
@@ -180,7 +180,7 @@ def _stop_layer(model, names: Sequence[str]) -> int | None:
 def _chunk_forward(model, names: Sequence[str], store):
     """A forward over a chunk of tokens that calls ``store(act, None, name)`` for each hook in ``names``.
 
-    On a TL-native bridge with no hooks attached, `probekit.forward.record` (the same forward without
+    On a bridge `probekit.forward.supports_native` accepts, with no hooks attached, `probekit.forward.record` (the same forward without
     the hook machinery, stopping after the last block needed); otherwise ``run_with_hooks``.
     """
     from probekit import forward as F

@@ -176,8 +176,9 @@ def _read(model, x: Tensor, layer: int | None, ln: str, bias: bool) -> Tensor:
 
 def attention_scale(model, layer: int) -> float:
     """The number the layer's attention scores are divided by (``sqrt(d_head)`` unless the model says otherwise)."""
-    native = getattr(getattr(model, "original_model", None), "layers", None)
-    scale = getattr(getattr(native[layer], "attn", None), "scale", None) if native is not None else None
+    from probekit.forward import native, supports_native
+
+    scale = native(model).layers[layer].attn.scale if supports_native(model) else None
     if isinstance(scale, int | float) and scale > 0:
         return float(scale)
     cfg = model.cfg

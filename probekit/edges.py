@@ -146,6 +146,19 @@ class HeadWeights:
     W_O: Tensor  # [head, d_head, d_model]
 
 
+def _linear(mod) -> tuple[Tensor, Tensor | None]:
+    """``(weight [out, in], bias)`` of a ``torch.nn.Linear`` or a Hugging Face ``Conv1D`` (``x @ W + b``), detached."""
+    if isinstance(mod, torch.nn.Linear):
+        return mod.weight.detach(), (mod.bias.detach() if mod.bias is not None else None)
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+    if isinstance(mod, Conv1D):
+        return mod.weight.detach().T, (mod.bias.detach() if mod.bias is not None else None)
+    raise ProbekitError(f"edge attribution needs linear q/k/v/o projections; found {type(mod).__name__}")
+
+
 def head_weights(nat: F.Native) -> list[HeadWeights]:
     """The per-head q/k/v/o weights of every layer of a native model, detached (see `HeadWeights`)."""
     out = []
@@ -153,11 +166,10 @@ def head_weights(nat: F.Native) -> list[HeadWeights]:
         a = layer.attn
         W, b = {}, {}
         for s, mod, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv), ("v", a.v, a.n_kv)):
-            if not isinstance(mod, torch.nn.Linear) or not isinstance(a.o, torch.nn.Linear):
-                raise ProbekitError(f"edge attribution needs linear q/k/v/o projections; found {type(mod).__name__}")
-            W[s] = mod.weight.detach().view(n, a.d_head, -1)
-            b[s] = mod.bias.detach().view(n, a.d_head) if mod.bias is not None else None
-        W_O = a.o.weight.detach().T.reshape(a.n_heads, a.d_head, -1)
+            w, bias = _linear(mod)
+            W[s] = w.reshape(n, a.d_head, -1)
+            b[s] = bias.reshape(n, a.d_head) if bias is not None else None
+        W_O = _linear(a.o)[0].T.reshape(a.n_heads, a.d_head, -1)
         out.append(HeadWeights(W, b, W_O))
     return out
 
@@ -475,7 +487,7 @@ def setup(model, pair: CorruptedPair, metric: Metric | str = "logit-diff", direc
           gradient: bool = True) -> Setup:
     """Validate and bind; ``gradient``: the metric must be differentiable (`probekit.metrics.GRADIENT_METRICS`)."""
     if not F.supports_native(model):
-        raise ProbekitError("edge attribution needs a TL-native TransformerBridge (as built by probekit); "
+        raise ProbekitError("edge attribution needs a TL-native or Hugging Face GPT-2 TransformerBridge; "
                             f"got {type(getattr(model, 'original_model', model)).__name__}")
     if direction not in ("denoise", "noise"):
         raise ProbekitError(f"unknown direction {direction!r}; expected 'denoise' or 'noise'")
@@ -865,9 +877,10 @@ def plot_edges(report: EdgeReport, path: str | Path | None = None, title: str | 
         im = a1.imshow(m.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         a1.set_yticks(range(len(report.senders)), report.senders)
         a1.set_xticks(range(len(report.receivers)), report.receivers, rotation=90)
-        a1.set(xlabel="receiver", ylabel="sender", title=f"{report.settings.get('method', 'eap')} edge scores (grey: no edge)")
+        method = {"eap": "EAP", "eap-ig": "EAP-IG"}.get(report.settings.get("method"), "edge attribution")
+        a1.set(xlabel="receiver", ylabel="sender", title=f"{method} score of each edge (grey: no edge)")
         fig.colorbar(im, ax=a1, label=f"score (change of {report.settings.get('metric', 'metric')})")
-        fig.suptitle(title or f"edges of {report.settings.get('model') or 'the model'}")
+        fig.suptitle(title or f"Edges of {report.settings.get('model') or 'the model'}: faithfulness and edge scores")
     if path is not None:
         save_figure(fig, path)
     return fig

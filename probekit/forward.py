@@ -1,4 +1,4 @@
-"""The one functional forward over a TransformerLens-native bridge's own modules.
+"""The one functional forward over a bridge's own modules: a TransformerLens-native bridge, or a Hugging Face GPT-2.
 
 The forward is written once, from the modules of ``model.original_model`` (token embedding, the
 positional table, attention with rotary, the optional length temperature and the causal mask, MLP,
@@ -27,6 +27,12 @@ is the only function that computes them; every forward here, the bridge's forwar
 it. A `KVCache` carries each row's digit run length so decoding continues the run incrementally.
 Attention itself never sees place ids: the temperature and the causal mask use sequence positions.
 
+A Hugging Face ``GPT2LMHeadModel`` booted with ``TransformerBridge.boot_transformers`` is resolved into the
+same pieces (`native`): its token and learned position tables, the q/k/v linear maps the bridge splits
+from the fused ``c_attn`` at boot, ``c_proj`` (a ``Conv1D``), the LayerNorms, HF's own MLP module and
+``lm_head``. Dropout is not applied (put the model in eval mode); the tests check every site and the
+logits against the bridge's hooks and the HF forward.
+
 Axis names: ``rows`` (batch rows; in a patching pass K groups of the N examples), ``pos`` (query
 positions), ``key_pos``, ``head``, ``d_head``, ``d_model``, ``d_vocab``. Layouts: residual and
 per-position outputs ``[rows, pos, d_model]``; q, k, v, z ``[rows, pos, head, d_head]`` (``hook_q``,
@@ -37,6 +43,7 @@ and ``vh`` (values), ``[rows, head, key_pos, d_head]`` with key/value heads repe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -143,7 +150,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class Native:
-    """The modules of a TL-native bridge, resolved once (no hooks run through them)."""
+    """The modules of a bridge `supports_native` accepts, resolved once (no hooks run through them)."""
 
     tok_embed: Callable
     pos_embed: Callable | None
@@ -153,8 +160,28 @@ class Native:
     place_tokens: int | None = None  # positional="place": token ids 0..place_tokens-1 are digits
 
 
+def hf_gpt2(model):
+    """The Hugging Face ``GPT2LMHeadModel`` a bridge wraps (``TransformerBridge.boot_transformers``), or None."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:  # pragma: no cover
+        return None
+    hf = getattr(model, "original_model", None)
+    return hf if isinstance(hf, GPT2LMHeadModel) else None
+
+
+def _supports_gpt2(model) -> bool:
+    """A GPT-2 bridge whose attention the bridge split into q, k, v linear maps (as it does at boot)."""
+    if bool(getattr(hf_gpt2(model).config, "add_cross_attention", False)):
+        return False
+    return all(isinstance(_raw(getattr(b.attn, s, None)), torch.nn.Linear) for b in model.blocks for s in "qkv")
+
+
 def supports_native(model) -> bool:
-    """Whether ``model`` is a TL-native bridge this forward reproduces (causal, no soft caps)."""
+    """Whether this forward reproduces ``model``: a TL-native bridge (causal, no soft caps) or a Hugging Face
+    GPT-2 bridge (learned positions, LayerNorm, GELU MLP, the bridge's split q/k/v; dropout is not applied)."""
+    if hf_gpt2(model) is not None:
+        return _supports_gpt2(model)
     try:
         from transformer_lens.model_bridge.sources.native.model import NativeAttention, NativeModel
     except ImportError:  # pragma: no cover
@@ -180,8 +207,24 @@ def place_tokens_of(model) -> int | None:
     return cfg.place_tokens if getattr(cfg, "positional", None) == "place" else None
 
 
+def _native_gpt2(model) -> Native:
+    """The `Native` modules of a GPT-2 bridge: the bridge's q/k/v, HF's ``c_proj`` (a ``Conv1D``) and MLP."""
+    hf, cfg = hf_gpt2(model), model.cfg
+    inverse = bool(getattr(hf.config, "scale_attn_by_inverse_layer_idx", False))
+    layers = []
+    for L, b in enumerate(model.blocks):
+        a = b.attn
+        scale = math.sqrt(cfg.d_head) * (L + 1 if inverse else 1)
+        attn = Attention(_raw(a.q), _raw(a.k), _raw(a.v), _raw(a.o), cfg.n_heads, cfg.n_heads, cfg.d_head, scale,
+                         None, False)
+        layers.append(Layer(_norm(b.ln1), attn, _norm(b.ln2), _raw(b.mlp)))
+    return Native(_raw(model.embed), _raw(model.pos_embed), tuple(layers), _norm(model.ln_final), _raw(model.unembed))
+
+
 def native(model) -> Native:
-    """The `Native` modules of a TL-native bridge (check `supports_native` first)."""
+    """The `Native` modules of a bridge `supports_native` accepts (check it first)."""
+    if hf_gpt2(model) is not None:
+        return _native_gpt2(model)
     nm = model.original_model
     temp = log_temperature(model)
     attn_only = bool(model.cfg.attn_only)

@@ -776,6 +776,7 @@ def plot_iia(result: Result, path: str | Path | None = None, title: str | None =
     cb.set_label("IIA (held-out accuracy of the counterfactual answer)")
     k = result.settings.get("k")
     vary = result.settings.get("pairs", {}).get("vary")
+    vary = str(vary).replace("_", " ")
     ax.set_title(title or f"DAS: where {vary} lives (k = {k}); cells: IIA [95 % CI], random-subspace control, "
                           "full-vector ceiling", fontsize=9)
     fig.tight_layout()

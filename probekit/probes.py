@@ -1231,7 +1231,7 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
 
     Files are written to a temporary name and renamed, so no partial figure looks complete.
     """
-    from probekit.viz import _plt, save_figure
+    from probekit.viz import _plt, in_words, save_figure
 
     plt = _plt()
     folder = Path(folder)
@@ -1254,8 +1254,10 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
             ax.set_ylabel("layer")
             ax.set_title(f"{sp} (len {sweep.settings['splits'][sp]['length']})", fontsize=9)
         fig.colorbar(im, ax=axs[0, -1], fraction=0.046, pad=0.04, label=metric)
-        fig.suptitle(f"{metric} of probes for {sweep.settings.get('feature')} at {hk} "
-                     f"({sweep.settings.get('position_probes')})", fontsize=10)
+        per = "one probe per position" if sweep.settings.get("position_probes") == "per_position" else \
+            "one probe for all positions"
+        fig.suptitle(f"Probe {metric} for {in_words(sweep.settings.get('feature'))} in the {in_words(hk)}, by layer "
+                     f"and position ({per})", fontsize=10)
         fig.tight_layout()
         path = folder / f"{prefix}heatmap_{hk.replace('.', '_')}.png"
         save_figure(fig, path)
@@ -1265,7 +1267,7 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
         for L, lk in enumerate(sweep.labels["layer"]):
             v = sweep.values[h, L, 0]
             if not torch.isnan(v).all():
-                ax.plot(range(len(splits)), v.numpy(), marker="o", label=f"{hk} L{lk}")
+                ax.plot(range(len(splits)), v.numpy(), marker="o", label=f"{in_words(hk)}, layer {lk}")
     rm = sweep.extra.get("random_model")
     if rm is not None and not torch.isnan(rm[:, :, 0]).all():
         ax.plot(range(len(splits)), np.nanmax(rm[:, :, 0].reshape(-1, len(splits)).numpy(), axis=0), "k:",
@@ -1275,7 +1277,7 @@ def plot_sweep(sweep: ProbeSweep, folder: str | Path, prefix: str = "") -> list[
     ax.set_xticks(range(len(splits)), [f"{s}\n(len {sweep.settings['splits'][s]['length']})" for s in splits])
     ax.set_xlabel("split")
     ax.set_ylabel(metric)
-    ax.set_title(f"probe {metric} vs length: {sweep.settings.get('feature')}", fontsize=10)
+    ax.set_title(f"Probe {metric} for {in_words(sweep.settings.get('feature'))} by length", fontsize=10)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path = folder / f"{prefix}{metric}_vs_length.png"

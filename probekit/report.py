@@ -59,7 +59,8 @@ def _overview_figures(st):
             if name.startswith(prefix) and m:
                 res[name] = EvalResult(**{k: m[k] for k in ("model", "task", "seed", "records")})
         if res:
-            yield accuracy_vs_length(res, title=f"{prefix}: exact match vs length (greedy)")
+            task = next(iter(res.values())).task
+            yield accuracy_vs_length(res, title=f"Shipped {task} models: exact match vs length (greedy decoding)")
 
 
 def _hint_figures(st):
@@ -71,7 +72,8 @@ def _hint_figures(st):
             rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)")
     for key, r in st.results.items():
         if "/patch_z" in key:
-            yield layer_head_heatmap(r, title=f"{key}: normalised patching effect (1 = clean)")
+            yield layer_head_heatmap(r, title=f"{key.split('/')[0]}, length {r.settings.get('length')}: head-output "
+                                               "patching, share of the logit difference restored (1 = clean)")
 
 
 def _carry_figures(st):
@@ -86,10 +88,13 @@ def _carry_figures(st):
             flat = Result(kind=r.kind, values=sub.reshape(-1, sub.shape[-1]), axes=("hook/layer", "split"),
                           labels={"hook/layer": [f"{h} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
                                   "split": r.labels["split"]})
-            yield heatmap(flat, title=f"{key}: probe {r.settings.get('metric', '')} by layer and length",
-                          cmap="viridis", symmetric=False)
+            feature = str(r.settings.get("feature", "")).replace("_", " ")
+            yield heatmap(flat, title=f"{key.split('/')[0]}: probe {r.settings.get('metric', '')} for {feature} by "
+                                      "layer and length", cmap="viridis", symmetric=False)
         elif "/patch_z_digit" in key:
-            yield heatmap(r, title=f"{key}: normalised carry-flip patching (1 = clean)")
+            digit = (r.settings.get("corruption") or {}).get("options", {}).get("digit")
+            yield heatmap(r, title=f"{key.split('/')[0]}: head-output patching, carry flipped into answer digit "
+                                   f"{digit}: share of the logit difference restored (1 = clean)")
 
 
 FIGURES = {"overview": _overview_figures, "hint": _hint_figures, "carry": _carry_figures}

@@ -17,7 +17,7 @@ and files are written atomically (temporary file, then rename).
 - `plot_training_log`: loss and token accuracy against step from a run's ``train_log.jsonl``.
 
 What every figure does: a title in words (`describe`: "Head-output patching, carry-flip: share of logit
-difference restored", never a result's kind), a colour bar labelled with the metric and its units, one
+difference restored", never a result's kind; `in_words` for hook and feature names), a colour bar labelled with the metric and its units, one
 colour scale shared by every facet, limits that one outlier cannot set (`robust_limits`: the 99th
 percentile of |values|; cells beyond it marked with triangles; a normalised patch is never clipped
 inside [-1, 1]), integer ticks on integer axes, facets wrapped into a grid, and cells of a sensible size
@@ -97,6 +97,29 @@ METRIC_WORDS = {"logit-diff": ("logit difference", "logits"), "logit": ("correct
                 "margin": ("logit margin", "logits"), "acc": ("accuracy", "fraction correct"),
                 "exact-match": ("exact match", "fraction correct")}
 AXIS_WORDS = {"pos": "position (token)", "component": "component"}
+HOOK_WORDS = {"resid_pre": "residual stream, block input", "resid_mid": "residual stream after attention",
+              "resid_post": "residual stream, block output", "attn_out": "attention output", "mlp_out": "MLP output",
+              "z": "head outputs", "q": "queries", "k": "keys", "v": "values", "embed": "token embedding",
+              "pos_embed": "position embedding"}
+KIND_WORDS = {  # (title, colour-bar label) of results whose title needs no setting
+    "head_role": ("Where each head attends: attention on its target positions", "attention statistic"),
+    "head_roles": ("Where each head attends, by length: attention on its target positions", "attention statistic"),
+    "topk_vs_random": ("Ablating the top heads vs random sets of as many heads", "metric"),
+    "head_ablation": ("Ablating a set of heads together", "metric"),
+    "circuit_scores": ("Circuit scores of each head, read from the weights", "score"),
+    "qk_circuit": ("QK circuit: how much each query token attends to each key token", "attention score (pre-softmax)"),
+    "ov_circuit": ("OV circuit: the logit each attended token adds to each output token", "direct logit contribution"),
+    "edge_scores": ("Edge attribution scores (sender to receiver)", "score"),
+    "iia": ("Interchange-intervention accuracy by site and position", "IIA (fraction of pairs)"),
+    "exact_match_by_length": ("Exact match by length (greedy decoding)", "exact match (fraction correct)"),
+}
+
+
+def in_words(name: str) -> str:
+    """Plain words for a hook or site name (``blocks.0.hook_resid_pre``, ``hook_resid_pre`` or ``resid_pre`` ->
+    ``residual stream, block input``) or, for anything else such as a feature name, its underscores as spaces."""
+    short = str(name).rsplit(".", 1)[-1].removeprefix("hook_")
+    return HOOK_WORDS.get(short, short.replace("_", " "))
 MIN_CELL, MAX_CELL, MAX_W, MAX_H = 0.16, 0.55, 14.0, 11.0  # inches
 
 
@@ -104,17 +127,30 @@ def _metric_words(metric) -> tuple[str, str]:
     return METRIC_WORDS.get(str(metric), (str(metric), "units of the metric"))
 
 
+def _patch_words(s: dict, kind: str, words: str, units: str) -> tuple[str, str]:
+    """`describe` of a patching result: what was patched, under which corruption, in which units."""
+    corr = (s.get("corruption") or {}).get("kind") or "corrupted run"
+    corr = "clean vs corrupted pairs" if corr == "custom" else corr
+    if kind.startswith("exact_patch_"):
+        what = "MLP-output" if kind.endswith("mlp") else "Head-output"
+        return f"{what} patching (exact): change in {words}", f"change in {words} ({units})"
+    if kind.startswith("path_patch_"):
+        what = f"Path patching into the {in_words(s.get('receiver') or kind[11:])}"
+    elif s.get("site") is None:
+        what = "Patching"
+    else:
+        what = f"{SITE_WORDS.get(s['site'], in_words(s['site']))} patching"
+    if s.get("normalized", True):
+        return f"{what}, {corr}: share of {words} restored", f"share of {words} restored (0 = corrupted, 1 = clean)"
+    return f"{what}, {corr}: {words}", f"{words} ({units})"
+
+
 def describe(result: Result) -> tuple[str, str]:
     """(title, colour-bar label) in plain words for a result of a known kind; the kind itself otherwise."""
     s, kind = result.settings, result.kind
     words, units = _metric_words(s.get("metric"))
-    if kind.startswith("patch_"):
-        site = SITE_WORDS.get(s.get("site"), str(s.get("site")))
-        corr = (s.get("corruption") or {}).get("kind", "corrupted run")
-        if s.get("normalized", True):
-            return (f"{site} patching, {corr}: share of {words} restored",
-                    f"share of {words} restored (0 = corrupted, 1 = clean)")
-        return f"{site} patching, {corr}: {words}", f"{words} ({units})"
+    if kind.startswith(("patch", "path_patch_", "exact_patch_")):
+        return _patch_words(s, kind, words, units)
     if kind.startswith("dla_"):
         unit = {"head": "head", "layer": "component", "component": "component"}.get(kind[4:], kind[4:])
         return f"Direct logit attribution by {unit} ({words})", f"direct logit attribution ({units})"
@@ -124,8 +160,10 @@ def describe(result: Result) -> tuple[str, str]:
     if kind.startswith("attrib_patch"):
         return f"Attribution patching: estimated {words} restored", f"estimated change in {words} ({units})"
     if kind.startswith("probe"):
-        return f"Linear probe for {s.get('feature', 'the feature')}", "probe accuracy (fraction correct)"
-    return kind.replace("_", " "), "value"
+        return f"Linear probe for {in_words(s.get('feature', 'the feature'))}", "probe accuracy (fraction correct)"
+    if kind.startswith("composition_"):
+        return f"{kind[-1].upper()}-composition between heads (from the weights)", "composition score"
+    return KIND_WORDS.get(kind, (kind.replace("_", " ").capitalize(), "value"))
 
 
 def robust_limits(values, symmetric: bool = True, percentile: float = 99.0,
@@ -279,7 +317,8 @@ def heatmap(result: Result, path: str | Path | None = None, rows: str | None = N
             im, (a, b) = _draw_panel(ax, v[:, :, f].numpy(), result, rows, cols, vmin, vmax, cmap)
             above, below = above or a, below or b
             if facet:
-                ax.set_title(f"{facet} {result.label(facet, f)}")
+                lab = result.label(facet, f)
+                ax.set_title(in_words(lab) if facet in ("hook", "site") else f"{facet} {lab}")
         _colorbar(fig, im, axs[:, :].ravel().tolist(), label or words[1], (above, below),
                   vmax if symmetric else None)
         fig.suptitle(title or words[0])
@@ -399,7 +438,7 @@ def probe_by_length(sweep: Result, position: str | int = "all") -> Result:
 
 
 def probe_by_site(sweep: Result, split: str) -> Result:
-    """A probe sweep on one ``split`` as a (site, position) Result: one row per (hook, layer) labelled like
+    """A probe sweep on one ``split`` as a (site, position) Result: one row per fitted (hook, layer), labelled like
     ``resid_mid L1``, one column per position slot that has a value (the pooled ``all`` column dropped)."""
     _check_probe_sweep(sweep, "probe_by_site")
     if split not in sweep.labels["split"]:
@@ -408,12 +447,13 @@ def probe_by_site(sweep: Result, split: str) -> Result:
     slots = [i for i, p in enumerate(sweep.labels["position"]) if p != "all"]
     v = sweep.values[:, :, slots, s]  # hook layer slot
     v = v.reshape(-1, v.shape[-1])
-    keep = ~torch.isnan(v).all(0)
+    keep, fitted = ~torch.isnan(v).all(0), ~torch.isnan(v).all(1)  # (hooks x layers is a grid; not every cell is fitted)
     sites = [f"{h.removeprefix('hook_')} L{L}" for h in sweep.labels["hook"] for L in sweep.labels["layer"]]
-    return Result(kind=f"probe for {sweep.settings.get('feature')} ({split})", values=v[:, keep],
+    return Result(kind=f"probe for {sweep.settings.get('feature')} ({split})", values=v[fitted][:, keep],
                   axes=("site", "position"),
-                  labels={"site": sites, "position": [sweep.labels["position"][i] for i, k in zip(slots, keep.tolist(),
-                                                                                                    strict=True) if k]},
+                  labels={"site": [site for site, f in zip(sites, fitted.tolist(), strict=True) if f],
+                          "position": [sweep.labels["position"][i] for i, k in zip(slots, keep.tolist(), strict=True)
+                                       if k]},
                   settings=sweep.settings)
 
 
@@ -486,10 +526,10 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
             ax.set_ylim(0, 1.02)
             if facet:
                 label = result.label(facet, f)
-                ax.set_title(label.removeprefix("hook_") if facet == "hook" else f"{facet} {label}")
+                ax.set_title(in_words(label) if facet == "hook" else f"{facet} {label}")
         axs[0, 0].set_ylabel("probe accuracy (fraction correct)")
         axs[0, -1].legend(loc="best", frameon=False, title="test length" if nLen > 1 else None)
-        fig.suptitle(title or f"Linear probe for {result.settings.get('feature', 'the feature')}: held-out "
+        fig.suptitle(title or f"Linear probe for {in_words(result.settings.get('feature', 'the feature'))}: held-out "
                      "accuracy by layer" + (" (bars: 95 % Wilson intervals)" if band is not None else ""))
         fig.tight_layout()
     return _finish(fig, path)
@@ -597,11 +637,11 @@ def mechanism_vs_length(rows: list[dict], metric: str, accuracy: str = "exact_ma
         rs = [r for r in rows if r["model"] == m]
         xs = [r["length"] for r in rs]
         color = f"C{i}"
-        ax.plot(xs, [r[metric] for r in rs], "-o", color=color, label=f"{m}: {metric}")
+        ax.plot(xs, [r[metric] for r in rs], "-o", color=color, label=f"{m}: {in_words(metric)}")
         acc = [r.get(accuracy) for r in rs]
         if any(a is not None for a in acc):
             ax.plot([x for x, a in zip(xs, acc, strict=True) if a is not None], [a for a in acc if a is not None],
-                    "--s", color=color, alpha=0.6, label=f"{m}: {accuracy}")
+                    "--s", color=color, alpha=0.6, label=f"{m}: {in_words(accuracy)}")
     ax.set_xlabel("length")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xscale("log")
@@ -609,7 +649,8 @@ def mechanism_vs_length(rows: list[dict], metric: str, accuracy: str = "exact_ma
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.minorticks_off()
     ax.legend(fontsize=7)
-    ax.set_title(title or f"{metric} vs length", fontsize=10)
+    ax.set_title(title or f"{in_words(metric).capitalize()} (solid) and {in_words(accuracy)} (dashed) vs length",
+                 fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
 

@@ -3,6 +3,7 @@ figures (`probekit.viz`, `probekit.results.stack_results`), inline display, and 
 
 from __future__ import annotations
 
+import dataclasses
 import html
 
 import matplotlib.pyplot as plt
@@ -67,6 +68,10 @@ def test_probe_by_site_has_one_row_per_site_and_one_column_per_filled_slot(gt_sw
         for j, p in enumerate(filled):
             want = sw.values[h, L, sw.labels["position"].index(p), s]
             assert torch.equal(r.values[i, j], want) or (torch.isnan(want) and torch.isnan(r.values[i, j])), site
+    unfitted = sw.values.clone()
+    unfitted[0, 1] = float("nan")  # a (hook, layer) cell of the grid that was not fitted (e.g. one layer's resid_pre)
+    assert viz.probe_by_site(dataclasses.replace(sw, values=unfitted), "5").labels["site"] == \
+        [site for i, site in enumerate(r.labels["site"]) if i != 1]
     with pytest.raises(ProbekitError, match="split 'nope'"):
         viz.probe_by_site(sw, "nope")
     with pytest.raises(ProbekitError, match="needs a probe sweep"):
@@ -80,7 +85,7 @@ def test_probe_accuracy_draws_a_sweep_by_length_with_its_chance(gt_sweep):
     assert {"length 5", "length 8", "chance"} <= set(lines)
     assert float(lines["chance"].get_ydata()[0]) == pytest.approx(viz.probe_chance(sw))
     h, p = sw.labels["hook"].index("hook_resid_post"), sw.labels["position"].index("all")
-    panel = [ax for ax in fig.axes if ax.get_title() == "resid_post"][0]
+    panel = [ax for ax in fig.axes if ax.get_title() == "residual stream, block output"][0]  # hook_resid_post
     y = [ln for ln in panel.get_lines() if ln.get_label() == "length 8"][0].get_ydata()
     assert torch.allclose(torch.tensor(y, dtype=torch.float32), sw.values[h, :, p, sw.labels["split"].index("8")])
     plt.close(fig)

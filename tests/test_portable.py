@@ -1,16 +1,19 @@
 """Portable probes: a probe fitted by probekit on a Hugging Face GPT-2 (as a TransformerLens bridge), exported,
 and applied without probekit from plain torch, from nnsight and from pyvene; evaluation of a batch without a task.
 
-The GPT-2 is built locally from a `transformers.GPT2Config` (random weights, no download).
+The GPT-2 is built locally from a `transformers.GPT2Config` (random weights, no download; the ``gpt2`` fixture
+and the copy-task helpers are in conftest.py).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import COPY_K, GPT2_VOCAB, copy_batch, gpt2_bridge, tiny_gpt2
 
 from probekit.activations import collect
 from probekit.evaluate import evaluate_batch
@@ -18,51 +21,7 @@ from probekit.probes import Probe, ProbeModelWarning, fit_probe
 from probekit.tasks import Batch, ProbekitError
 
 HOOK = "blocks.1.hook_resid_post"  # <-> the output of transformer.h[1]
-VOCAB, K = 50, 6  # token ids 1..49 to copy, 0 the separator; K tokens copied
-
-
-def _gpt2(seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def _bridge(hf, name: str):
-    """`TransformerBridge.boot_transformers` on a local model, with a local tokenizer (nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", unk_token="t0")  # no BOS: nothing to fetch
-    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device="cpu").eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    """(bridge, hf): the bridge wraps (and edits in place) one copy; ``hf`` is an untouched copy of the same weights."""
-    hf = _gpt2(0)
-    ref = copy.deepcopy(hf)
-    return _bridge(hf, "gpt2-tiny-local"), ref
-
-
-def copy_batch(n: int, seed: int) -> Batch:
-    """The toy copy task: K tokens, the separator 0, the same K tokens again (the answer).
-
-    Features: ``token`` (the token at each position, an integer class) and ``scaled`` (token / 49, a float;
-    NaN at the separator).
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, VOCAB, (n, K), generator=g)
-    tokens = torch.cat([x, torch.zeros(n, 1, dtype=torch.long), x], 1)
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, K + 1:] = True
-    scaled = tokens.float() / (VOCAB - 1)
-    scaled[:, K] = float("nan")
-    return Batch.from_tokens(tokens, mask, {"token": tokens, "scaled": scaled}, name="copy")
+VOCAB, K = GPT2_VOCAB, COPY_K  # token ids 1..49 to copy, 0 the separator; K tokens copied
 
 
 def load_export(folder):
@@ -168,7 +127,7 @@ def test_gpt2_probe_warns_on_other_weights_and_refuses_other_architectures(gpt2,
     from probekit.model import ModelConfig, build_model
 
     probe, folder = exported["token"]
-    other = _bridge(_gpt2(1), "gpt2-tiny-other")
+    other = gpt2_bridge(tiny_gpt2(1), "gpt2-tiny-other")
     with pytest.warns(ProbeModelWarning, match="fitted on other weights"):
         Probe.load(folder, model=other)
     fp = probe.meta["fingerprint"]
@@ -218,26 +177,57 @@ def test_evaluate_batch_without_a_task(gpt2):
         evaluate_batch(bridge, Batch.from_tokens(torch.ones(2, 40, dtype=torch.long), long_mask))
 
 
-def test_bring_your_own_lines(gpt2, tmp_path):
-    """The lines of docs/guide.md ("Your own model and your own data") on the GPT-2 bridge: a probe and a patching
-    sweep on custom data."""
-    from probekit.corruptions import make_pair
-    from probekit.patching import sweep
+ROOT = Path(__file__).resolve().parent.parent
 
-    model, _ = gpt2
+
+def _python_blocks(path: str, section: str, n: int) -> str:
+    """The first ``n`` ```python blocks after the line that starts with ``section`` in ``path``, joined."""
+    text = (ROOT / path).read_text()
+    at, blocks = text.index(f"\n{section}"), []
+    for _ in range(n):
+        at = text.index("```python\n", at) + len("```python\n")
+        end = text.index("```", at)
+        blocks.append(text[at:end])
+        at = end + 3
+    return "\n".join(blocks)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Any hub look-up (config, tokenizer, weights) fails the test; files land in ``tmp_path``."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a hub download was attempted: from_pretrained{args[:1]}")
+
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM,
+                transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    tokens = torch.randint(1, 50, (200, 6)).repeat(1, 2)  # a list, then the list again
-    answer = torch.zeros_like(tokens, dtype=torch.bool)
-    answer[:, 6:] = True  # the copy is the answer
-    batch = Batch.from_tokens(tokens, answer, {"token": tokens, "value": tokens / 49.0})
-    probe = fit_probe(model, batch, "token", "blocks.1.hook_resid_post")
-    assert probe.score(model, batch).value > 0.9
-    assert fit_probe(model, batch, "value", "blocks.1.hook_resid_post").kind == "ridge"
-    probe.save(tmp_path / "my_probe")
-    bad = tokens.clone()
-    bad[:, 0] = bad[:, 6] = bad[:, 0] % 49 + 1  # another first element, and its copy
-    res = sweep(model, make_pair(batch, Batch.from_tokens(bad, answer)), "resid_pre")
+
+
+def _check_probe_and_sweep(ns: dict, res) -> None:
+    model, batch, probe = ns["model"], ns["batch"], ns["probe"]
+    assert type(model.original_model).__name__ == "GPT2LMHeadModel" and not model.training
+    assert probe.kind == "logistic" and probe.score(model, batch).value > 0.9  # the token is linearly readable
     assert res.axes == ("layer", "pos") and tuple(res.values.shape) == (2, 12)
     # layer 0, before any mixing: only the changed positions carry the difference
     assert float(res.values[0, 0]) == pytest.approx(1.0, abs=1e-4)
     assert res.values[0, 1:6].abs().max() < 1e-4
+
+
+def test_bring_your_own_lines(offline, tmp_path):
+    """The README's block and the two blocks of docs/guide.md ("Your own model and your own data"), run as written:
+    a GPT-2 from a config, a probe and a patching sweep on custom data, and nothing downloaded."""
+    import probekit.sweep  # noqa: F401  (as after probekit.run_sweep: the attribute probekit.sweep is now the module)
+
+    readme: dict = {}
+    exec(compile(_python_blocks("README.md", "Your own model and data", 1), "README.md", "exec"), readme)
+    _check_probe_and_sweep(readme, readme["effects"])
+    guide: dict = {}
+    exec(compile(_python_blocks("docs/guide.md", "## Your own model and your own data", 2), "docs/guide.md", "exec"),
+         guide)
+    _check_probe_and_sweep(guide, guide["res"])
+    assert fit_probe(guide["model"], guide["batch"], "value", "blocks.1.hook_resid_post").kind == "ridge"
+    assert (tmp_path / "my_probe" / "probe.json").is_file()

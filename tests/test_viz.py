@@ -232,6 +232,24 @@ def test_titles_and_colour_bars_say_what_is_shown_in_words():
     assert "(nats)" in _colorbar_labels(abl)[0]
 
 
+def test_every_known_kind_gets_a_title_in_words():
+    """No title carries a result's kind, a hook name or a corruption called "custom"."""
+    settings = {"metric": "logit-diff", "site": "resid_pre", "receiver": "q", "corruption": {"kind": "custom"},
+                "feature": "carry_out", "method": "zero"}
+    kinds = ["patch_resid_pre_by_pos", "patch", "path_patch_q", "exact_patch_heads", "exact_patch_mlp",
+             "attrib_patch_heads", "dla_head", "head_ablation_sweep", "probe for carry_out", "composition_k",
+             *viz.KIND_WORDS]
+    titles = {k: viz.describe(Result(k, torch.zeros(2, 2), ("layer", "head"), {}, settings))[0] for k in kinds}
+    for kind, title in titles.items():
+        assert "_" not in title and "custom" not in title and title[0].isupper(), (kind, title)
+    assert titles["path_patch_q"] == "Path patching into the queries, clean vs corrupted pairs: share of logit " \
+        "difference restored"
+    assert titles["patch_resid_pre_by_pos"].startswith("Residual-stream (block input) patching")
+    assert titles["composition_k"] == "K-composition between heads (from the weights)"
+    assert viz.in_words("blocks.1.hook_resid_mid") == "residual stream after attention"
+    assert viz.in_words("carry_out") == "carry out"
+
+
 def test_facets_share_one_colour_scale_and_wrap_into_a_grid():
     r = Result("dla_head", torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(1)), ("pos", "layer", "head"),
                {}, {"metric": "logit"})
@@ -312,6 +330,6 @@ def test_probe_accuracy_title_and_labels():
     acc = Result("probe for carry_out", torch.tensor([[0.5, 0.4], [0.9, 0.7]]), ("layer", "length"),
                  {"length": ["5", "7"]}, {"feature": "carry_out"})
     fig = viz.probe_accuracy(acc)
-    assert fig._suptitle.get_text() == "Linear probe for carry_out: held-out accuracy by layer"
+    assert fig._suptitle.get_text() == "Linear probe for carry out: held-out accuracy by layer"
     assert fig.axes[0].get_ylabel() == "probe accuracy (fraction correct)"
     assert list(fig.axes[0].get_xticks()) == [0, 1]

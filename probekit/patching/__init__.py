@@ -28,7 +28,7 @@ Metrics are `probekit.metrics`'s (``logit-diff``, ``logit``, ``logprob``, ``prob
 evaluated (`probekit.metrics.digit_step`: answer digit k of a product); values are averaged over
 steps, then over the batch.
 
-The native engine (models built by probekit and any TL-native bridge; built on the partial
+The native engine (models built by probekit, any TL-native bridge and a Hugging Face GPT-2 bridge; built on the partial
 recomputation of `probekit.forward`) runs K patches as K groups of batch rows in one pass and recomputes only what a patch can change: it starts at the first patched layer
 from the cached unpatched run, tracks the positions whose residual differs from that run (keys and
 values are recomputed only there; under causal attention only later queries can change), computes

@@ -67,7 +67,7 @@ class HookEngine:
         for k, group in enumerate(patches):
             for c in group:
                 if isinstance(c, PathPatch):
-                    raise ProbekitError("path patching needs the native engine (a TL-native bridge); "
+                    raise ProbekitError("path patching needs the native engine (a TL-native or GPT-2 bridge); "
                                         "this model has another architecture")
                 site = "attn_out" if c.site == "resid_mid" else c.site
                 by_hook.setdefault(hook_name(site, c.layer), []).append((k, c))

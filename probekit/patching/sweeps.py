@@ -55,7 +55,7 @@ def make_engine(model, engine: str) -> NativeEngine | HookEngine:
     if engine not in ("auto", "native", "hooks"):
         raise ProbekitError(f"unknown engine {engine!r}; expected 'auto', 'native' or 'hooks'")
     if engine == "native" and not supports_native(model):
-        raise ProbekitError("engine 'native' needs a TL-native TransformerBridge (as built by probekit); use engine='hooks'")
+        raise ProbekitError("engine 'native' needs a TL-native or Hugging Face GPT-2 TransformerBridge; use engine='hooks'")
     if engine == "hooks" or (engine == "auto" and not supports_native(model)):
         return HookEngine(model)
     return NativeEngine(model)
@@ -374,6 +374,9 @@ def path_patch(model, pair: CorruptedPair, receiver: str = "logits", *, sender: 
     """
     if receiver not in RECEIVERS:
         raise ProbekitError(f"unknown path receiver {receiver!r}; expected one of {list(RECEIVERS)}")
+    if not supports_native(model):
+        raise ProbekitError("path patching needs a TL-native or Hugging Face GPT-2 TransformerBridge (probekit's own "
+                            f"forward); got {type(getattr(model, 'original_model', model)).__name__}")
     nl, nh = model.cfg.n_layers, model.cfg.n_heads
     if sender is not None:
         if len(sender) != 2:
