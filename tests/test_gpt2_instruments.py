@@ -383,9 +383,14 @@ def test_edges_into_q_k_v_equal_recomputing_that_input_in_the_hf_model(gpt2_copy
 
 
 def test_eap_scores_into_the_logits_are_gradients_of_the_hf_model(gpt2_copy, pair):
-    """EAP: (corrupted - clean output of the sender) . d metric / d (final residual) at the clean run."""
+    """Textbook EAP (norm="linear"): (corrupted - clean output of the sender) . d metric / d (final residual)
+    at the clean run; with norm="exact" (the default) edges into the logits score their exact effect."""
     model, hf = gpt2_copy
-    rep = E.edge_report(model, pair, ablation=None)
+    rep = E.edge_report(model, pair, ablation=None, norm="linear")
+    exact = E.edge_report(model, pair, ablation=None)
+    for lab, s, x in zip(exact.labels, exact.scores.tolist(), exact.exact.tolist(), strict=True):
+        if lab.endswith("->logits"):
+            assert s == pytest.approx(x, abs=1e-5)
     sc = dict(zip(rep.labels, rep.scores.tolist(), strict=True))
     final = {}
 
