@@ -3,7 +3,7 @@
     .venv/bin/python analyses/ship.py GRID OUT CONFIG NAME [--seed 0] [--overwrite]
     e.g. .venv/bin/python analyses/ship.py analyses/zoo/sort-extrap.json runs/sweeps/sort-extrap nope sort-extrap
 
-Copies ``OUT/CONFIG/seed<k>`` into ``models/NAME`` (`probekit.sweep.ship`), writes ``models/NAME/seeds.json``
+Copies ``OUT/CONFIG/seed<k>`` into ``models/NAME`` (`probekit.grid.ship`), writes ``models/NAME/seeds.json``
 (the sweep's summary rows of CONFIG: mean over seeds with its interval, each seed's value) and the card.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from make_cards import MODELS, card
 
+from probekit.grid import load_grid, ship, summarize
 from probekit.io import write_json, write_text
-from probekit.sweep import load_grid, ship, summarize
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Sweep overhead: `probekit.sweep.run_sweep` on a two-job grid vs the same two jobs run by hand in one loop.
+"""Sweep overhead: `probekit.grid.run_sweep` on a two-job grid vs the same two jobs run by hand in one loop.
 
 Both train the same tiny sorting models (same configs, same seeds) and evaluate them at the same
 lengths. The sweep's jobs each ask for every core, so they run one at a time as the loop does.
@@ -37,7 +37,7 @@ def _grid(folder: Path, steps: int) -> Path:
 
 def _by_hand(grid_path: Path, out: Path) -> float:
     from probekit.evaluate import evaluate
-    from probekit.sweep import load_grid, parse_run
+    from probekit.grid import load_grid, parse_run
     from probekit.train import train
 
     grid = load_grid(grid_path)
@@ -52,7 +52,7 @@ def _by_hand(grid_path: Path, out: Path) -> float:
 
 
 def run(quick: bool = False) -> dict:
-    from probekit.sweep import ray_session, run_sweep
+    from probekit.grid import ray_session, run_sweep
 
     steps = 30 if quick else 150
     threads = torch.get_num_threads()

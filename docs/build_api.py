@@ -38,7 +38,7 @@ MODULES = [
     "probekit.studies",
     "probekit.studies.sorting",
     "probekit.compare",
-    "probekit.sweep",
+    "probekit.grid",
     "probekit.checks",
     "probekit.report",
     "probekit.commands",

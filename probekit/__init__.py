@@ -61,7 +61,7 @@ _LAZY = {
     "das_sweep": "probekit.interventions",
     "run_report": "probekit.report",
     "compare_models": "probekit.compare",
-    "run_sweep": "probekit.sweep",
+    "run_sweep": "probekit.grid",
     "Hypothesis": "probekit.stats",
     "judge": "probekit.stats",
     "bootstrap_ci": "probekit.stats",

@@ -374,7 +374,7 @@ def sweep_cmd(
 
     Example: probekit sweep analyses/zoo/sort-extrap.json --out runs/sweeps/sort-extrap --dry-run
     """
-    from probekit.sweep import load_grid, run_sweep, write_tables
+    from probekit.grid import load_grid, run_sweep, write_tables
     from probekit.tasks import ProbekitError
 
     selected = None if jobs is None else [s.strip() for s in jobs.split(",") if s.strip()]

@@ -106,7 +106,7 @@ def test_good_configs_pass_the_same_checks(tmp_path):
 def test_zoo_configs_validate():
     from pathlib import Path
 
-    from probekit.sweep import load_grid, parse_run
+    from probekit.grid import load_grid, parse_run
     from probekit.train import load_run_config
 
     zoo = Path(__file__).parent.parent / "analyses" / "zoo"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from probekit.cli import main
-from probekit.sweep import grid_from_dict, load_grid, run_sweep, seed_interval, ship, write_tables
+from probekit.grid import grid_from_dict, load_grid, run_sweep, seed_interval, ship, write_tables
 from probekit.tasks import ProbekitError
 
 BASE = {
@@ -42,7 +42,7 @@ def write_grid(folder: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from probekit.sweep import ray_session
+    from probekit.grid import ray_session
 
     with ray_session(num_cpus=2):
         yield
@@ -144,8 +144,8 @@ def test_zoo_grids_hold_the_shipped_recipes(grid, config):
     adopts the model folder as the finished job), and another configuration's is not."""
     from dataclasses import replace
 
+    from probekit.grid import trained_as
     from probekit.model import MODELS_DIR
-    from probekit.sweep import trained_as
 
     g = load_grid(ROOT / "analyses" / "zoo" / f"{grid}.json")
     folder = MODELS_DIR / SHIPPED_FROM[grid, config]
@@ -205,8 +205,8 @@ def test_a_killed_job_resumes_from_its_checkpoint(swept, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from probekit.grid import parse_run
     from probekit.model import load_model
-    from probekit.sweep import parse_run
     from probekit.train import CHECKPOINT, checkpoint_meta, train
 
     grid, out, _ = swept
@@ -295,7 +295,7 @@ def test_threads_sets_the_jobs_torch_threads_and_is_checked(swept, tmp_path):
     """--threads reaches the job: run_job sets torch's threads from it, and the job finishes."""
     from dataclasses import replace
 
-    from probekit.sweep import run_job
+    from probekit.grid import run_job
 
     grid, out, _ = swept
     with pytest.raises(ProbekitError, match="threads must be a positive integer, got 0"):
