@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class _Model:
 
 def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "sort-predecessor"),
                lengths: tuple[int, ...] = (10, 20, 50, 100), size: str = "default", seed: int = 0,
-               sweep=None) -> Study:
+               sweep: str | Path | None = None) -> Study:
     """What the successor hint changes in the lookup of each sorting model, with intervals and verdicts.
 
     ``models``: the shipped sorting models (the first without a hint objective is the baseline the hinted
@@ -78,7 +79,7 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
     keeps those <= 50); ``sweep``: an optional `probekit.sweep` output folder whose finished jobs give the
     hint gap over seeds (configurations trained with a hint objective against those without).
     """
-    sz = _size(size) | EXTRA[size]
+    sz = _size(size) | EXTRA.get(size, EXTRA["default"])
     st, have, cmd = _begin("hint", "Hint mechanism: what the successor hint changes in the lookup", models, size)
     gap = _seed_gap(st, sweep, size) if sweep is not None else None
     if not have:
@@ -202,12 +203,8 @@ def _choose_heads(st: Study, m: _Model, samples: _Samples, sz: dict, seed: int, 
                  "lo": r[1], "hi": r[2], "selection_estimate": est[j][0] if L == m.train_len else None,
                  "selection_lo": est[j][1] if L == m.train_len else None})
         st.results[f"{m.name}/patch_z_len{L}"] = _patch_result(m, a, samples.get(m.task, "test", L))
-    top, second = m.heads[order[0]], m.heads[order[1]]
-    d = _restoration(test, order[0], sz, seed, minus=order[1])
-    st.test(Hypothesis(f"{m.name}: one head carries the successor lookup (the head that restores most on the "
-                       f"selection pairs, {_label(top)}, restores more than the runner-up {_label(second)} on "
-                       "held-out pairs)", "restoration(top) - restoration(runner-up)", ">", 0.0),
-            d[0], d[1:], cmd, {"top": _share(test, order[0]), "runner-up": _share(test, order[1])}, n=len(test))
+    if len(order) > 1:
+        _single_head(st, m, test, order, sz, seed, cmd)
     j = _restoration(test, len(m.heads), sz, seed)
     st.test(Hypothesis(f"{m.name}: the chosen heads ({', '.join(map(_label, m.chosen))}) together carry the "
                        "successor (patched jointly they restore at least half of the logit difference)",
@@ -222,6 +219,16 @@ def _choose_heads(st: Study, m: _Model, samples: _Samples, sz: dict, seed: int, 
                              f"{_ci(_restoration(m.patch[L], m.heads.index(h), sz, seed))}" for h in m.chosen)
                  + f"; all chosen heads together {_ci(j)} -> {_ci(_restoration(m.patch[L], len(m.heads), sz, seed))}.",
                  cmd)
+
+
+def _single_head(st: Study, m: _Model, test: np.ndarray, order: list[int], sz: dict, seed: int, cmd: str) -> None:
+    """Does the head ranked first on the selection pairs restore more than the runner-up on the test pairs?"""
+    top, second = m.heads[order[0]], m.heads[order[1]]
+    d = _restoration(test, order[0], sz, seed, minus=order[1])
+    st.test(Hypothesis(f"{m.name}: one head carries the successor lookup (the head that restores most on the "
+                       f"selection pairs, {_label(top)}, restores more than the runner-up {_label(second)} on "
+                       "held-out pairs)", "restoration(top) - restoration(runner-up)", ">", 0.0),
+            d[0], d[1:], cmd, {"top": _share(test, order[0]), "runner-up": _share(test, order[1])}, n=len(test))
 
 
 def _patch_result(m: _Model, a: np.ndarray, pair):
@@ -591,8 +598,6 @@ def _hint_task_stage(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str)
 
 def _seed_values(out) -> tuple[dict, dict]:
     """``({config: {length: [exact match per finished seed]}}, {config: hint objectives})`` from a sweep folder."""
-    from pathlib import Path
-
     from probekit.sweep import grid_from_dict, job_state, read_metrics
     from probekit.tasks import ProbekitError, task_from_spec
 
