@@ -49,7 +49,6 @@ from probekit.attribution import all_heads, head_label
 from probekit.circuits import qk_circuit, random_circuits, row_scores
 from probekit.corruptions import corrupt
 from probekit.evaluate import evaluate
-from probekit.io import write_text
 from probekit.interventions import (
     Location,
     SubspaceInterchange,
@@ -60,6 +59,7 @@ from probekit.interventions import (
     random_subspace,
     source_value,
 )
+from probekit.io import write_text
 from probekit.patching import Component, patch
 from probekit.probes import probe_sweep
 from probekit.stats import bootstrap_ci, chance_normalised_attention, majority_baseline, token_baseline
@@ -141,12 +141,16 @@ viz.show(viz.interval_plot(rows, "head", y="restored", hue="model", reference=0.
                            ylabel="share of logit difference restored", title="Each head's output patched (held-out pairs)"))
 
 # %% [markdown]
-# Several heads restore comparable shares, and the single-head shares add up to more than 1: the lookup
-# is spread over heads that overlap, not held by one. The comparison that matters for the hint is the
-# *same* head in both models, on the *same* pairs (a paired bootstrap: one resample draws the same pairs
-# for both models).
+# How to read it: if several heads restore comparable shares with overlapping intervals, no single head
+# is "the" lookup head; if the single-head shares add up to more than 1, their effects overlap (each
+# alone restores part of what the others do). The comparison that matters for the hint is the *same*
+# head in both models, on the *same* pairs (a paired bootstrap: one resample draws the same pairs for
+# both models).
 
 # %%
+for name in models:
+    total = sum(share(patched[name], heads.index(h)) for h in chosen[name])
+    print(f"{name}: single-head shares of the chosen heads sum to {total:.2f}")
 top = chosen["sort-successor"][0]
 j = heads.index(top)
 both = np.hstack([patched["sort-successor"], patched["sort-baseline"]])
