@@ -13,19 +13,24 @@
 #
 # `sort-successor` was trained on sorting **and** on a successor hint (given an element, write the
 # element that follows it in sorted order); `sort-baseline` on sorting only. Both are 2-layer NoPE
-# models trained on lists of 1 to 20 values. Each sort step must find the *successor* of the value just
-# written: the smallest remaining input value. We look for the head that does this lookup and follow it
-# from length 10 to 100:
+# models trained on lists of 1 to 20 values from 0..63, with repeats. A sort step writes either another
+# copy of the value just written (a *repeat step*) or the next larger value (a *new-value step*); both
+# need the list, and both are asked of every step.
 #
-# 1. **accuracy** by length (greedy, exact match),
-# 2. **lookup head**: the head whose largest attention weight most often falls on a copy of the next
-#    output (`top1`), and how sharp it stays as the list grows,
-# 3. **probe** for the next output (`target`) by layer, fitted at length 20, scored at every length,
-# 4. **patching** with `successor-change` pairs: how much of the answer the lookup head's clean output restores.
+# What does the hint change in the mechanism, and does the hinted model's own lookup extrapolate? The
+# notebook walks through the evidence the packaged study (`probekit.studies.hint_study`) uses:
 #
-# Does the hint create the lookup, sharpen it, or keep it sharp at lengths never seen in training, or
-# none of these? The notebook prints the numbers; the last section says how to read them.
-# The weak-hint model `sort-predecessor` (trained with the predecessor hint) is included when shipped.
+# 1. **accuracy** by length, on sorting and on the hint task itself;
+# 2. **components by causal effect**: each head's output patched under `successor-change` pairs, with
+#    bootstrap intervals over pairs; heads chosen on one sample and tested on another; the *same* head
+#    compared across models;
+# 3. **weights**: the chosen heads' QK circuits against heads with random weights;
+# 4. **interchange interventions** on the next value: a head's output, and a DAS subspace, swapped in from a
+#    list with the same previous output and another next value;
+# 5. **attention**, as description only: normalised to chance and split by step type;
+# 6. **probes** held out at every length, beside the majority-class and token-only baselines.
+#
+# Every number that enters a claim carries a 95 % interval; the verdicts come from the intervals.
 
 # %%
 # %matplotlib inline
@@ -33,37 +38,55 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
-from IPython.display import display
 
 import probekit
 from probekit import viz
-from probekit.attribution import head_attention_to
+from probekit.activations import collect
+from probekit.attribution import all_heads, head_label
+from probekit.circuits import qk_circuit, random_circuits, row_scores
 from probekit.corruptions import corrupt
 from probekit.evaluate import evaluate
-from probekit.patching import sweep
-from probekit.probes import probe_lengths
-from probekit.results import Result, stack_results
+from probekit.interventions import (
+    Location,
+    SubspaceInterchange,
+    Where,
+    counterfactual_pairs,
+    fit_das,
+    interchange_correct,
+    random_subspace,
+    source_value,
+)
+from probekit.io import write_text
+from probekit.patching import Component, patch
+from probekit.probes import probe_sweep
+from probekit.stats import bootstrap_ci, chance_normalised_attention, majority_baseline, token_baseline
 from probekit.studies import hint_study, value_mask
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: text progress bars
-# Size knob: the test suite sets PROBEKIT_NB_SMALL=1 and runs this notebook at toy scale in well under a minute.
+# Size knob: the test suite sets PROBEKIT_NB_SMALL=1 and runs this notebook at toy scale.
 SMALL = os.environ.get("PROBEKIT_NB_SMALL") == "1"
 OUT = Path(os.environ.get("PROBEKIT_NB_OUT", "../reports/notebooks")) / "03_hint_mechanism"  # files this notebook writes
 OUT.mkdir(parents=True, exist_ok=True)
-MODELS = ["sort-baseline", "sort-successor"] + [m for m in ["sort-predecessor"] if m in probekit.shipped_models()]
-LENGTHS = [10, 20, 40] if SMALL else [10, 20, 30, 50, 100]  # trained: 1..20
-PATCH_LENGTHS = [20, 40] if SMALL else [20, 50, 100]
-N_EVAL = 32 if SMALL else 500        # examples per length for greedy evaluation
-N_ROLE = 32 if SMALL else 200        # examples per length for attention statistics
-N_PROBE = 256 if SMALL else 2000     # probe training examples (length 20)
-N_PATCH = 24 if SMALL else 128       # successor-change pairs per length
-REF = 20                             # the length at which the lookup head is chosen
+MODELS = ["sort-baseline", "sort-successor"] + ([] if SMALL else
+                                                [m for m in ["sort-predecessor"] if m in probekit.shipped_models()])
+TRAIN = 20                                    # trained on lengths 1..20
+LENGTHS = [10, 20, 40] if SMALL else [10, 20, 50, 100]
+N_EVAL = 32 if SMALL else 500                 # lists per length, greedy evaluation
+N_PATCH = 24 if SMALL else 128                # successor-change pairs per sample
+N_ROLE = 32 if SMALL else 200                 # lists per length, attention statistics
+N_PROBE = 256 if SMALL else 1000              # probe training lists (length 20)
+N_DAS = 64 if SMALL else 1000                 # counterfactual pairs for the interchange interventions
+BOOT = 200 if SMALL else 1000                 # bootstrap resamples
 print("size:", "small" if SMALL else "research", "| shipped models:", probekit.shipped_models())
 
 # %% [markdown]
-# ## 1. Accuracy by length
+# ## 1. Accuracy by length, on sorting and on the hint task
+#
+# The hinted model also answers its own hint objective (queries given, answers decoded): its accuracy
+# there says how well the lookup itself was learned, separately from sorting.
 
 # %%
 models, evals = {}, {}
@@ -72,163 +95,179 @@ for name in MODELS:
     models[name] = (model, task)
     evals[name] = evaluate(model, task, LENGTHS, n=N_EVAL, seed=0, name=name)
     print(name, "trained on", conf["train"]["lengths"], "objectives", conf["train"].get("objectives"))
-viz.show(viz.accuracy_vs_length(evals, train_lengths=(1, 20), title="sorting: exact match vs length"))
-
-# %% [markdown]
-# The hinted model also answers its hint objective; its accuracy says how well the lookup itself was
-# learned, separately from sorting.
-
-# %%
 model, task = models["sort-successor"]
-hint_ev = evaluate(model, task.with_objective("successor"), LENGTHS, n=N_EVAL, seed=0, name="sort-successor (successor hint)")
-hint_ev.to_frame()[["length", "objective", "exact_match", "token_acc"]]
+evals["sort-successor (its successor hint)"] = evaluate(model, task.with_objective("successor"), LENGTHS, n=N_EVAL,
+                                                        seed=0, name="sort-successor (successor hint)")
+viz.show(viz.accuracy_vs_length(evals, train_lengths=(1, TRAIN), title="Exact match vs length (greedy decoding)"))
+evals["sort-successor (its successor hint)"].to_frame()[["length", "exact_match", "ci_low", "ci_high", "token_acc"]]
 
 # %% [markdown]
-# ## 2. The lookup head
+# ## 2. Components by causal effect
 #
-# For every head and length: `top1`, the fraction of sort steps whose largest attention weight lands on
-# a copy of the value to write next (`probekit.studies.value_mask`), `mass`, the attention on those
-# copies, and `chance`, uniform attention. The lookup head of each model is the head with the highest
-# `top1` at length 20.
+# A `successor-change` pair changes one input value so that the sorted prefix is kept but the next output
+# changes. Each head's clean output is patched into the corrupted run (across positions); the share of
+# the clean-vs-corrupted logit difference it restores is a ratio of means over pairs, and its interval
+# resamples pairs. The heads of each model are *chosen* on one sample (interval above 0.10) and
+# *measured* on another, so the choice does not inflate the numbers.
 
 # %%
-roles, lookup = {}, {}
+def share(a, j):
+    """Share of the logit difference group j restores; columns: groups..., clean, corrupted."""
+    return (a[:, j].mean() - a[:, -1].mean()) / (a[:, -2].mean() - a[:, -1].mean())
+
+
+def per_example(model, pair, heads):
+    r = patch(model, pair, [Component("z", L, h) for L, h in heads], normalize=False, per_example=True)
+    return np.column_stack([r.extra["per_example"].T.numpy(), r.extra["clean_per_example"].numpy(),
+                            r.extra["corrupted_per_example"].numpy()])
+
+
+task = models[MODELS[0]][1]
+heads = all_heads(models[MODELS[0]][0])
+select = corrupt(task, task.sample(N_PATCH, length=TRAIN, seed=1), "successor-change", seed=1)
+test = corrupt(task, task.sample(N_PATCH, length=TRAIN, seed=2), "successor-change", seed=2)
+chosen, patched, rows = {}, {}, []
+for name, (model, _) in models.items():
+    sel = per_example(model, select, heads)
+    picks = [(bootstrap_ci(sel, lambda a, j=j: share(a, j), n_boot=BOOT), h) for j, h in enumerate(heads)]
+    chosen[name] = [h for (est, lo, hi), h in sorted(picks, key=lambda p: -p[0][0]) if lo > 0.10]
+    patched[name] = per_example(model, test, heads)  # the same held-out pairs for every model
+    for j, h in enumerate(heads):
+        est, lo, hi = bootstrap_ci(patched[name], lambda a, j=j: share(a, j), n_boot=BOOT)
+        rows.append({"model": name, "head": head_label(*h), "restored": est, "lo": lo, "hi": hi,
+                     "chosen": h in chosen[name]})
+    print(f"{name}: chosen heads {[head_label(*h) for h in chosen[name]]}")
+viz.show(viz.interval_plot(rows, "head", y="restored", hue="model", reference=0.10, reference_label="choice threshold",
+                           ylabel="share of logit difference restored", title="Each head's output patched (held-out pairs)"))
+
+# %% [markdown]
+# How to read it: if several heads restore comparable shares with overlapping intervals, no single head
+# is "the" lookup head; if the single-head shares add up to more than 1, their effects overlap (each
+# alone restores part of what the others do). The comparison that matters for the hint is the *same*
+# head in both models, on the *same* pairs (a paired bootstrap: one resample draws the same pairs for
+# both models).
+
+# %%
+for name in models:
+    total = sum(share(patched[name], heads.index(h)) for h in chosen[name])
+    print(f"{name}: single-head shares of the chosen heads sum to {total:.2f}")
+top = chosen["sort-successor"][0]
+j = heads.index(top)
+both = np.hstack([patched["sort-successor"], patched["sort-baseline"]])
+W = patched["sort-successor"].shape[1]
+d = bootstrap_ci(both, lambda a: share(a[:, :W], j) - share(a[:, W:], j), n_boot=BOOT)
+print(f"{head_label(*top)}: restored share, sort-successor - sort-baseline = {d[0]:.3f} [{d[1]:.3f}, {d[2]:.3f}]")
+
+# %% [markdown]
+# ## 3. Weights: the QK circuit of the chosen heads
+#
+# A successor lookup attends, from the previous output, to keys whose value lies above it. `succ_above`
+# (one value per query value) is the probability that a key above the query outscores a key at or below it
+# (0.5 = no order). Heads with random weights of the same norms, read through the same embeddings, give the
+# baseline.
+
+# %%
+crow = []
 for name, (model, task) in models.items():
-    per_len = []
+    hs = sorted({chosen[n][0] for n in models})
+    qk = qk_circuit(model, heads=hs, task=task)
+    for i, h in enumerate(hs):
+        est = bootstrap_ci(row_scores(qk.values[i])["succ_above"].numpy(), n_boot=BOOT)
+        rand = [float(row_scores(M)["succ_above"].mean()) for M in random_circuits(model, h, "qk", n=5, task=task).values]
+        crow.append({"model": name, "head": head_label(*h), "succ_above": est[0], "lo": est[1], "hi": est[2],
+                     "random heads (max of 5)": max(rand)})
+pd.DataFrame(crow)
+
+# %% [markdown]
+# ## 4. Interchange interventions on the next value
+#
+# Pairs of lists with the same previous output at step 10 and a different next value. Swapping in a head's
+# output (its `d_head` coordinates of `attn.hook_z`) from the source list should move the answer to the
+# source's next value if that head carries it; a random subspace of the same size is the control. DAS learns
+# an 8-dimensional subspace after the first layer's attention; the full vector is the ceiling.
+
+# %%
+task = models[MODELS[0]][1]
+at = Where(step=TRAIN // 2)
+pairs = counterfactual_pairs(task, N_DAS, TRAIN, vary="target", hold=["prev_output"], at=at,
+                             target=source_value("target", at), seed=0)
+irow = []
+for name, (model, _) in models.items():
+    h = chosen[name][0]
+    nH, dh = model.cfg.n_heads, model.cfg.d_head
+    loc = Location("attn.hook_z", h[0], at)
+    mine = interchange_correct(model, pairs, loc, SubspaceInterchange(torch.eye(nH * dh)[h[1] * dh:(h[1] + 1) * dh]))
+    ctrl = interchange_correct(model, pairs, loc, random_subspace(nH * dh, dh, seed=0))
+    fit = fit_das(model, pairs, Location("resid_mid", 0, at), k=8, steps=5 if SMALL else 150, n_controls=1, n_boot=BOOT)
+    irow.append({"model": name, "head": head_label(*h), "head IIA": float(mine.float().mean()),
+                 "random subspace": float(ctrl.float().mean()), "DAS IIA (resid_mid L0)": fit.iia,
+                 "DAS 95 %": fit.interval, "DAS control": float(fit.control.mean()), "full vector": fit.ceiling})
+pd.DataFrame(irow)
+
+# %% [markdown]
+# ## 5. Attention, normalised to chance and split by step type
+#
+# The attention a head puts on the copies of the next value, over what uniform attention over the list
+# would put there (1 = chance), for repeat steps and new-value steps separately, with intervals that
+# resample lists. Pooling the two step types hides that long lists hold more repeat steps.
+
+# %%
+arow = []
+for name, (model, task) in models.items():
+    h = chosen["sort-successor"][0]  # the same head in every model
     for L in LENGTHS:
         b = task.sample(N_ROLE, length=L, seed=L)
-        per_len.append(head_attention_to(model, b, value_mask(b)))
-    roles[name] = stack_results(per_len, "length", LENGTHS, kind="lookup attention")  # length head stat
-    ref = LENGTHS.index(REF)
-    lookup[name] = int(roles[name].values[ref, :, 1].argmax())
-    print(f"{name}: lookup head {roles[name].labels['head'][lookup[name]]}")
-top1 = Result("top-1 attention on the next output", torch.stack([r.values[..., 1] for r in roles.values()]),
-              ("model", "length", "head"), {"model": list(roles), "length": [str(L) for L in LENGTHS],
-                                             "head": roles[MODELS[0]].labels["head"]})
-viz.show(viz.heatmap(top1, rows="length", cols="head", facet="model", cmap="viridis", symmetric=False))
+        q = b.features["step"] >= 0
+        types = np.where((b.features["target"] == b.features["prev_output"])[q].numpy(), "repeat", "new")
+        ex = torch.arange(b.n)[:, None].expand_as(q)[q].numpy()
+        vis = (b.features["value"] >= 0)[:, None, :].expand(-1, b.seq_len, -1)[q].numpy()
+        _, cache = model.run_with_cache(b.tokens, names_filter=f"blocks.{h[0]}.attn.hook_pattern")
+        A = cache[f"blocks.{h[0]}.attn.hook_pattern"][:, h[1]][q].float().numpy()
+        for t, r in chance_normalised_attention(A, value_mask(b)[q].numpy(), types, visible=vis, groups=ex,
+                                                n_boot=BOOT).items():
+            arow.append({"model": name, "length": L, "step": f"{t}-value steps", "ratio": r["ratio"],
+                         "lo": r["ratio_ci95"][0], "hi": r["ratio_ci95"][1], "share of steps": r["n"] / len(types)})
+viz.show(viz.interval_plot(arow, "length", y="ratio", hue="model", facet="step", reference=1.0,
+                           reference_label="uniform over the list", log_x=True, xlabel="list length",
+                           ylabel="attention on the next value / uniform share",
+                           title=f"{head_label(*h)}: attention on the next value, by step type"))
 
 # %% [markdown]
-# The lookup head's attention on one length-20 example of each model (the full page, every head, is
-# written to `OUT`).
+# ## 6. Probes, held out at every length, beside two baselines
+#
+# A probe for the next value after the last attention layer, fitted at length 20 and scored on fresh
+# lists of every length (20 included). The token-only baseline is the best guess from the current input
+# token alone; a probe at that line holds nothing more about the next value than the token does.
 
 # %%
+prow = []
 for name, (model, task) in models.items():
-    L, h = divmod(lookup[name], model.cfg.n_heads)
-    page = viz.attention_html(model, task.sample(1, length=REF, seed=0), task=task, heads=[(L, h)],
-                              path=OUT / f"{name}_lookup_head.html", title=f"{name}: lookup head L{L}H{h}")
-    viz.show_html(page, height=480)
-
-# %% [markdown]
-# ## 3. Probing for the next output
-#
-# A probe for `target` at each layer (`resid_pre`: the layer's input, `resid_mid`: after its attention,
-# `resid_post`: after its MLP), fitted at length 20 and scored on every length. If the successor is
-# fetched by the lookup head, it becomes readable after that head's layer; a lookup that blurs with
-# length shows up as the probe's accuracy falling at long lengths. The last layer's `resid_post` feeds the
-# unembedding, so a correct model makes it readable there by construction; the informative sites are
-# the earlier ones.
-
-# %%
-probes = {}
-for name, (model, task) in models.items():
-    probes[name] = probe_lengths(model, task, "target", "resid_pre,resid_mid,resid_post", train_length=REF,
-                                 test_lengths=LENGTHS, n=N_PROBE, controls=["shuffle"])
-    viz.show(viz.probe_accuracy(probes[name],
-                            title=f"{name}: probe for the next output, trained at length {REF}"))
-
-# %% [markdown]
-# ## 4. Patching with successor-change pairs
-#
-# A `successor-change` pair changes one input value so that the written prefix is unchanged but the next
-# output changes. Each head's clean output is patched into the corrupted run; the value is the share of
-# the clean-vs-corrupted logit difference it restores (1 = clean).
-
-# %%
-patches = {}
-for name, (model, task) in models.items():
-    for L in PATCH_LENGTHS:
-        pair = corrupt(task, task.sample(N_PATCH, length=L, seed=3000 + L), "successor-change", seed=0)
-        patches[name, L] = sweep(model, pair, "z", by_pos=False, metric="logit-diff")
-heads = roles[MODELS[0]].labels["head"]
-patch_res = viz.flatten_heads(stack_results(  # head model length
-    {name: stack_results([patches[name, L] for L in PATCH_LENGTHS], "length", PATCH_LENGTHS) for name in models},
-    "model", kind="successor-change: head output patched"))
-viz.show(viz.heatmap(patch_res, rows="length", cols="head", facet="model"))
-
-# %% [markdown]
-# ## 5. Everything on one axis
-#
-# One row per model and length: exact match; the lookup head's top-1 rate and its attention mass on the
-# next output (a lookup whose attention spreads over more items as the list grows loses mass first); the
-# probe's accuracy at the input of the last layer (`probe_before_last`: is the next output computed
-# before the last layer?) and at its best site; and the share restored by patching the lookup head. In
-# the figures, solid lines are the mechanism metric, dashed lines exact match.
-
-# %%
-rows = []
-for name, (model, _) in models.items():
-    sw = probes[name]
-    last = sw.labels["layer"].index(str(model.cfg.n_layers - 1))
-    for i, L in enumerate(LENGTHS):
-        best, acc = sw.best(split=str(L))
-        before_last = sw.values[sw.labels["hook"].index("hook_resid_pre"), last, sw.labels["position"].index("all"),
-                                sw.labels["split"].index(str(L))]
-        rows.append({"model": name, "length": L, "exact_match": evals[name].exact_match(L),
-                     "lookup_head": heads[lookup[name]], "lookup_top1": float(roles[name].values[i, lookup[name], 1]),
-                     "lookup_mass": float(roles[name].values[i, lookup[name], 0]),
-                     "chance": float(roles[name].values[i, lookup[name], 2]),
-                     "probe_before_last": float(before_last), "probe_best": acc,
-                     "probe_best_site": f"{best['hook'].removeprefix('hook_')} L{best['layer']}",
-                     "patch_restored": float(patches[name, L].values.reshape(-1)[lookup[name]])
-                     if (name, L) in patches else None})
-table = pd.DataFrame(rows)
-display(table)
-viz.show(viz.mechanism_vs_length(rows, "lookup_top1", title="lookup head: top-1 attention on the next output"))
-viz.show(viz.mechanism_vs_length(rows, "probe_before_last", title="probe for the next output at the last layer's input"))
-
-# %% [markdown]
-# Read the table as follows. If only the hinted model has a head with a high `lookup_top1` at length 20,
-# the hint *created* the lookup; if both have one but the hinted model's is higher, it *sharpened* it;
-# if the two agree at 20 but diverge at 50-100 in step with exact match, the hint *keeps it sharp* as
-# length grows; if none of these holds, the hint does not act through this head. For the unhinted model,
-# a `lookup_mass` that falls with length while exact match falls says its failure is the lookup's
-# attention spreading over more items; a lookup that stays sharp while exact match falls points
-# elsewhere. The patching column checks that the head found by attention is also the one the answer
-# depends on.
-#
-# ## 6. What goes wrong: counting copies or the lookup
-#
-# Values repeat (0..63 with repeats), and long lists repeat them more: a sort step either writes another
-# copy of the value just written or a new value, which is the lookup's job. `sort_error_kinds` labels
-# each teacher-forced error as an extra copy, a dropped copy or a wrong new value, and reports the kind
-# of each list's first error (where greedy decoding goes wrong). Lists of *distinct* values need no
-# counting: if a model sorts them well at lengths where it fails on lists with repeats, the lookup
-# extrapolates and counting copies does not.
-
-# %%
-import dataclasses
-
-from probekit.evaluate import sort_error_kinds
-
-rows = []
-for name, (model, task) in models.items():
-    for L in LENGTHS:
-        e = sort_error_kinds(model, task.sample(N_ROLE, length=L, seed=L))
-        rows.append({"model": name, "length": L, "repeat_share": e["repeat_share"],
-                     "error_on_repeats": e["error_rate"]["repeat"], "error_on_new": e["error_rate"]["new"],
-                     **{f"first: {k}": v for k, v in e["first_error"].items()}})
-    L_D = min(50, task.n_values)
-    distinct = dataclasses.replace(task, repeats=False)
-    rows.append({"model": name, "length": f"{L_D} (distinct values)",
-                 "exact_match": evaluate(model, distinct, [L_D], n=N_EVAL, seed=0).exact_match(L_D)})
-pd.DataFrame(rows)
+    train = task.sample(N_PROBE, length=TRAIN, seed=1000)
+    ev = {str(L): task.sample(max(64, N_PROBE // 4), length=L, seed=2000 + L) for L in LENGTHS}
+    sw = probe_sweep(model, train, "target", hooks="resid_mid", evals=ev, controls=[], seed=0)
+    hook = "blocks.1.hook_resid_mid"
+    q = train.features["target"] >= 0
+    for L, b in ev.items():
+        acts = collect(model, b, [hook], feature="target")
+        y = acts.labels.numpy()
+        ok = (sw.probe(hook, position="all").predict(acts.acts[hook]).numpy() == y).astype(float)
+        est = bootstrap_ci(ok, n_boot=BOOT, groups=acts.example.numpy())
+        prow.append({"model": name, "length": int(L), "probe": est[0], "lo": est[1], "hi": est[2],
+                     "token-only": token_baseline(train.tokens[q], train.features["target"][q], acts.token, y)["accuracy"],
+                     "majority": majority_baseline(train.features["target"][q], y)["accuracy"]})
+pd.DataFrame(prow)
 
 # %% [markdown]
 # ## 7. The packaged study
 #
-# `probekit.studies.hint_study` runs the same analysis for `probekit report` and states the result as
-# claims with numbers and the command that regenerates each.
+# `probekit.studies.hint_study` runs these measurements (plus patching at the longest length, OV copying,
+# DAS after every layer, teacher-forced accuracy by step type and, given a sweep folder, the hint gap over
+# seeds) for `probekit report`, and states each claim as a hypothesis with its interval and verdict.
 
 # %%
 study = hint_study(models=tuple(MODELS), lengths=tuple(LENGTHS), size="quick" if SMALL else "default")
+print("\n".join(study.headline))
 print(study.summary())
+write_text(OUT / "hint_study.json", study.to_json())
+for f in study.figures[:1]:
+    viz.show(f.make())

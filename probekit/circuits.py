@@ -64,7 +64,9 @@ is the next larger value):
   scores higher (1: among the larger values, the smallest wins).
 
 `circuit_report` computes them all for every head (or the heads asked for) with the composition scores;
-`plot_circuit` and `plot_composition` draw the results.
+`plot_circuit` and `plot_composition` draw the results. `random_circuits` gives a head's baseline: the same
+circuit with random weights of the same shapes and norms; `row_scores` gives the scores row by row, so
+that an interval can resample the tokens.
 """
 
 from __future__ import annotations
@@ -264,6 +266,43 @@ def ov_circuit(model, head=None, heads=None, tokens: Sequence[int] | None = None
                     lambda L, h, E, toks: _ov_one(model, L, h, E, toks, ln))
 
 
+def _like(W: Tensor, g: torch.Generator) -> Tensor:
+    """An i.i.d. Gaussian matrix of ``W``'s shape scaled to ``W``'s Frobenius norm."""
+    R = torch.randn(W.shape, generator=g)
+    return R * (W.detach().float().norm() / R.norm())
+
+
+@torch.no_grad()
+def random_circuits(model, head, kind: str = "qk", n: int = 20, seed: int = 0, tokens: Sequence[int] | None = None,
+                    task=None, ln: str = "embed") -> Result:
+    """``[draw, rows, cols]``: ``head``'s QK (``kind="qk"``) or OV (``"ov"``) circuit with its two weight
+    matrices (W_Q, W_K or W_V, W_O) replaced by i.i.d. Gaussian matrices of the same shapes and Frobenius
+    norms, read through the model's own embeddings, norms and unembedding (no biases): the baseline a head's
+    circuit scores are compared with (what a head of this size reads or writes by chance, given the embeddings)."""
+    _check_choice(kind, ("qk", "ov"), "circuit kind")
+    _check_choice(ln, LN_MODES, "ln mode")
+    if not isinstance(n, int) or n < 2:
+        raise ProbekitError(f"the random baseline needs n >= 2 draws, got {n!r}")
+    (L, h), = _heads(model, head, None)[0]
+    toks = _check_tokens(model, tokens, task)
+    E = model.W_E.detach().float()[toks]
+    x = _read(model, E, L, ln, bias=False)
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for _ in range(n):
+        if kind == "qk":
+            M = (x @ _like(model.W_Q[L, h], g)) @ (x @ _like(model.W_K[L, h], g)).T / attention_scale(model, L)
+        else:
+            out = _read(model, x @ _like(model.W_V[L, h], g) @ _like(model.W_O[L, h], g), None, ln, bias=False)
+            M = out @ model.W_U.detach().float()[:, toks]
+        mats.append(M)
+    rows, cols = ("query_token", "key_token") if kind == "qk" else ("source_token", "output_token")
+    labels = {"draw": list(range(n)), rows: _token_labels(toks, task), cols: _token_labels(toks, task)}
+    return Result(f"random_{kind}_circuit", torch.stack(mats), ("draw", rows, cols), labels,
+                  {"model": getattr(model, "probekit_name", None), "head": head_label(L, h), "n": n, "seed": seed,
+                   "ln": ln, "tokens": toks, "weights": "Gaussian, each matrix scaled to the head's Frobenius norm"})
+
+
 # ---------------------------------------------------------------------------- scores of a circuit
 
 
@@ -309,11 +348,12 @@ def _pair_order(row: Tensor, better: Tensor, worse: Tensor) -> float:
     return float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
 
 
-def successor_score(M: Float[Tensor, "token token"]) -> dict[str, float]:
-    """``succ_top``, ``succ_auc``, ``succ_margin``, ``succ_above``, ``succ_nearest`` of a square circuit (module docstring)."""
+def row_scores(M: Float[Tensor, "token token"]) -> dict[str, Tensor]:
+    """The pairwise scores of a square circuit row by row (one value per query or source token), so that an
+    interval can resample the tokens: ``succ_above`` (rows 0..n-2), ``succ_nearest`` (rows 0..n-3) and
+    ``copy_auc`` (every row); their means are the scores of `successor_score` and `copying_score`."""
     M = _square(M)
     n = M.shape[0]
-    top, margin, auc = _target_scores(M, 1)
     idx = torch.arange(n)
     above = [_pair_order(M[i], idx[i + 1:], idx[:i + 1]) for i in range(n - 1)]
     nearest = []
@@ -321,8 +361,19 @@ def successor_score(M: Float[Tensor, "token token"]) -> dict[str, float]:
         j, k = torch.triu_indices(n - i - 1, n - i - 1, offset=1) + i + 1  # pairs i < j < k
         d = M[i, j] - M[i, k]
         nearest.append(float(((d > 0).float() + 0.5 * (d == 0).float()).mean()))
-    return {"succ_top": top, "succ_auc": auc, "succ_margin": margin, "succ_above": sum(above) / len(above),
-            "succ_nearest": sum(nearest) / len(nearest) if nearest else float("nan")}
+    d = M.diagonal()[:, None] - M
+    copy = ((d > 0).float() + 0.5 * (d == 0).float()).sum(-1).sub(0.5).div(n - 1)  # the diagonal ties with itself
+    return {"succ_above": torch.tensor(above), "succ_nearest": torch.tensor(nearest), "copy_auc": copy}
+
+
+def successor_score(M: Float[Tensor, "token token"]) -> dict[str, float]:
+    """``succ_top``, ``succ_auc``, ``succ_margin``, ``succ_above``, ``succ_nearest`` of a square circuit (module docstring)."""
+    M = _square(M)
+    top, margin, auc = _target_scores(M, 1)
+    rows = row_scores(M)
+    above, nearest = rows["succ_above"], rows["succ_nearest"]
+    return {"succ_top": top, "succ_auc": auc, "succ_margin": margin, "succ_above": float(above.sum()) / len(above),
+            "succ_nearest": float(nearest.sum()) / len(nearest) if len(nearest) else float("nan")}
 
 
 def circuit_scores(qk: Result, ov: Result) -> Result:

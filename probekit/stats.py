@@ -7,9 +7,14 @@
   which is how a sweep's seeds enter an interval.
 - `paired_bootstrap`: the difference of one statistic on two measurements of the *same* examples,
   resampling the examples jointly (the pairing removes the between-example variance).
+- `two_sample_bootstrap`: the difference of one statistic on two *independent* samples (e.g. lists of
+  two lengths), each resampled on its own (optionally by groups).
+- `welch_interval`: the Welch t interval of a difference of two means, for a handful of values per group
+  (seeds), where a bootstrap has too few distinct resamples.
 - `wilson`: the Wilson score interval of a proportion (the one in `probekit.evaluate`, re-exported).
 - `chance_normalised_attention`: attention mass on target keys divided by the uniform share
-  (n_target / n_visible keys), per step type, with bootstrap intervals.
+  (n_target / n_visible keys), per step type, with bootstrap intervals (over queries, or over groups of
+  queries such as the lists they belong to).
 - `majority_baseline`, `token_baseline`: the two baselines beside every probe (the majority class of
   the train split; a lookup table input token -> most frequent train label), scored on held-out data.
 - `Hypothesis` (written before measuring) and `Verdict` (`judge`): "supported" when the whole
@@ -20,6 +25,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -105,11 +111,48 @@ def paired_bootstrap(a, b, statistic: Callable[[np.ndarray], float] = _mean, n_b
     return (float(statistic(a) - statistic(b)),) + _percentiles(diffs, level)
 
 
+def two_sample_bootstrap(a, b, statistic: Callable[[np.ndarray], float] = _mean, n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95, groups_a=None, groups_b=None) -> tuple[float, float, float]:
+    """``(difference, lo, hi)`` of ``statistic(a) - statistic(b)`` for two independent samples: each resample
+    draws the rows of ``a`` and of ``b`` separately (whole groups where ``groups_a`` / ``groups_b`` label rows)."""
+    a, b = _rows(a, "sample a"), _rows(b, "sample b")
+    _check_level(n_boot, level)
+    rng = np.random.default_rng(seed)
+
+    def draws(x, groups):
+        if groups is None:
+            return rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+        return _group_resamples(np.asarray(groups), x.shape[0], n_boot, rng)
+
+    ia, ib = draws(a, groups_a), draws(b, groups_b)
+    diffs = np.array([statistic(a[i]) - statistic(b[j]) for i, j in zip(ia, ib, strict=True)], dtype=float)
+    return (float(statistic(a) - statistic(b)),) + _percentiles(diffs, level)
+
+
+def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float, float]:
+    """``(mean(a) - mean(b), lo, hi, df)``: the Welch t interval (unequal variances, Welch-Satterthwaite degrees
+    of freedom). Both groups need >= 2 values; when both variances are 0 the interval is the point itself."""
+    from scipy.stats import t
+
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.size < 2 or b.size < 2:
+        raise ProbekitError(f"welch_interval got {a.size} and {b.size} values; expected at least 2 per group")
+    _check_level(10, level)
+    d = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return d, d, d, float("nan")
+    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    h = float(t.ppf((1 + level) / 2, df)) * se
+    return d, d - h, d + h, float(df)
+
+
 # ---------------------------------------------------------------------------- attention
 
 
 def chance_normalised_attention(pattern, target, step_type, visible=None, n_boot: int = 1000,
-                                seed: int = 0) -> dict[str, dict]:
+                                seed: int = 0, groups=None) -> dict[str, dict]:
     """Attention to the target over its uniform share, per step type.
 
     ``pattern`` ``[query, key]``: one head's attention at each query (flatten batch and position first);
@@ -117,6 +160,8 @@ def chance_normalised_attention(pattern, target, step_type, visible=None, n_boot
     per query (e.g. "repeat" / "new"); ``visible`` ``[query, key]`` bool (default: keys with attention > 0).
     Returns ``{type: {n, mass, chance, ratio, ratio_ci95}}``: mass and chance (n_target / n_visible)
     averaged over the queries, ratio = mass / chance per query, averaged, with a bootstrap interval.
+    ``groups`` ``[query]``: a label per query (e.g. the example it belongs to); the interval then resamples
+    whole groups, since the queries of one example are not independent.
     """
     A = np.asarray(pattern, dtype=float)
     tgt = np.asarray(target, dtype=bool)
@@ -125,6 +170,9 @@ def chance_normalised_attention(pattern, target, step_type, visible=None, n_boot
         raise ProbekitError(f"pattern {A.shape}, target {tgt.shape}, step_type {types.shape}; expected "
                             "[query, key], the same [query, key] and [query]")
     vis = A > 0 if visible is None else np.asarray(visible, dtype=bool)
+    grp = None if groups is None else np.asarray(groups)
+    if grp is not None and grp.shape != types.shape:
+        raise ProbekitError(f"groups has shape {grp.shape}; expected one label per query {types.shape}")
     n_tgt, n_vis = (tgt & vis).sum(1), vis.sum(1)
     ok = n_tgt > 0
     mass = (A * tgt).sum(1)
@@ -134,7 +182,9 @@ def chance_normalised_attention(pattern, target, step_type, visible=None, n_boot
     for t in sorted({str(x) for x in types[ok]}):
         sel = ok & (types.astype(str) == t)
         r = ratio[sel]
-        est, lo, hi = bootstrap_ci(r, n_boot=n_boot, seed=seed) if r.size >= 2 else (float(r.mean()), np.nan, np.nan)
+        g = None if grp is None else grp[sel]
+        enough = r.size >= 2 and (g is None or np.unique(g).size >= 2)
+        est, lo, hi = bootstrap_ci(r, n_boot=n_boot, seed=seed, groups=g) if enough else (float(r.mean()), np.nan, np.nan)
         out[t] = {"n": int(sel.sum()), "mass": float(mass[sel].mean()), "chance": float(chance[sel].mean()),
                   "ratio": est, "ratio_ci95": [lo, hi]}
     return out
@@ -257,4 +307,5 @@ def judge(h: Hypothesis, effect: float, interval: Sequence[float], command: str,
 
 
 __all__ = ["Hypothesis", "VERDICTS", "Verdict", "bootstrap_ci", "chance_normalised_attention", "decide", "judge",
-           "majority_baseline", "paired_bootstrap", "token_baseline", "wilson"]
+           "majority_baseline", "paired_bootstrap", "token_baseline", "two_sample_bootstrap", "welch_interval",
+           "wilson"]

@@ -12,6 +12,9 @@ and files are written atomically (temporary file, then rename).
 - `attention_html`: circuitsvis attention heads with the task's tokens as labels, the JavaScript bundle
   inlined (circuitsvis's ``str()`` loads it from a CDN, which fails offline; we use ``.local_src``).
 - `mechanism_vs_length`: a mechanism metric and accuracy against length, one line pair per model.
+- `interval_plot`: estimates with their 95 % intervals from table rows (a study's tables): lines against a
+  numeric x (e.g. length) or dodged points against a categorical x (e.g. heads), one colour per group, one
+  panel per facet on a shared y scale, an optional reference line (chance, a threshold).
 - `compare_heatmap`, `compare_accuracy`, `compare_probe`: model A, model B (one shared scale) and B - A
   (a diverging map; an interval band for accuracy), from a `probekit.compare` result.
 - `plot_training_log`: loss and token accuracy against step from a run's ``train_log.jsonl``.
@@ -652,6 +655,83 @@ def mechanism_vs_length(rows: list[dict], metric: str, accuracy: str = "exact_ma
     ax.set_title(title or f"{in_words(metric).capitalize()} (solid) and {in_words(accuracy)} (dashed) vs length",
                  fontsize=10)
     fig.tight_layout()
+    return _finish(fig, path)
+
+
+def _interval_panel(ax, rows: list[dict], x: str, y: str, lo: str, hi: str, hue: str | None, numeric: bool,
+                    cats: list, groups: list) -> None:
+    width = 0.7 / max(1, len(groups))
+    for i, g in enumerate(groups):
+        rs = [r for r in rows if hue is None or r[hue] == g]
+        if not rs:
+            continue
+        if numeric:
+            rs = sorted(rs, key=lambda r: r[x])
+            xs = [float(r[x]) for r in rs]
+        else:
+            xs = [cats.index(r[x]) + (i - (len(groups) - 1) / 2) * width for r in rs]
+        ys = [r[y] for r in rs]
+        err = [[max(0.0, r[y] - r[lo]) for r in rs], [max(0.0, r[hi] - r[y]) for r in rs]]
+        ax.errorbar(xs, ys, yerr=err, fmt="-o" if numeric else "o", ms=4, capsize=2.5, lw=1.2, color=f"C{i % 10}",
+                    label=None if g is None else str(g))
+
+
+def _interval_axes(ax, rows: list[dict], x: str, numeric: bool, cats: list, log_x: bool, xlabel: str | None) -> None:
+    if numeric:
+        if log_x:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        xs = sorted({float(r[x]) for r in rows})
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    else:
+        ax.set_xticks(range(len(cats)), [str(c) for c in cats], rotation=45 if len(cats) > 6 else 0)
+    ax.set_xlabel(xlabel or x)
+
+
+def interval_plot(rows: list[dict], x: str, y: str = "value", lo: str = "lo", hi: str = "hi", hue: str | None = None,
+                  facet: str | None = None, path: str | Path | None = None, title: str | None = None,
+                  xlabel: str | None = None, ylabel: str | None = None, reference: float | None = None,
+                  reference_label: str | None = None, log_x: bool = False):
+    """Estimates with 95 % intervals from table rows (dicts): one colour per ``hue`` value (the same in every
+    panel), one panel per ``facet`` value (shared y scale), one legend beside the panels. A numeric ``x``
+    (e.g. length) draws lines, a categorical one dodged points. ``reference``: a dashed horizontal line
+    (chance, a threshold) labelled ``reference_label``. Rows whose ``y``, ``lo`` or ``hi`` is missing or NaN
+    are left out."""
+    need = [k for k in (x, y, lo, hi, hue, facet) if k]
+    rows = [r for r in rows if all(k in r and r[k] is not None for k in need)
+            and all(not (isinstance(r[k], float) and math.isnan(r[k])) for k in (y, lo, hi))]
+    if not rows:
+        raise ProbekitError(f"interval_plot got no rows with all of {need} set; expected table rows holding them")
+    numeric = all(isinstance(r[x], int | float) for r in rows)
+    cats = list(dict.fromkeys(r[x] for r in rows))
+    groups = list(dict.fromkeys(r[hue] for r in rows)) if hue else [None]
+    facets = list(dict.fromkeys(r[facet] for r in rows)) if facet else [None]
+    plt = _plt()
+    with plt.rc_context(STYLE):
+        nr, nc = _grid(len(facets), 4, 6)
+        fig, axs = plt.subplots(nr, nc, figsize=(min(MAX_W, 4.4 * nc + 2.4), min(MAX_H, 3.0 * nr + 0.6)),
+                                squeeze=False, sharey=True)
+        for ax, f in zip(axs.flat, facets, strict=False):
+            _interval_panel(ax, [r for r in rows if facet is None or r[facet] == f], x, y, lo, hi, hue, numeric, cats,
+                            groups)
+            if reference is not None:
+                ax.axhline(reference, color="grey", ls="--", lw=0.9, label=reference_label)
+            _interval_axes(ax, rows, x, numeric, cats, log_x, xlabel)
+            if f is not None:
+                ax.set_title(str(f))
+        for ax in axs.flat[len(facets):]:
+            ax.set_visible(False)
+        for ax in axs[:, 0]:
+            ax.set_ylabel(ylabel or y)
+        handles = {}
+        for ax in axs.flat[:len(facets)]:
+            for hd, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(lab, hd)
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95),
+                       frameon=False, fontsize=7)
+        fig.suptitle(title or f"{y} by {x} (bars: 95 % intervals)")
+        fig.tight_layout()
     return _finish(fig, path)
 
 

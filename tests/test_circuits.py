@@ -114,6 +114,32 @@ def test_layer0_qk_in_embed_mode_is_the_models_own_attention():
         torch.testing.assert_close(p[..., 0].log() - p[..., 1].log(), mine, atol=2e-5, rtol=1e-5)
 
 
+def test_random_circuits_are_the_heads_circuit_with_random_weights_of_its_norm():
+    """Oracle: a copy of the model whose head holds the random matrices gives the same circuit via qk_circuit /
+    ov_circuit (biases left out); the draws have the head's Frobenius norms and are seeded."""
+    model = _random_model("LN", n_layers=2)
+    toks = list(range(10))
+    for kind, (A, B) in (("qk", ("W_Q", "W_K")), ("ov", ("W_V", "W_O"))):
+        r = C.random_circuits(model, (1, 2), kind=kind, n=3, seed=5, tokens=toks)
+        assert r.values.shape == (3, 10, 10) and r.settings["head"] == "L1H2"
+        g = torch.Generator().manual_seed(5)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for name in (A, B):
+                W = getattr(model, name)[1, 2]
+                R = torch.randn(W.shape, generator=g)
+                getattr(twin.blocks[1].attn, name).data[2] = R * (W.norm() / R.norm())
+                assert float(getattr(twin, name)[1, 2].norm()) == pytest.approx(float(W.norm()), rel=1e-5)
+        if kind == "qk":
+            want = C.qk_circuit(twin, head=(1, 2), tokens=toks, biases=False).values
+        else:
+            want = C.ov_circuit(twin, head=(1, 2), tokens=toks).values
+        torch.testing.assert_close(r.values[0], want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(C.random_circuits(model, (1, 2), kind=kind, n=3, seed=5, tokens=toks).values, r.values)
+    with pytest.raises(ProbekitError, match="circuit kind"):
+        C.random_circuits(model, (0, 0), kind="xy")
+
+
 def test_fixed_mode_matches_a_folded_copy():
     """ln='fixed' = the circuits of a copy with LN folded into the weights (TransformerLens compatibility mode),
     every token divided by the one embedding scale; OV up to the per-row constant of TL's centred unembedding."""
@@ -220,6 +246,21 @@ def test_scores_on_known_matrices():
     assert C.successor_score(torch.zeros(n, n))["succ_above"] == 0.5  # ties count 1/2
     with pytest.raises(ProbekitError, match="square"):
         C.copying_score(torch.zeros(3, 4))
+
+
+def test_row_scores_average_to_the_scores():
+    """Row by row (for intervals over tokens): the means are successor_score's and copying_score's values."""
+    M = torch.randn(9, 9, generator=torch.Generator().manual_seed(0))
+    M[2, 5] = M[2, 6]  # a tie
+    rows = C.row_scores(M)
+    assert [len(rows[k]) for k in ("succ_above", "succ_nearest", "copy_auc")] == [8, 7, 9]
+    s, c = C.successor_score(M), C.copying_score(M)
+    assert float(rows["succ_above"].mean()) == pytest.approx(s["succ_above"])
+    assert float(rows["succ_nearest"].mean()) == pytest.approx(s["succ_nearest"])
+    assert float(rows["copy_auc"].mean()) == pytest.approx(c["copy_auc"])
+    # by hand, row 0 of a matrix whose row 0 is 0 1 2 ... : every key above beats the query's own column
+    ramp = torch.arange(9.0).expand(9, 9)
+    assert float(C.row_scores(ramp)["succ_above"][0]) == 1.0 and float(C.row_scores(ramp)["succ_nearest"][0]) == 0.0
 
 
 # ---------------------------------------------------------------------------- tokens, inputs, results, figures

@@ -215,6 +215,25 @@ def test_results_do_not_depend_on_max_batch(trained):
     torch.testing.assert_close(P.patch(model, pair, mix, max_batch=3).values, P.patch(model, pair, mix).values, **TOL)
 
 
+@pytest.mark.parametrize("engine", ["native", "hooks"])
+def test_per_example_values_are_each_example_patched_alone(sort_pair, engine):
+    """Per-example values: row i equals patching example i on its own; their means are the batch values."""
+    model, pair = sort_pair
+    comps = [P.Component("z", 1, 0), [P.Component("z", 0, 1), P.Component("z", 1, 2)]]
+    r = P.patch(model, pair, comps, normalize=False, per_example=True, max_batch=7, engine=engine)
+    ex, clean, corr = r.extra["per_example"], r.extra["clean_per_example"], r.extra["corrupted_per_example"]
+    assert ex.shape == (2, pair.n) and clean.shape == corr.shape == (pair.n,)
+    torch.testing.assert_close(ex.mean(1), r.values, **TOL)
+    assert abs(float(clean.mean()) - r.settings["clean_metric"]) < 1e-5
+    for i in (0, 5, pair.n - 1):
+        one = make_pair(pair.clean.select(torch.tensor([i])), pair.corrupted.select(torch.tensor([i])))
+        one = type(pair)(one.clean, one.corrupted, kind=pair.kind, answer_steps=pair.answer_steps)
+        alone = P.patch(model, one, comps, normalize=False, engine=engine)
+        torch.testing.assert_close(ex[:, i], alone.values, **TOL)
+        assert abs(float(corr[i]) - alone.settings["corrupted_metric"]) < 1e-5
+    assert "per_example" not in P.patch(model, pair, comps).extra
+
+
 @pytest.mark.parametrize("cfg", [
     dict(positional="rotary"), dict(positional="none", length_temperature="log"),
     dict(positional="rotary", length_temperature="log"), dict(attn_only=True, normalization="RMS"),

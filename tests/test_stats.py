@@ -66,6 +66,36 @@ def test_paired_bootstrap_identical_samples_gives_zero_and_shift_is_found():
         stats.paired_bootstrap(a, a[:50])
 
 
+def test_two_sample_bootstrap_covers_a_known_difference_and_respects_groups():
+    rng = np.random.default_rng(3)
+    hits = 0
+    for i in range(100):
+        a, b = rng.normal(1.0, 1.0, size=60), rng.normal(0.0, 2.0, size=90)
+        d, lo, hi = stats.two_sample_bootstrap(a, b, n_boot=400, seed=i)
+        assert d == pytest.approx(a.mean() - b.mean())
+        hits += lo <= 1.0 <= hi
+    assert hits >= 88  # about 95 of 100; binomial sd 2.2
+    groups = np.repeat(np.arange(20), 10)
+    a = rng.normal(size=20)[groups] + rng.normal(scale=0.1, size=200)
+    _, lo, hi = stats.two_sample_bootstrap(a, a[::-1].copy(), n_boot=300)
+    _, glo, ghi = stats.two_sample_bootstrap(a, a[::-1].copy(), n_boot=300, groups_a=groups, groups_b=groups[::-1])
+    assert (ghi - glo) > 2 * (hi - lo)
+
+
+def test_welch_interval_equals_scipy():
+    from scipy.stats import ttest_ind
+
+    a, b = [0.62, 0.70, 0.55], [0.20, 0.31, 0.24, 0.18]
+    d, lo, hi, df = stats.welch_interval(a, b)
+    ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d == pytest.approx(np.mean(a) - np.mean(b))
+    assert (lo, hi) == pytest.approx((ci.low, ci.high))
+    assert df == pytest.approx(ttest_ind(a, b, equal_var=False).df)
+    assert stats.welch_interval([0.0, 0.0], [0.0, 0.0, 0.0])[:3] == (0.0, 0.0, 0.0)
+    with pytest.raises(ProbekitError, match="at least 2"):
+        stats.welch_interval([0.5], [0.1, 0.2])
+
+
 @pytest.mark.parametrize("op,threshold,interval,expected", [
     (">", 0.0, (0.1, 0.4), "supported"),
     (">", 0.0, (-0.2, -0.1), "not supported"),
@@ -124,6 +154,20 @@ def test_chance_normalised_attention_by_hand():
     rep = res["repeat"]  # one query: no interval
     assert (rep["n"], rep["mass"], rep["chance"], rep["ratio"]) == (1, 1.0, 1.0, 1.0)
     assert all(np.isnan(v) for v in rep["ratio_ci95"])
+    # by groups: the two "new" queries are one example, so no interval can be drawn from one group ...
+    one = stats.chance_normalised_attention(A, tgt, ["new", "new", "repeat"], n_boot=50, groups=[0, 0, 1])
+    assert one["new"]["ratio"] == res["new"]["ratio"] and all(np.isnan(v) for v in one["new"]["ratio_ci95"])
+    # ... and resampling whole examples widens the interval when the queries of an example agree
+    rng = np.random.default_rng(0)
+    ex = np.repeat(np.arange(30), 8)
+    mass = np.clip(rng.uniform(0.1, 0.9, 30)[ex] + rng.normal(scale=0.01, size=ex.size), 0, 1)
+    A2 = np.stack([mass, 1 - mass], 1)
+    T2 = np.stack([np.ones_like(ex), np.zeros_like(ex)], 1).astype(bool)
+    flat = stats.chance_normalised_attention(A2, T2, ["new"] * ex.size, n_boot=300)["new"]["ratio_ci95"]
+    grp = stats.chance_normalised_attention(A2, T2, ["new"] * ex.size, n_boot=300, groups=ex)["new"]["ratio_ci95"]
+    assert grp[1] - grp[0] > 2 * (flat[1] - flat[0])
+    with pytest.raises(ProbekitError, match="groups"):
+        stats.chance_normalised_attention(A, tgt, ["new", "new", "repeat"], groups=[0, 1])
 
 
 def test_study_records_a_tested_hypothesis_and_a_captioned_figure():

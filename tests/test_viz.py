@@ -108,6 +108,29 @@ def test_probe_accuracy_and_accuracy_vs_length(tmp_path):
     assert viz.accuracy_vs_length(a).axes[0].get_lines()[0].get_label() == "sort-a"
 
 
+def test_interval_plot_draws_each_group_with_its_interval(tmp_path):
+    rows = [{"length": L, "model": m, "step": st, "value": v, "lo": v - 0.1, "hi": v + 0.05}
+            for m, base in (("a", 0.9), ("b", 0.5)) for st in ("new", "repeat") for L, v in ((50, base - 0.2), (20, base))]
+    rows.append({"length": 100, "model": "a", "step": "new", "value": float("nan"), "lo": 0.0, "hi": 1.0})  # left out
+    fig = viz.interval_plot(rows, "length", hue="model", facet="step", reference=1.0, reference_label="chance",
+                            path=tmp_path / "iv.png", title="by length")
+    assert (tmp_path / "iv.png").exists()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["new", "repeat"]
+    ax = panels[0]
+    groups = {c.get_label(): c for c in ax.containers}
+    line = groups["a"].lines[0]
+    assert list(line.get_xdata()) == [20.0, 50.0] and list(line.get_ydata()) == pytest.approx([0.9, 0.7])
+    bars = groups["a"].lines[2][0].get_segments()  # the error bars: (x, lo) -> (x, hi)
+    assert [tuple(map(float, seg[:, 1])) for seg in bars] == [pytest.approx((0.8, 0.95)), pytest.approx((0.6, 0.75))]
+    assert [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_label() == "chance"] == [1.0]
+    cat = viz.interval_plot([{"head": h, "model": m, "value": 0.2, "lo": 0.1, "hi": 0.3}
+                             for h in ("L0H0", "L1H2") for m in ("a", "b")], "head", hue="model")
+    assert [t.get_text() for t in cat.axes[0].get_xticklabels()] == ["L0H0", "L1H2"]
+    with pytest.raises(ProbekitError, match="no rows"):
+        viz.interval_plot([{"length": 1}], "length")
+
+
 # ---------------------------------------------------------------------------- attention HTML
 
 

@@ -59,8 +59,9 @@ def test_learned_positions_fail_past_training_length():
 
 
 def test_sorting_failure_at_length_100_is_counting_copies():
-    """The shipped sorters fail at length 100 on repeated values (an extra or a dropped copy), while
-    lists of distinct values of length 50 sort well: the claim the hint study and the cards make."""
+    """The shipped sorters' first errors at length 100 are mostly on the number of copies (an extra or a dropped
+    copy), while lists of distinct values of length 50 sort well: what the model cards describe (a description of
+    which step goes wrong first, not a mechanism; the hint study tests repeat and new-value steps separately)."""
     import dataclasses
 
     from probekit.evaluate import sort_error_kinds

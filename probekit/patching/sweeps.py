@@ -76,7 +76,11 @@ def stage_key(group: Sequence[Patch], n_layers: int):
 
 @dataclass
 class PatchValues:
-    """Raw metric per patch (batch means) and the two reference runs; ``normalized`` = (raw - corr) / (clean - corr)."""
+    """Raw metric per patch (batch means) and the two reference runs; ``normalized`` = (raw - corr) / (clean - corr).
+
+    ``per_example`` ``[patch, batch]``, ``clean_per_example`` and ``corrupted_per_example`` ``[batch]``: the
+    reduced metric of each example (their means over ``batch`` are ``raw``, ``clean`` and ``corrupted``), for
+    intervals that resample examples."""
 
     raw: Float[Tensor, "patch"]
     raw_per_step: Float[Tensor, "patch answer"]
@@ -84,6 +88,9 @@ class PatchValues:
     corrupted: float
     clean_per_step: Tensor = field(default_factory=lambda: torch.zeros(0))
     corrupted_per_step: Tensor = field(default_factory=lambda: torch.zeros(0))
+    per_example: Tensor = field(default_factory=lambda: torch.zeros(0))
+    clean_per_example: Tensor = field(default_factory=lambda: torch.zeros(0))
+    corrupted_per_example: Tensor = field(default_factory=lambda: torch.zeros(0))
 
     @property
     def normalized(self) -> Tensor:
@@ -150,17 +157,20 @@ def read_steps(bm: BoundMetric) -> tuple[BoundMetric, Tensor | None]:
 
 
 class _Sums:
-    """Running sums over examples: per patch (reduced, per step) and the two reference runs.
+    """Running sums over examples: per patch (reduced, per step) and the two reference runs, and each
+    example's reduced value.
 
     ``live``: the answer steps that are computed (`read_steps`); the others are 0 exactly.
     """
 
-    def __init__(self, n_patches: int, bm: BoundMetric):
+    def __init__(self, n_patches: int, bm: BoundMetric, N: int):
         S = len(bm.read_pos)
         self.bm, (self.live, self.at) = bm, read_steps(bm)
         self.red = torch.zeros(n_patches, dtype=torch.float64)
         self.step = torch.zeros(n_patches, S, dtype=torch.float64)
         self.ref = torch.zeros(2, S + 1, dtype=torch.float64)  # base, src: per step + reduced
+        self.ex = torch.zeros(n_patches, N)  # patch batch: reduced value of each example
+        self.ref_ex = torch.zeros(2, N)
 
     def _per_step(self, logits: Tensor, rows: Tensor) -> Tensor:
         ps = self.live.per_step(logits, rows)
@@ -178,21 +188,26 @@ class _Sums:
 
     def add_reference(self, j: int, bm: BoundMetric, logits: Tensor, rows: Tensor) -> None:
         ps = self._per_step(logits, rows)
+        red = bm.reduce(ps).double().cpu()
         self.ref[j, :-1] += ps.double().sum(0).cpu()
-        self.ref[j, -1] += bm.reduce(ps).double().sum().cpu()
+        self.ref[j, -1] += red.sum()
+        self.ref_ex[j, rows.cpu()] = red.float()
 
     def add_patches(self, idx: list[int], bm: BoundMetric, logits: Tensor, rows: Tensor) -> None:
         n, K = len(rows), len(idx)
         ps = self._per_step(logits, rows.repeat(K))  # [K*n, S]
-        self.red[idx] += bm.reduce(ps).view(K, n).double().sum(1).cpu()
+        red = bm.reduce(ps).view(K, n).double().cpu()
+        self.red[idx] += red.sum(1)
         self.step[idx] += ps.view(K, n, -1).double().sum(1).cpu()
+        self.ex[torch.tensor(idx)[:, None], rows.cpu()[None, :]] = red.float()
 
     def values(self, N: int, direction: str) -> PatchValues:
         ref = self.ref / N
         c, r = (1, 0) if direction == "denoise" else (0, 1)
         return PatchValues(raw=(self.red / N).float(), raw_per_step=(self.step / N).float(), clean=float(ref[c, -1]),
                            corrupted=float(ref[r, -1]), clean_per_step=ref[c, :-1].float(),
-                           corrupted_per_step=ref[r, :-1].float())
+                           corrupted_per_step=ref[r, :-1].float(), per_example=self.ex,
+                           clean_per_example=self.ref_ex[c], corrupted_per_example=self.ref_ex[r])
 
 
 @torch.no_grad()
@@ -209,7 +224,7 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
         raise ProbekitError(f"the model is on {dev} but device={device!r}; move the model first (probekit.model.to_device)")
     eng = make_engine(model, engine)
     base_b, src_b = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
-    sums = _Sums(len(groups), bm)
+    sums = _Sums(len(groups), bm, pair.clean.n)
     read = sums.live.read_pos.to(dev)
     W_O = [b.attn.W_O.detach() for b in model.blocks] if any(isinstance(c, PathPatch) for g in groups for c in g) else None
     N = pair.clean.n
@@ -339,15 +354,23 @@ def sweep(model, pair: CorruptedPair, site: str = "z", *, by_pos: bool = True, m
 
 
 def patch(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[Patch]], *, metric: Metric | str = "logit-diff",
-          direction: Direction = "denoise", normalize: bool = True, max_batch: int = 1024, engine: str = "auto",
-          progress: bool = False, device=None) -> Result:
-    """Any list of patches (each a component, a path or a set patched together) -> Result with axis ``patch``."""
+          direction: Direction = "denoise", normalize: bool = True, per_example: bool = False, max_batch: int = 1024,
+          engine: str = "auto", progress: bool = False, device=None) -> Result:
+    """Any list of patches (each a component, a path or a set patched together) -> Result with axis ``patch``.
+
+    ``per_example``: also keep each example's raw metric, ``extra["per_example"]`` ``[patch, batch]`` with
+    ``extra["clean_per_example"]`` and ``extra["corrupted_per_example"]`` ``[batch]`` (for bootstrap intervals
+    over examples, e.g. of the share restored: the ratio of the means of resampled rows)."""
     pv = patch_values(model, pair, patches, metric=metric, direction=direction, max_batch=max_batch, engine=engine,
                       progress=progress, device=device)
     labels = ["+".join(c.label for c in ([p] if isinstance(p, Component | PathPatch) else p)) for p in patches]
     bm = BoundMetric.bind(metric, pair).metric
+    extra = {"raw": pv.raw}
+    if per_example:
+        extra |= {"per_example": pv.per_example, "clean_per_example": pv.clean_per_example,
+                  "corrupted_per_example": pv.corrupted_per_example}
     return Result(kind="patch", values=_values(pv, normalize), axes=("patch",), labels={"patch": labels},
-                  settings=_settings(model, pair, bm, direction, normalize, pv), extra={"raw": pv.raw})
+                  settings=_settings(model, pair, bm, direction, normalize, pv), extra=extra)
 
 
 def _path_grid(nl: int, nh: int, receiver: str, sender) -> list[tuple[PathPatch, tuple[int, ...]]]:

@@ -1,6 +1,8 @@
 """The mechanism studies: each combines the three instruments on shipped models and states claims with numbers.
 
-- `hint_study`: the successor lookup in sorting models (baseline vs hinted), by length.
+- `hint_study`: which heads select the next value in the sorting models (chosen by patching), what the
+  successor hint changes in them (weights, interchange interventions, attention by step type, probes with
+  baselines), whether the hinted model's own lookup extrapolates, and the hint gap over a sweep's seeds.
 - `carry_study`: where carries are represented, used and routed in multiplication models, and what breaks
   on longer operands than trained.
 - `overview`: accuracy vs length for every shipped model, next to the mechanism metrics.
