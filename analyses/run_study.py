@@ -2,7 +2,8 @@
 
     .venv/bin/python analyses/run_study.py NAME ... [--size full|default|quick] [--seed 0] [--out reports/analyses]
 
-NAME is one of `probekit.report.STUDIES`: ``overview`` (accuracy vs length of every shipped model), ``hint``
+NAME is one of `probekit.report.STUDIES`: ``overview`` (accuracy vs length of every shipped model), ``failure``
+(the predictive account of why the unhinted sorter fails with length), ``hint``
 (the successor lookup in the sorting models, by length) or ``carry`` (where carries are represented, used
 and routed in the multiplication models). ``--size full`` is the research size; ``probekit report`` runs
 the same studies at ``default`` size as one HTML page.
