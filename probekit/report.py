@@ -380,12 +380,11 @@ def _fallback_carry(st) -> list:
         first = d[min(d)]
         panels[model] = Result(first.kind, torch.stack([d[k].values for k in sorted(d)]), ("answer digit", "head"),
                                {"answer digit": sorted(d), "head": first.labels["head"]}, first.settings)
-    probes = {}
+    probes: dict[str, dict[str, Result]] = {}  # metric -> panel -> (site, split)
     for key, r in st.results.items():
         if "/probe_" in key:
-            p_all = r.labels["position"].index("all")
-            sub = r.values[:, :, p_all, :]
-            probes[key.replace("/probe_", ": ")] = Result(
+            sub = r.values[:, :, r.labels["position"].index("all"), :]
+            probes.setdefault(r.settings.get("metric", "score"), {})[key.replace("/probe_", ": ")] = Result(
                 r.kind, sub.reshape(-1, sub.shape[-1]), ("site", "split"),
                 {"site": [f"{h.removeprefix('hook_')} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
                  "split": r.labels["split"]}, r.settings)
@@ -397,13 +396,14 @@ def _fallback_carry(st) -> list:
                                 "digits, one colour scale for all.",
                                 "Heatmaps, one per multiplication model, of patching effect by answer digit (rows) "
                                 "and head (columns)."))
-    if probes:
-        figs.append(StudyFigure("probes", lambda: heatmap_grid(probes, cmap="viridis", symmetric=False, limits=(0, 1),
-                                                               title="Linear probes by site and split"),
-                                "Held-out probe accuracy for carry_out and column_sum at every residual site "
-                                "(rows) and split (columns: the fit length and longer operands), one colour scale "
-                                "from 0 to 1.", "Heatmaps, one per model and feature, of probe accuracy by site "
-                                "and split."))
+    for metric, group in probes.items():
+        figs.append(StudyFigure(f"probes-{metric}", lambda g=group, m=metric: heatmap_grid(
+            g, cmap="viridis", symmetric=False, limits=(0, 1), label=f"held-out probe {m}",
+            title=f"Linear probes scored by {m}, by site and split"),
+            f"Held-out probe {metric} of {', '.join(sorted({k.split(': ')[1] for k in group}))} at every residual "
+            "site (rows) and split (columns: the fit length, then other operand lengths), on one colour scale from "
+            "0 to 1; triangles mark values below 0.", f"Heatmaps, one per model and feature, of probe {metric} "
+            "by site and split."))
     return figs
 
 
