@@ -26,7 +26,8 @@ PREFIX = "findings-"
 QUESTIONS = (
     ("overview", "Which models extrapolate, and do the published accuracy results hold on ours?", None),
     ("failure", "Why does the unhinted sorter fail as lists get longer, and can the failure be predicted?",
-     "docs/sorting_failure.md has every variant, a second seed and how the design was reached."),
+     "[The sorting-failure page](sorting_failure.md) has every variant, a second seed and how the design was "
+     "reached."),
     ("hint", "Which components select the next value, and what does the successor hint change?", None),
     ("carry", "Where is the carry computed, which heads move the digits it needs, and does it survive longer "
      "operands?", None),
