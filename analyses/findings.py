@@ -1,78 +1,129 @@
-"""Write docs/findings.md: our numbers next to the papers', each with the command that regenerates it.
+"""Write docs/findings.md and its figures (docs/figures/findings-<study>-<figure>.png) from the studies.
 
-    .venv/bin/python analyses/findings.py [--size default]
+    PYTHONPATH=. .venv/bin/python analyses/findings.py [--size default] [--seed 0]
 
-Accuracy comes from each shipped model's metrics.json (written by `probekit eval`); the mechanism
-claims come from the studies (`probekit.studies`) run here at ``--size``.
+The page opens with what we learned (each study's headline), then one section per question (`QUESTIONS`),
+each with at most `MAX_FIGURES` of the study's figures, its tested hypotheses (effect, 95 % interval,
+baseline, verdict, command) and its measurements with their commands, and ends with the claims that did
+not hold (every verdict "not supported" or "inconclusive"). It is generic over `probekit.studies.Study`
+records: `write_findings` takes any list of studies. Figures written by an earlier run that this run does
+not write are removed, so the folder holds exactly the page's figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 from pathlib import Path
 
-from probekit.io import write_text
-from probekit.model import MODELS_DIR, shipped_models
-from probekit.report import run_study
-
 ROOT = Path(__file__).resolve().parent.parent
+MAX_FIGURES = 4
+MAX_WIDTH_PX = 900
+PREFIX = "findings-"
 
-PAPERS = [
-    ("Sorting, trained on lengths <= 20, exact match at length 100",
-     "Awasthi & Gupta 2023: < 1 % without hints; 92.6 % with the successor hint (repeated values)",
-     ["sort-baseline", "sort-successor", "sort-predecessor", "sort-learned-pos", "sort-baseline-temp", "sort-successor-temp"], 100),
-    ("Sorting distinct values from 256, trained on lengths <= 20, exact match at length 100",
-     "Awasthi & Gupta 2023: small NoPE sorters with a length-dependent temperature extrapolate; learned absolute "
-     "positions do not", ["sort-extrap", "sort-extrap-learned-pos"], 100),
-    ("5 x 1 multiplication, 1 layer, 3 heads, reversed product",
-     "Qiu et al. 2024: 99.3 % (reversed), 89.8 % (forward)", ["mult-5x1"], None),
-    ("N x N multiplication, reversed product, with depth and simple samples",
-     "Qiu et al. 2024 (5 x 5): 4 layers 97.4 %, 8 layers 99.6 %, + simple samples 99.9 %", ["mult-3x3"], None),
-    ("N x N multiplication, forward product", "Qiu et al. 2024: forward is harder than reversed. mult-3x3-forward is "
-     "trained with mult-3x3's recipe (same architecture, steps, learning rate and seed)",
-     ["mult-3x3", "mult-3x3-forward"], None),
-    ("Multiplication on longer operands than trained",
-     "Lee et al. 2023 / Shen et al. 2023: no length generalisation beyond trained digit counts without positional care",
-     ["mult-extrap"], None),
-]
+# (study, the question its section answers, where to read more or None)
+QUESTIONS = (
+    ("overview", "Which models extrapolate, and do the published accuracy results hold on ours?", None),
+    ("failure", "Why does the unhinted sorter fail as lists get longer, and can the failure be predicted?",
+     "[The sorting-failure page](sorting_failure.md) has every variant, a second seed and how the design was "
+     "reached."),
+    ("hint", "Which components select the next value, and what does the successor hint change?", None),
+    ("carry", "Where is the carry computed, which heads move the digits it needs, and does it survive longer "
+     "operands?", None),
+)
 
 
-def _records(name: str) -> dict:
-    m = json.loads((MODELS_DIR / name / "metrics.json").read_text())
-    return {r["length"]: r for r in m["records"]} | {"command": m.get("command", "")}
+def write_figures(study, fig_dir: Path, page_dir: Path, max_figures: int = MAX_FIGURES) -> dict[str, str]:
+    """The first ``max_figures`` figures of ``study`` as small PNGs (at most `MAX_WIDTH_PX` wide, 100 dpi) in
+    ``fig_dir``; returns figure key -> path relative to ``page_dir``."""
+    import matplotlib.pyplot as plt
+
+    from probekit.io import save_figure
+    from probekit.report import figures_of, slug
+
+    out = {}
+    for f in figures_of(study)[:max_figures]:
+        fig = f.make()
+        dpi = min(100, int(MAX_WIDTH_PX / fig.get_size_inches()[0]))
+        path = save_figure(fig, fig_dir / f"{PREFIX}{slug(study.name)}-{slug(f.key)}.png", dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        out[f.key] = Path(os.path.relpath(Path(path).resolve(), page_dir.resolve())).as_posix()
+    return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="default")
-    args = ap.parse_args()
-    have = set(shipped_models())
-    lines = ["# Findings", "", "Our numbers (CPU-scale models, 2 cores) next to the papers' (`../shared/SCIENCE.md`).",
-             f"Regenerate this page with `.venv/bin/python analyses/findings.py --size {args.size}`.", "",
-             "## Accuracy next to the literature", ""]
-    for what, paper, names, length in PAPERS:
-        lines += [f"### {what}", "", f"Paper: {paper}.", ""]
-        for name in names:
-            if name not in have:
-                continue
-            recs = _records(name)
-            cmd = recs.pop("command")
-            shown = [recs[length]] if length in recs else list(recs.values())
-            lines.append(f"- `{name}`: " + ", ".join(f"length {r['length']}: {100 * r['exact_match']:.1f} % "
-                                                     f"(95 % CI {100 * r['exact_match_ci95'][0]:.1f}-"
-                                                     f"{100 * r['exact_match_ci95'][1]:.1f}, n={r['n']})" for r in shown)
-                         + f"  \n  `{cmd}`")
-        lines.append("")
-    for name in ("hint", "carry"):
-        st = run_study(name, size=args.size)
-        lines += [f"## {st.title}", ""]
-        lines += [f"- {c['text']}  \n  `{c['command']}`" for c in st.claims]
-        lines += [f"- _{n}_" for n in st.notes] + [""]
-    write_text(ROOT / "docs" / "findings.md", "\n".join(lines) + "\n")
-    print("wrote docs/findings.md")
+def did_not_hold(studies) -> list[str]:
+    """One markdown line per verdict "not supported" or "inconclusive", with its numbers and command."""
+    from probekit.report import fmt
+
+    lines = []
+    for st in studies:
+        for v in st.verdicts:
+            if v.verdict in ("not supported", "inconclusive"):
+                base = f"; baseline {fmt(v.baseline)}" if v.baseline else ""
+                lines.append(f"- **{v.verdict}** ({st.title}): {v.hypothesis.statement} ({v.hypothesis.text()}): "
+                             f"{fmt(v.effect)} {fmt(list(v.interval))}{base}.  \n  `{v.command}`")
+    return lines
+
+
+def page(studies, figures: dict[str, dict[str, str]], command: str) -> str:
+    """The markdown page (module docstring); ``figures``: study name -> (figure key -> image path)."""
+    from probekit.report import study_markdown
+
+    asked = {name: (q, more) for name, q, more in QUESTIONS}
+    out = ["# Findings", "", f"Regenerate this page and its figures with one command: `{command}`.", "",
+           "Every number below is measured on the shipped models (CPU scale, one training seed each). A tested "
+           "hypothesis was written before its numbers were read; its verdict follows from the 95 % interval "
+           "(`probekit.stats.judge`): supported when the whole interval satisfies it, not supported when none of "
+           "it does, inconclusive otherwise.", "", "## What we learned", ""]
+    for st in studies:
+        q = asked.get(st.name, (st.title, None))[0]
+        lines = st.headline or [f"{v.hypothesis.statement}: {v.verdict}." for v in st.verdicts]
+        out += [f"**{q}** " + " ".join(lines), ""]
+    for i, st in enumerate(studies, 1):
+        q, more = asked.get(st.name, (st.title, None))
+        out += [f"## {i}. {q}", ""] + ([f"{more}", ""] if more else [])
+        out.append(study_markdown(st, figures.get(st.name, {}), level=3, max_figures=MAX_FIGURES))
+    miss = did_not_hold(studies)
+    out += ["## Claims that did not hold", ""] + (miss or ["Every tested hypothesis was supported."]) + [""]
+    return "\n".join(out)
+
+
+def write_findings(studies, md_path: Path, fig_dir: Path, command: str) -> list[Path]:
+    """Write the page and its figures; remove the `PREFIX` figures in ``fig_dir`` that this run did not write."""
+    from probekit.io import write_text
+
+    md_path, fig_dir = Path(md_path), Path(fig_dir)
+    figures = {st.name: write_figures(st, fig_dir, md_path.parent) for st in studies}
+    written = {(md_path.parent / p).resolve() for f in figures.values() for p in f.values()}
+    for old in fig_dir.glob(f"{PREFIX}*.png"):
+        if old.resolve() not in written:
+            old.unlink()
+    return [write_text(md_path, page(studies, figures, command)), *sorted(written)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from probekit.report import run_study
+    from probekit.studies import SIZES
+    from probekit.tasks import ProbekitError
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="default", choices=list(SIZES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "findings.md"), help="the page (figures go to figures/ beside it)")
+    args = ap.parse_args(argv)
+    md = Path(args.out)
+    try:
+        studies = [run_study(name, size=args.size, seed=args.seed) for name, _, _ in QUESTIONS]
+        paths = write_findings(studies, md, md.parent / "figures",
+                               f"PYTHONPATH=. .venv/bin/python analyses/findings.py --size {args.size} --seed {args.seed}")
+    except ProbekitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(f"wrote {p}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -2,10 +2,11 @@
 
     .venv/bin/python analyses/run_study.py NAME ... [--size full|default|quick] [--seed 0] [--out reports/analyses]
 
-NAME is one of `probekit.report.STUDIES`: ``overview`` (accuracy vs length of every shipped model), ``hint``
-(which heads select the next value in the sorting models, what the successor hint changes in them, and
-whether the hinted model's own lookup extrapolates) or ``carry`` (where carries are represented, used and
-routed in the multiplication models). ``--size full`` is the research size; ``probekit report`` runs
+NAME is one of `probekit.report.STUDIES`: ``overview`` (accuracy vs length of every shipped model), ``failure``
+(the predictive account of why the unhinted sorter fails with length), ``hint`` (which heads select the next
+value in the sorting models, what the successor hint changes in them, and whether the hinted model's own
+lookup extrapolates) or ``carry`` (where carries are represented, used and routed in the multiplication
+models). ``--size full`` is the research size; ``probekit report`` runs
 the same studies at ``default`` size as one HTML page.
 """
 

@@ -81,16 +81,18 @@ def eval_(
 @app.command()
 def report(
     out: Path = typer.Option(Path("reports/latest"), help="Folder for report.html and report_<study>.json."),
-    study: list[str] = typer.Option(["overview", "hint", "carry"], help="Studies to run (repeat the option)."),
+    study: list[str] = typer.Option(["overview", "failure", "hint", "carry"], help="Studies to run (repeat the option)."),
     size: str = typer.Option("default", help="quick | default | full (sample sizes)."),
-    quick: bool = typer.Option(False, "--quick", help="Same as --size quick (about a minute)."),
+    quick: bool = typer.Option(False, "--quick", help="Same as --size quick (small samples, a smoke test)."),
     seed: int = SEED,
     overwrite: bool = typer.Option(False, help="Replace an earlier report in a non-empty --out."),
 ):
     """The main job: every study, as one self-contained HTML page.
 
-    The mechanism studies (overview, hint, carry) on the shipped models, with figures, tables and
-    attention views inlined; every claim names the command that regenerates its numbers.
+    The studies (overview; failure: why the unhinted sorter fails with length; hint; carry) on the
+    shipped models: a table of contents, what was learned, then per study its tested hypotheses,
+    figures with captions, tables and attention views, inlined; every claim names the command that
+    regenerates its numbers. A progress bar over the studies goes to stderr.
 
     Example: probekit report --out reports/latest --overwrite
     """

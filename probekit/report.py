@@ -1,9 +1,19 @@
 """`probekit report`: run the studies on the shipped models and write one self-contained HTML page.
 
-Figures are inlined as PNG (base64), the attention views as circuitsvis HTML with the JavaScript bundle
-inlined (each in an ``<iframe srcdoc>``), so the page needs no network. Each study's results are also
-written as JSON next to the page: ``report.html`` + ``report_<study>.json``. Every file goes through
-`probekit.io` (the folder is checked and locked first; nothing appears unless the whole report succeeds).
+The page: a table of contents, "What we learned" (each study's headline), then one section per study:
+its headline, its tested hypotheses as a table (hypothesis, effect, 95 % interval, baseline, verdict,
+command; every verdict is a `probekit.stats.Verdict`), its descriptive claims, its figures in a grid
+(each a ``<figure>`` with a caption and alt text), its tables (numbers formatted; a wide table is split
+into column groups that repeat the columns naming a row, and scrolls inside its box), its notes. Last,
+one attention view per model (circuitsvis, JavaScript inlined, in an ``<iframe srcdoc>``).
+
+Figures are inlined as PNG (base64), so the page needs no network. Each study's results are written as
+JSON next to the page: ``report.html`` + ``report_<study>.json``. Every file goes through `probekit.io`
+(the folder is checked and locked first; nothing appears unless the whole report succeeds). A progress
+bar over the studies goes to stderr.
+
+`study_markdown` writes the same parts of a study as markdown (for ``analyses/run_study.py`` and
+``docs/findings.md``).
 """
 
 from __future__ import annotations
@@ -11,6 +21,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -18,90 +31,13 @@ from probekit.io import output_dir, save_figure, write_text
 from probekit.model import shipped_models
 from probekit.tasks import ProbekitError
 
-STUDIES = ("overview", "hint", "carry")
-
-
-def _fig_html(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _table_html(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-
-    def fmt(v):
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _overview_figures(st):
-    from probekit.evaluate import EvalResult
-    from probekit.studies.common import _metrics
-    from probekit.viz import accuracy_vs_length
-
-    for prefix in ("sort", "mult"):
-        res = {}
-        for name in shipped_models():
-            m = _metrics(name)
-            if name.startswith(prefix) and m:
-                res[name] = EvalResult(**{k: m[k] for k in ("model", "task", "seed", "records")})
-        if res:
-            task = next(iter(res.values())).task
-            yield accuracy_vs_length(res, title=f"Shipped {task} models: exact match vs length (greedy decoding)")
-
-
-def _hint_figures(st):
-    from probekit.viz import layer_head_heatmap, mechanism_vs_length
-
-    rows = st.tables.get("hint_by_length", [])
-    if rows:
-        yield mechanism_vs_length(
-            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)")
-    for key, r in st.results.items():
-        if "/patch_z" in key:
-            yield layer_head_heatmap(r, title=f"{key.split('/')[0]}, length {r.settings.get('length')}: head-output "
-                                               "patching, share of the logit difference restored (1 = clean)")
-
-
-def _carry_figures(st):
-    from probekit.viz import heatmap
-
-    for key, r in st.results.items():
-        if "/probe_" in key:
-            p_all = r.labels["position"].index("all")
-            sub = r.values[:, :, p_all, :]
-            from probekit.results import Result
-
-            flat = Result(kind=r.kind, values=sub.reshape(-1, sub.shape[-1]), axes=("hook/layer", "split"),
-                          labels={"hook/layer": [f"{h} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
-                                  "split": r.labels["split"]})
-            feature = str(r.settings.get("feature", "")).replace("_", " ")
-            yield heatmap(flat, title=f"{key.split('/')[0]}: probe {r.settings.get('metric', '')} for {feature} by "
-                                      "layer and length", cmap="viridis", symmetric=False)
-        elif "/patch_z_digit" in key:
-            digit = (r.settings.get("corruption") or {}).get("options", {}).get("digit")
-            yield heatmap(r, title=f"{key.split('/')[0]}: head-output patching, carry flipped into answer digit "
-                                   f"{digit}: share of the logit difference restored (1 = clean)")
-
-
-FIGURES = {"overview": _overview_figures, "hint": _hint_figures, "carry": _carry_figures}
+STUDIES = ("overview", "failure", "hint", "carry")
+MAX_COLS = 8  # a table with more columns is split into column groups
+VERDICT_COLUMNS = ("hypothesis", "effect", "95 % interval", "baseline", "n", "verdict", "command")
 
 
 def run_study(name: str, size: str = "default", seed: int = 0):
-    """Run one study by name (``overview``, ``hint`` or ``carry``); returns a `probekit.studies.Study`."""
+    """Run one study by name (one of `STUDIES`); returns a `probekit.studies.Study`."""
     from probekit import studies as S
 
     if name not in STUDIES:
@@ -109,21 +45,196 @@ def run_study(name: str, size: str = "default", seed: int = 0):
     return S.overview() if name == "overview" else getattr(S, f"{name}_study")(size=size, seed=seed)
 
 
-def write_study(study, out: str | Path) -> list[Path]:
-    """Write ``<name>.json``, ``<name>_claims.md`` and one PNG per figure of ``study`` to ``out``."""
+# ---------------------------------------------------------------------------- the parts of a study
+
+
+def figures_of(study) -> list:
+    """The study's `probekit.studies.StudyFigure`\\ s; for a study that registers none, the figures this module
+    drew for it before studies registered their own (`_FALLBACK`)."""
+    if study.figures:
+        return list(study.figures)
+    return list(_FALLBACK.get(study.name, lambda st: [])(study))
+
+
+def _is_verdict_claim(claim: dict, verdicts) -> bool:
+    """A claim `Study.test` wrote for one of ``verdicts`` (shown in the verdict table instead)."""
+    return any(claim["command"] == v.command and claim["text"].startswith(
+        f"{v.hypothesis.statement} ({v.hypothesis.text()}): ") for v in verdicts)
+
+
+def _descriptive_claims(study) -> list[dict]:
+    """The claims that are not a tested hypothesis's statement."""
+    return [c for c in study.claims if not _is_verdict_claim(c, study.verdicts)]
+
+
+def fmt(v) -> str:
+    """A table cell as text: 3 significant digits, an interval as ``[lo, hi]``, NaN and None as "–"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "; ".join(f"{k} {fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _verdict_rows(study) -> list[dict]:
+    """One row per tested hypothesis, in `VERDICT_COLUMNS`, every cell read from its `Verdict`."""
+    return [dict(zip(VERDICT_COLUMNS, (f"{v.hypothesis.statement} ({v.hypothesis.text()})", fmt(v.effect),
+                                       fmt(list(v.interval)), fmt(v.baseline) if v.baseline else "–", fmt(v.n),
+                                       v.verdict, v.command), strict=True)) for v in study.verdicts]
+
+
+def _key_columns(rows: list[dict], cols: list[str]) -> list[str]:
+    """The fewest leading columns (at most 3) whose values tell every row apart."""
+    for k in range(1, min(3, len(cols)) + 1):
+        if len({tuple(str(r.get(c)) for c in cols[:k]) for r in rows}) == len(rows):
+            return cols[:k]
+    return cols[:min(3, len(cols))]
+
+
+def _column_groups(rows: list[dict]) -> list[list[str]]:
+    """The table's columns in groups of at most `MAX_COLS`, each group led by the `_key_columns`."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    if len(cols) <= MAX_COLS:
+        return [cols]
+    keys = _key_columns(rows, cols)
+    rest = [c for c in cols if c not in keys]
+    step = max(1, MAX_COLS - len(keys))
+    return [keys + rest[i:i + step] for i in range(0, len(rest), step)]
+
+
+# ---------------------------------------------------------------------------- HTML
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def slug(text: str) -> str:
+    """An HTML id from ``text``: lower case, runs of other characters as one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+
+
+def _png(fig, dpi: int = 100) -> str:
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    paths = [write_text(out / f"{study.name}.json", study.to_json()),
-             write_text(out / f"{study.name}_claims.md", f"# {study.title}\n\n" + "".join(
-                 f"- {c['text']}\n  `{c['command']}`\n" for c in study.claims) + "".join(f"\n_{n}_\n" for n in study.notes))]
-    for i, fig in enumerate(FIGURES[study.name](study)):
-        paths.append(save_figure(fig, out / f"{study.name}_fig{i}.png", dpi=120, bbox_inches="tight"))
-        plt.close(fig)
-    return paths
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
-def _attention_views(names: list[str]) -> list[str]:
+def _figure_html(sf, study_name: str) -> str:
+    """One `StudyFigure` as ``<figure>``: the PNG inlined, its alt text, its caption."""
+    return (f"<figure id='fig-{slug(study_name)}-{slug(sf.key)}'><img alt=\"{html.escape(sf.alt, quote=True)}\" "
+            f"src=\"data:image/png;base64,{_png(sf.make())}\"><figcaption>{_esc(sf.caption)}</figcaption></figure>")
+
+
+def _table_html(name: str, rows: list[dict]) -> str:
+    """A study table: its column groups (`_column_groups`), formatted cells, inside a scrolling box."""
+    if not rows:
+        return ""
+    parts = []
+    for cols in _column_groups(rows):
+        head = "".join(f"<th>{_esc(c.replace('_', ' '))}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{_esc(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+        parts.append(f"<div class='tbl'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+    opened = " open" if len(rows) <= 15 else ""
+    return (f"<details{opened}><summary>Table: {_esc(name)} ({len(rows)} rows)</summary>{''.join(parts)}</details>")
+
+
+def _verdict_table_html(study) -> str:
+    if not study.verdicts:
+        return ""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in VERDICT_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td class='verdict {slug(r[c])}'>{_esc(r[c])}</td>" if c == "verdict" else
+                         f"<td class='cmd'><code>{_esc(r[c])}</code></td>" if c == "command" else
+                         f"<td>{_esc(r[c])}</td>" for c in VERDICT_COLUMNS) + "</tr>" for r in _verdict_rows(study))
+    return (f"<h3>Tested hypotheses</h3><div class='tbl'><table class='verdicts'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _study_html(study, seconds: tuple[float, float] | None = None) -> str:
+    """One study's section (module docstring); ``seconds``: (wall-clock, CPU) time the study took."""
+    sid = f"study-{slug(study.name)}"
+    took = f" Ran in {seconds[0]:.0f} s ({seconds[1]:.0f} s of CPU time)." if seconds is not None else ""
+    claims = _descriptive_claims(study)
+    parts = [f"<section id='{sid}'><h2>{_esc(study.title)}</h2>",
+             "".join(f"<p class='headline'>{_esc(h)}</p>" for h in study.headline),
+             _verdict_table_html(study)]
+    if claims:
+        parts.append("<h3>Measurements</h3><ul>" + "".join(
+            f"<li>{_esc(c['text'])}<br><span class='cmd'>regenerate: <code>{_esc(c['command'])}</code></span></li>"
+            for c in claims) + "</ul>")
+    figs = figures_of(study)
+    if figs:
+        parts.append("<h3>Figures</h3><div class='figs'>" + "".join(_figure_html(f, study.name) for f in figs) + "</div>")
+    if study.tables:
+        parts.append("<h3>Tables</h3>" + "".join(_table_html(k, v) for k, v in study.tables.items()))
+    parts += [f"<p class='note'>{_esc(n)}</p>" for n in study.notes]
+    parts.append(f"<p class='meta'>Study <code>{_esc(study.name)}</code>.{took}</p></section>")
+    return "".join(parts)
+
+
+def _tally(study) -> str:
+    counts = {}
+    for v in study.verdicts:
+        counts[v.verdict] = counts.get(v.verdict, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+def _summary_html(studies) -> str:
+    """"What we learned": each study's headline (or, without one, its verdicts), with a link to its section."""
+    items = []
+    for st in studies:
+        lines = list(st.headline) or [f"{v.hypothesis.statement}: {v.verdict}." for v in st.verdicts]
+        tally = f" <span class='meta'>(tested hypotheses: {_esc(_tally(st))})</span>" if st.verdicts else ""
+        body = "".join(f"<p>{_esc(t)}</p>" for t in lines) or "<p class='meta'>No headline and no tested hypothesis.</p>"
+        items.append(f"<h3><a href='#study-{slug(st.name)}'>{_esc(st.title)}</a>{tally}</h3>{body}")
+    return f"<section id='summary'><h2>What we learned</h2>{''.join(items)}</section>"
+
+
+def _toc_html(studies, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    links = [("summary", "What we learned")] + [(f"study-{slug(s.name)}", s.title) for s in studies] + list(extra)
+    return "<nav id='toc'><h2>Contents</h2><ol>" + "".join(
+        f"<li><a href='#{i}'>{_esc(t)}</a></li>" for i, t in links) + "</ol></nav>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
+.tbl{overflow-x:auto;max-width:100%;margin:.6em 0}table{border-collapse:collapse;font-size:.82em}
+td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}th{background:#f3f3f3;text-align:left}
+td{font-variant-numeric:tabular-nums}table.verdicts td:first-child{min-width:18em}
+td.cmd code,span.cmd code{word-break:break-all;font-size:.9em}code{background:#f4f4f4;padding:1px 4px}
+td.verdict{font-weight:600;white-space:nowrap}td.supported{background:#e3f4e3}td.not-supported{background:#fbe3e3}
+td.inconclusive{background:#fdf3d8}.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:1em}
+figure{margin:0;border:1px solid #e3e3e3;padding:.5em}figure img{max-width:100%;height:auto;display:block;margin:auto}
+figcaption{font-size:.85em;color:#444;margin-top:.4em}p.headline{font-size:1.05em}.meta,.note{color:#555;font-size:.85em}
+nav#toc{background:#fafafa;border:1px solid #e3e3e3;padding:.3em 1em}li{margin:.3em 0}details{margin:.4em 0}
+iframe.attn{width:100%;height:560px;border:1px solid #ddd}.cmd{color:#555;font-size:.85em}"""
+
+
+def render_html(studies, size: str, seed: int, seconds: dict | None = None, attention: str = "") -> str:
+    """The whole page (module docstring) for ``studies`` (`probekit.studies.Study` records); ``seconds``: study
+    name -> (wall-clock, CPU) seconds it took; ``attention``: the attention views' HTML."""
+    seconds = seconds or {}
+    extra = (("attention", "Attention patterns"),) if attention else ()
+    body = (f"<h1>probekit report</h1><p>Studies on the shipped models (size <code>{_esc(size)}</code>, seed {seed}). "
+            "Every verdict follows from its 95 % interval; every claim names the command that regenerates it.</p>"
+            + _toc_html(studies, extra) + _summary_html(studies)
+            + "".join(_study_html(s, seconds.get(s.name)) for s in studies)
+            + (f"<section id='attention'><h2>Attention patterns (one example each)</h2>{attention}</section>"
+               if attention else ""))
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>probekit report</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def _attention_views(names: list[str]) -> str:
     from probekit.studies.common import _load
     from probekit.viz import attention_html
 
@@ -132,20 +243,65 @@ def _attention_views(names: list[str]) -> list[str]:
         model, task, _ = _load(name)
         batch = task.sample(1, length=getattr(task, "display_length", None), seed=0)
         page = attention_html(model, batch, task=task, title=f"{name}: attention patterns")
-        views.append(f"<h3>{html.escape(name)}</h3><iframe class='attn' srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
-    return views
+        views.append(f"<h3>{_esc(name)}</h3><iframe class='attn' title='{_esc(name)}: attention patterns' "
+                     f"srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
+    return "".join(views)
 
 
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}
-img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}li{margin:.4em 0}
-iframe.attn{width:100%;height:560px;border:1px solid #ddd}.cmd{color:#555;font-size:.85em}"""
+# ---------------------------------------------------------------------------- markdown
+
+
+def _md(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def study_markdown(study, figure_paths: dict[str, str] | None = None, level: int = 2, max_figures: int = 4) -> str:
+    """A study as markdown: heading, headline, the verdict table, the first ``max_figures`` figures whose key
+    is in ``figure_paths`` (key -> image path as the page links it) with captions, the claims with their
+    commands, the notes."""
+    figure_paths = figure_paths or {}
+    h = "#" * level
+    out = [f"{h} {study.title}", ""] + [f"{t}" for t in study.headline] + ([""] if study.headline else [])
+    if study.verdicts:
+        out += [f"{h}# Tested hypotheses", "", "| " + " | ".join(VERDICT_COLUMNS) + " |",
+                "|" + "---|" * len(VERDICT_COLUMNS)]
+        out += ["| " + " | ".join(_md(f"`{r[c]}`" if c == "command" else f"**{r[c]}**" if c == "verdict" else r[c])
+                                  for c in VERDICT_COLUMNS) + " |" for r in _verdict_rows(study)]
+        out.append("")
+    shown = [f for f in figures_of(study) if f.key in figure_paths][:max_figures]
+    for i, f in enumerate(shown, 1):
+        out += [f"![{_md(f.alt)}]({figure_paths[f.key]})", "", f"*Figure {i}. {f.caption}*", ""]
+    claims = _descriptive_claims(study)
+    if claims:
+        out += [f"{h}# Measurements", ""] + [f"- {c['text']}  \n  `{c['command']}`" for c in claims] + [""]
+    out += [f"_{n}_\n" for n in study.notes]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_study(study, out: str | Path, dpi: int = 120) -> list[Path]:
+    """Write ``<name>.json``, ``<name>_claims.md`` and one PNG per figure of ``study`` to ``out``."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    paths = [write_text(out / f"{study.name}.json", study.to_json())]
+    names = {}
+    for f in figures_of(study):
+        fig = f.make()
+        paths.append(save_figure(fig, out / f"{study.name}_{slug(f.key)}.png", dpi=dpi, bbox_inches="tight"))
+        plt.close(fig)
+        names[f.key] = paths[-1].name
+    paths.insert(1, write_text(out / f"{study.name}_claims.md", study_markdown(study, names, level=1,
+                                                                                max_figures=len(names))))
+    return paths
+
+
+# ---------------------------------------------------------------------------- running the report
 
 
 def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = STUDIES, size: str = "default",
-               overwrite: bool = False, seed: int = 0, attention: bool = True) -> Path:
+               overwrite: bool = False, seed: int = 0, attention: bool = True, progress: bool = True) -> Path:
     """Run ``studies`` and write ``report.html`` + ``report_<study>.json`` to ``out`` (refused when non-empty
-    unless ``overwrite``). Returns the HTML path."""
+    unless ``overwrite``). ``progress``: a bar over the studies on stderr. Returns the HTML path."""
     from probekit.studies import SIZES
 
     bad = [s for s in studies if s not in STUDIES]
@@ -158,30 +314,97 @@ def run_report(out: str | Path = "reports/latest", studies: tuple[str, ...] = ST
     if not shipped_models():
         raise ProbekitError("no shipped models found in models/; expected the model zoo (see docs/model_sweep.md)")
     with output_dir(out, overwrite=overwrite) as folder:
-        return _write_report(folder, studies, size, seed, attention)
+        return _write_report(folder, tuple(dict.fromkeys(studies)), size, seed, attention, progress)
 
 
-def _write_report(out: Path, studies: tuple[str, ...], size: str, seed: int, attention: bool) -> Path:
-    sections = []
-    for name in studies:
-        t0 = time.time()
-        print(f"[report] {name} study ...", flush=True)
+def _write_report(out: Path, names: tuple[str, ...], size: str, seed: int, attention: bool, progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    done, seconds = [], {}
+    bar = tqdm(names, desc="report", unit="study", file=sys.stderr, disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        t0, c0 = time.perf_counter(), time.process_time()
         st = run_study(name, size=size, seed=seed)
+        seconds[name] = (time.perf_counter() - t0, time.process_time() - c0)
         write_text(out / f"report_{name}.json", st.to_json())
-        claims = "".join(f"<li>{html.escape(c['text'])}<br><span class='cmd'>regenerate: <code>{html.escape(c['command'])}"
-                         f"</code></span></li>" for c in st.claims)
-        tables = "".join(f"<h3>{html.escape(k)}</h3>{_table_html(v)}" for k, v in st.tables.items())
-        notes = "".join(f"<p><em>{html.escape(n)}</em></p>" for n in st.notes)
-        figures = "".join(_fig_html(f) for f in FIGURES[name](st))
-        sections.append(f"<h2>{html.escape(st.title)}</h2><ul>{claims}</ul>{notes}{figures}{tables}")
-        print(f"[report] {name} done in {time.time() - t0:.0f} s", flush=True)
+        done.append(st)
+        if progress:
+            bar.write(f"[report] {name}: {seconds[name][0]:.0f} s ({seconds[name][1]:.0f} s CPU)", file=sys.stderr)
+    bar.close()
+    views = ""
     if attention:
-        names = [n for n in ("sort-successor", "sort-baseline", "mult-5x1") if n in shipped_models()]
-        sections.append("<h2>Attention patterns (one example each)</h2>" + "".join(_attention_views(names)))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>probekit report</title><style>{STYLE}</style>"
-            f"</head><body><h1>probekit report</h1><p>Studies on the shipped models (size <code>{size}</code>, "
-            f"seed {seed}). Every claim lists the command that regenerates its numbers.</p>{''.join(sections)}"
-            "</body></html>")
-    path = write_text(out / "report.html", page)
+        views = _attention_views([n for n in ("sort-successor", "sort-baseline", "mult-5x1") if n in shipped_models()])
+    path = write_text(out / "report.html", render_html(done, size, seed, seconds, views))
     print(f"[report] wrote {path} (and report_<study>.json)")
     return path
+
+
+def _fallback_hint(st) -> list:
+    from probekit.studies import StudyFigure
+    from probekit.viz import heatmap_grid, mechanism_vs_length
+
+    figs, rows = [], st.tables.get("hint_by_length", [])
+    if rows:
+        figs.append(StudyFigure("lookup-vs-length", lambda: mechanism_vs_length(
+            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)"),
+            "For each sorting model, the share of sort steps at which its lookup head (the head with the most top-1 "
+            "attention on the target value at length 20) puts its largest attention on the target value (solid), "
+            "and greedy exact match (dashed), against list length.",
+            "Line plot of lookup-head top-1 attention and exact match against list length, one colour per model."))
+    patch = {k.replace("/patch_z_len", ", length "): r for k, r in st.results.items() if "/patch_z_len" in k}
+    if patch:
+        figs.append(StudyFigure("patching", lambda: heatmap_grid(patch),
+                                "Share of the logit difference restored by patching each head's clean output into a "
+                                "successor-change corrupted run (1 = clean, 0 = corrupted), per model and list length, "
+                                "on one shared colour scale.",
+                                "Heatmaps, one per model and length, of patching effect by layer (rows) and head "
+                                "(columns)."))
+    return figs
+
+
+def _fallback_carry(st) -> list:
+    import torch
+
+    from probekit.results import Result
+    from probekit.studies import StudyFigure
+    from probekit.viz import flatten_heads, heatmap_grid
+
+    by_model: dict[str, dict[int, Result]] = {}
+    for key, r in st.results.items():
+        if "/patch_z_digit" in key:
+            model, k = key.split("/patch_z_digit")
+            by_model.setdefault(model, {})[int(k)] = flatten_heads(r)
+    panels = {}
+    for model, d in by_model.items():
+        first = d[min(d)]
+        panels[model] = Result(first.kind, torch.stack([d[k].values for k in sorted(d)]), ("answer digit", "head"),
+                               {"answer digit": sorted(d), "head": first.labels["head"]}, first.settings)
+    probes: dict[str, dict[str, Result]] = {}  # metric -> panel -> (site, split)
+    for key, r in st.results.items():
+        if "/probe_" in key:
+            sub = r.values[:, :, r.labels["position"].index("all"), :]
+            probes.setdefault(r.settings.get("metric", "score"), {})[key.replace("/probe_", ": ")] = Result(
+                r.kind, sub.reshape(-1, sub.shape[-1]), ("site", "split"),
+                {"site": [f"{h.removeprefix('hook_')} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
+                 "split": r.labels["split"]}, r.settings)
+    figs = []
+    if panels:
+        figs.append(StudyFigure("carry-flip-patching", lambda: heatmap_grid(panels),
+                                "Carry-flip patching: the share of answer digit k's logit difference restored by each "
+                                "head's clean output (1 = clean, 0 = corrupted); one panel per model, rows are answer "
+                                "digits, one colour scale for all.",
+                                "Heatmaps, one per multiplication model, of patching effect by answer digit (rows) "
+                                "and head (columns)."))
+    for metric, group in probes.items():
+        figs.append(StudyFigure(f"probes-{metric}", lambda g=group, m=metric: heatmap_grid(
+            g, cmap="viridis", symmetric=False, limits=(0, 1), label=f"held-out probe {m}",
+            title=f"Linear probes scored by {m}, by site and split"),
+            f"Held-out probe {metric} of {', '.join(sorted({k.split(': ')[1] for k in group}))} at every residual "
+            "site (rows) and split (columns: the fit length, then other operand lengths), on one colour scale from "
+            "0 to 1; triangles mark values below 0.", f"Heatmaps, one per model and feature, of probe {metric} "
+            "by site and split."))
+    return figs
+
+
+_FALLBACK = {"hint": _fallback_hint, "carry": _fallback_carry}

@@ -5,10 +5,13 @@ one style (`STYLE`); ``path`` picks the format by suffix (``.png`` or ``.svg``; 
 and files are written atomically (temporary file, then rename).
 
 - `heatmap`: any 1-3-D `Result` (3-D: one panel per index of ``facet``).
+- `heatmap_grid`: several 1- or 2-D results (e.g. one per model; shapes may differ) as panels of one
+  figure with one shared colour scale.
 - `layer_head_heatmap`: layer x head, from any result with ``layer`` and ``head`` axes (other axes averaged).
 - `layer_pos_heatmap`: (layer | component | head) x position with the positions' token labels.
 - `probe_accuracy`: accuracy by layer, one line per length, from a result with ``layer`` and ``length`` axes.
 - `accuracy_vs_length`: exact match vs length with 95 % intervals, from `probekit.evaluate.EvalResult`\\ s.
+- `accuracy_grid`: the same, one panel per group of models, one shared accuracy axis.
 - `attention_html`: circuitsvis attention heads with the task's tokens as labels, the JavaScript bundle
   inlined (circuitsvis's ``str()`` loads it from a CDN, which fails offline; we use ``.local_src``).
 - `mechanism_vs_length`: a mechanism metric and accuracy against length, one line pair per model.
@@ -328,6 +331,47 @@ def heatmap(result: Result, path: str | Path | None = None, rows: str | None = N
     return _finish(fig, path)
 
 
+def heatmap_grid(results: dict[str, Result], path: str | Path | None = None, title: str | None = None,
+                 cmap: str = "RdBu_r", symmetric: bool = True, label: str | None = None,
+                 limits: tuple[float, float] | None = None, percentile: float = 99.0):
+    """One panel per 1- or 2-D `Result` of ``results`` (``{panel title: result}``; rows: the first axis,
+    columns: the second), one colour scale and one colour bar shared by every panel. Unlike `heatmap`'s
+    facets the panels may differ in shape (models with different numbers of layers or heads).
+
+    Colour limits: ``limits``, else `robust_limits` over every panel's values; ``title`` and ``label``
+    default to `describe` of the first result. Returns the matplotlib figure.
+    """
+    if not isinstance(results, dict) or not results:
+        raise ProbekitError(f"heatmap_grid needs a non-empty dict of Results, got {type(results).__name__}")
+    for key, r in results.items():
+        _check_result(r, f"heatmap_grid panel {key!r}")
+        if r.values.ndim not in (1, 2):
+            raise ProbekitError(f"heatmap_grid panel {key!r} has axes {r.axes}; expected a 1- or 2-D result")
+    plt = _plt()
+    imgs = {k: _heatmap_order(r, None, None, None)[0][:, :, 0] for k, r in results.items()}
+    first = next(iter(results.values()))
+    flat = torch.cat([v.reshape(-1) for v in imgs.values()])
+    vmin, vmax = limits if limits is not None else robust_limits(flat, symmetric, percentile, scale_floor(first))
+    n_rows, n_cols = max(v.shape[0] for v in imgs.values()), max(v.shape[1] for v in imgs.values())
+    nr, nc = _grid(len(imgs), n_rows, n_cols)
+    words = describe(first)
+    with plt.rc_context(STYLE):
+        fig, axs = plt.subplots(nr, nc, figsize=_figsize(nr, nc, n_rows, n_cols)[0], squeeze=False,
+                                layout="constrained")
+        above = below = False
+        for ax in axs.flat[len(imgs):]:
+            ax.set_visible(False)
+        for ax, (key, img) in zip(axs.flat, imgs.items(), strict=False):
+            r = results[key]
+            im, (a, b) = _draw_panel(ax, img.numpy(), r, r.axes[0], r.axes[1] if r.values.ndim == 2 else None,
+                                     vmin, vmax, cmap)
+            above, below = above or a, below or b
+            ax.set_title(str(key))
+        _colorbar(fig, im, axs.ravel().tolist(), label or words[1], (above, below), vmax if symmetric else None)
+        fig.suptitle(title or words[0])
+    return _finish(fig, path)
+
+
 def flatten_heads(result: Result) -> Result:
     """Merge ``layer`` and ``head`` axes into one ``head`` axis labelled ``L<l>H<h>``."""
     ax = list(result.axes)
@@ -538,9 +582,8 @@ def probe_accuracy(result: Result, path: str | Path | None = None, title: str | 
     return _finish(fig, path)
 
 
-def accuracy_vs_length(results, path: str | Path | None = None, title: str | None = None,
-                       train_lengths: tuple[int, int] | None = None):
-    """Exact match vs length with 95 % Wilson intervals; ``results``: an EvalResult, a list, or {name: EvalResult}."""
+def _eval_results(results, what: str) -> dict:
+    """``results`` (an EvalResult, a list, or {name: EvalResult}) as {name: EvalResult}, checked."""
     from probekit.evaluate import EvalResult
 
     if isinstance(results, EvalResult):
@@ -551,34 +594,62 @@ def accuracy_vs_length(results, path: str | Path | None = None, title: str | Non
             names = [f"{nm} ({i})" for i, nm in enumerate(names)]
         results = dict(zip(names, results, strict=True))
     if not isinstance(results, dict) or not results:
-        raise ProbekitError(f"accuracy_vs_length needs EvalResult(s) from probekit.evaluate, got {type(results).__name__}")
+        raise ProbekitError(f"{what} needs EvalResult(s) from probekit.evaluate, got {type(results).__name__}")
     for name, r in results.items():
         if not isinstance(r, EvalResult):
             kind = f" of kind {r.kind!r}" if isinstance(r, Result) else ""
-            raise ProbekitError(f"accuracy_vs_length needs EvalResult(s) from probekit.evaluate; {name!r} is a "
+            raise ProbekitError(f"{what} needs EvalResult(s) from probekit.evaluate; {name!r} is a "
                                 f"{type(r).__name__}{kind}")
         if not r.records:
             raise ProbekitError(f"EvalResult {name!r} has no records")
+    return results
+
+
+def _accuracy_lines(ax, results: dict, train_lengths=None) -> None:
+    """Exact match vs length of each model on ``ax``, with its 95 % Wilson band."""
+    for name, r in results.items():
+        recs = sorted(r.records, key=lambda x: x["length"])
+        xs = [x["length"] for x in recs]
+        (line,) = ax.plot(xs, [x["exact_match"] for x in recs], marker="o", label=name)
+        ax.fill_between(xs, [x["exact_match_ci95"][0] for x in recs], [x["exact_match_ci95"][1] for x in recs],
+                        color=line.get_color(), alpha=0.2, lw=0)
+    if train_lengths is not None:
+        ax.axvspan(train_lengths[0], train_lengths[1], color="grey", alpha=0.12, lw=0, label="trained lengths")
+    ax.set_xlabel("input length")
+    _integer_axis(ax, "x", [x["length"] for r in results.values() for x in r.records])
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best", frameon=False)
+
+
+def accuracy_vs_length(results, path: str | Path | None = None, title: str | None = None,
+                       train_lengths: tuple[int, int] | None = None):
+    """Exact match vs length with 95 % Wilson intervals; ``results``: an EvalResult, a list, or {name: EvalResult}."""
+    results = _eval_results(results, "accuracy_vs_length")
     plt = _plt()
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
-        for name, r in results.items():
-            recs = sorted(r.records, key=lambda x: x["length"])
-            xs = [x["length"] for x in recs]
-            ys = [x["exact_match"] for x in recs]
-            lo = [x["exact_match_ci95"][0] for x in recs]
-            hi = [x["exact_match_ci95"][1] for x in recs]
-            (line,) = ax.plot(xs, ys, marker="o", label=name)
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-        if train_lengths is not None:
-            ax.axvspan(train_lengths[0], train_lengths[1], color="grey", alpha=0.12, lw=0, label="trained lengths")
-        ax.set_xlabel("input length")
-        _integer_axis(ax, "x", [x["length"] for r in results.values() for x in r.records])
+        _accuracy_lines(ax, results, train_lengths)
         ax.set_ylabel("exact match (fraction of examples)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(loc="best", frameon=False)
         ax.set_title(title or "Exact match vs length (greedy decoding; bands: 95 % Wilson intervals)")
         fig.tight_layout()
+    return _finish(fig, path)
+
+
+def accuracy_grid(groups: dict, path: str | Path | None = None, title: str | None = None):
+    """Exact match vs length, one panel per group (``{panel title: results}``, each as `accuracy_vs_length`
+    takes them), side by side with one shared accuracy axis; 95 % Wilson bands."""
+    if not isinstance(groups, dict) or not groups:
+        raise ProbekitError(f"accuracy_grid needs a non-empty dict of groups, got {type(groups).__name__}")
+    groups = {k: _eval_results(v, f"accuracy_grid panel {k!r}") for k, v in groups.items()}
+    plt = _plt()
+    with plt.rc_context(STYLE):
+        fig, axs = plt.subplots(1, len(groups), figsize=(min(MAX_W, 4.6 * len(groups)), 3.6), sharey=True,
+                                squeeze=False, layout="constrained")
+        for ax, (key, results) in zip(axs[0], groups.items(), strict=True):
+            _accuracy_lines(ax, results)
+            ax.set_title(str(key))
+        axs[0, 0].set_ylabel("exact match (fraction of examples)")
+        fig.suptitle(title or "Exact match vs length (greedy decoding; bands: 95 % Wilson intervals)")
     return _finish(fig, path)
 
 

@@ -107,3 +107,30 @@ def test_bad_input_is_refused(tiny_sort):
 def test_figure_is_written(result, tmp_path):
     ss.plot_sorting_failure(result, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_the_control_is_the_same_cells_without_head_quantities(tiny_sort):
+    model, task = tiny_sort
+    kw = {"size": "quick", "lengths": (6, 10, 14), "n": 30, "seed": 3}
+    res = ss.sorting_failure(model, task, heads=[(1, 0)], control=True, **kw)
+    ref = ss.sorting_failure(model, task, heads=[], **kw)  # the control as its own run: the same lists
+    assert res.control["features"] == ref.settings["features"] == ["repeat", "log_copies_left",
+                                                                    "log_copies_left*repeat"]
+    assert res.control["r2"] == pytest.approx(ref.r2, nan_ok=True)
+    assert res.control["r2_fit"] == pytest.approx(ref.r2_fit, nan_ok=True)
+    assert res.control["r2_ci95"] == pytest.approx(ref.r2_ci95, nan_ok=True)
+    assert [c["observed"] for c in res.cells] == [c["observed"] for c in ref.cells]
+    assert [c["predicted"] for c in res.cells] != [c["predicted"] for c in ref.cells]  # the main fit is kept
+    assert ss.sorting_failure(model, task, heads=[(1, 0)], **kw).control == {}
+
+
+def test_failure_figures_share_their_axes(result):
+    fig = ss.plot_failure_grid({"a": result, "b": result})
+    axs = [ax for ax in fig.axes if ax.collections]
+    assert len(axs) == 2 and axs[0].get_xlim() == axs[1].get_xlim() and axs[0].get_ylim() == axs[1].get_ylim()
+    fig = ss.plot_error_by_length({"a": result, "b": result})
+    axs = [ax for ax in fig.axes if ax.get_lines()]
+    assert axs[0].get_shared_y_axes().joined(axs[0], axs[1])
+    observed = [ln for ln in axs[0].get_lines() if ln.get_label() == "distinct (observed)"][0]
+    cells = sorted((c for c in result.cells if c["composition"] == "distinct"), key=lambda c: c["length"])
+    assert list(observed.get_ydata()) == pytest.approx([c["observed"] for c in cells])

@@ -356,3 +356,37 @@ def test_probe_accuracy_title_and_labels():
     assert fig._suptitle.get_text() == "Linear probe for carry out: held-out accuracy by layer"
     assert fig.axes[0].get_ylabel() == "probe accuracy (fraction correct)"
     assert list(fig.axes[0].get_xticks()) == [0, 1]
+
+
+def test_heatmap_grid_shares_one_scale_across_panels_of_different_shapes(tmp_path):
+    a = Result("patch_z", torch.tensor([[0.1, 0.9, -0.2]]), ("layer", "head"), {}, {"metric": "logit-diff"})
+    b = Result("patch_z", torch.tensor([[0.0, 2.5], [0.3, -0.4], [0.2, 0.1]]), ("layer", "head"), {},
+               {"metric": "logit-diff"})
+    fig = viz.heatmap_grid({"model A": a, "model B": b}, tmp_path / "grid.png")
+    ims = [ax.images[0] for ax in fig.axes if ax.images]
+    assert [im.get_array().shape for im in ims] == [(1, 3), (3, 2)]  # each panel keeps its own shape
+    assert len({im.get_clim() for im in ims}) == 1  # ... on one colour scale
+    lo, hi = ims[0].get_clim()
+    assert -lo == hi and hi >= 1.0  # symmetric, and a normalised patch is never clipped inside [-1, 1]
+    assert len(_colorbar_labels(fig)) == 1
+    assert [ax.get_title() for ax in fig.axes if ax.images] == ["model A", "model B"]
+    assert (tmp_path / "grid.png").exists()
+    with pytest.raises(ProbekitError, match="expected a 1- or 2-D result"):
+        viz.heatmap_grid({"x": Result("x", torch.zeros(2, 2, 2), ("a", "b", "c"))})
+    with pytest.raises(ProbekitError, match="non-empty dict"):
+        viz.heatmap_grid({})
+
+
+def test_accuracy_grid_draws_one_panel_per_group_on_a_shared_axis():
+    def rec(L, k, n=100):
+        return {"length": L, "n": n, "exact_match": k / n, "exact_match_ci95": list(wilson(k, n))}
+
+    a = EvalResult(model="a", task={}, seed=0, records=[rec(10, 100), rec(20, 50)])
+    b = EvalResult(model="b", task={}, seed=0, records=[rec(3, 90)])
+    fig = viz.accuracy_grid({"lists": [a], "digits": {"b": b}})
+    axs = [ax for ax in fig.axes if ax.get_lines()]
+    assert [ax.get_title() for ax in axs] == ["lists", "digits"]
+    assert list(axs[0].get_lines()[0].get_ydata()) == pytest.approx([1.0, 0.5])
+    assert axs[0].get_shared_y_axes().joined(axs[0], axs[1])
+    with pytest.raises(ProbekitError, match="panel 'x'"):
+        viz.accuracy_grid({"x": [Result("x", torch.zeros(1), ("a",))]})

@@ -5,7 +5,8 @@
   baselines), whether the hinted model's own lookup extrapolates, and the hint gap over a sweep's seeds.
 - `carry_study`: where carries are represented, used and routed in multiplication models, and what breaks
   on longer operands than trained.
-- `overview`: accuracy vs length for every shipped model, next to the mechanism metrics.
+- `overview`: accuracy vs length for every shipped model, and published accuracy results checked on them.
+- `failure_study`: the predictive account of why the unhinted sorter fails with length (`studies/sorting.py`).
 
 Each returns a `Study`: claims (text with the numbers in it, and the command that regenerates them),
 and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
@@ -17,5 +18,6 @@ from probekit.studies.carry import carry_study
 from probekit.studies.common import SIZES, Study, StudyFigure, value_mask
 from probekit.studies.hint import hint_study
 from probekit.studies.overview import overview
+from probekit.studies.sorting import failure_study
 
-__all__ = ["SIZES", "Study", "StudyFigure", "carry_study", "hint_study", "overview", "value_mask"]
+__all__ = ["SIZES", "Study", "StudyFigure", "carry_study", "failure_study", "hint_study", "overview", "value_mask"]

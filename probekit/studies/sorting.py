@@ -289,8 +289,10 @@ def _score_cells(cells: list[dict], names: list[str], by_step_type: bool, clf) -
 def sorting_failure(model, task, size: str = "default", *, split: str = "checkerboard", n_heads: int = 4,
                     heads=None, lengths=None, n: int | None = None, compositions=COMPOSITIONS,
                     patch_length: int | None = None, confusor: bool = True, by_step_type: bool = True,
-                    seed: int = 0) -> SortingFailureResult:
-    """The predictive account (module docstring). ``heads`` (list of (layer, head)) skips the patching choice."""
+                    control: bool = False, seed: int = 0) -> SortingFailureResult:
+    """The predictive account (module docstring). ``heads`` (list of (layer, head)) skips the patching choice.
+    ``control``: also fit the error model without any head quantity (the step type and the copies left only) on
+    the same cells, and keep its R^2 in ``result.control``."""
     if size not in SIZES:
         raise ProbekitError(f"size {size!r}; expected one of {list(SIZES)}")
     from probekit.corruptions import corruption_kinds
@@ -316,26 +318,36 @@ def sorting_failure(model, task, size: str = "default", *, split: str = "checker
             c = _measure_cell(model, task, chosen, comp, L, n, [seed, i, L])
             c["split"] = split_of(i, j, len(lengths), split)
             cells.append(c)
-    names = feature_names(chosen, confusor)
+    main = _fit_and_score(cells, feature_names(chosen, confusor), by_step_type, cfg["n_boot"], seed)
+    ctrl = {}
+    if control:  # the same cells, no head quantity: the step type and the copies left only
+        fc = _fit_and_score([dict(c) for c in cells], feature_names([], confusor), by_step_type, cfg["n_boot"], seed)
+        ctrl = {k: fc[k] for k in ("features", "r2", "r2_ci95", "r2_fit")}
+    settings = {"model": getattr(model, "probekit_name", None), "size": size, "split": split, "lengths": list(lengths),
+                "compositions": list(compositions), "n_per_cell": n, "patch_length": plen, "seed": seed,
+                "features": main["features"], "confusor": confusor, "by_step_type": by_step_type,
+                "margin_cap": MARGIN_CAP, "n_boot": cfg["n_boot"]}
+    lr = main["clf"][-1]
+    return SortingFailureResult(
+        cells=[{k: v for k, v in c.items() if not k.startswith("_")} for c in cells],
+        r2=main["r2"], r2_ci95=main["r2_ci95"], r2_fit=main["r2_fit"],
+        coefficients=dict(zip(main["features"], (float(v) for v in lr.coef_[0]), strict=True)),
+        intercept=float(lr.intercept_[0]), heads=ranked, attention=[row for c in cells for row in _attention_rows(c, chosen)],
+        settings=settings, control=ctrl)
+
+
+def _fit_and_score(cells: list[dict], names: list[str], by_step_type: bool, n_boot: int, seed: int) -> dict:
+    """Fit the error model on the fit cells, score every cell in place (`_score_cells`); held-out R^2 with its
+    bootstrap interval (`_bootstrap_r2`) and fit-cell R^2."""
     fit = [c for c in cells if c["split"] == "fit"]
     held = [c for c in cells if c["split"] == "held-out"]
     X = np.concatenate([design(c["_q"], names, by_step_type)[0] for c in fit])
     clf = fit_error_model(X, np.concatenate([c["_q"]["error"] for c in fit]).astype(int))
     _score_cells(cells, names, by_step_type, clf)
-    labels = design(cells[0]["_q"], names, by_step_type)[1]
-    lr = clf[-1]
-    attention = [row for c in cells for row in _attention_rows(c, chosen)]
-    settings = {"model": getattr(model, "probekit_name", None), "size": size, "split": split, "lengths": list(lengths),
-                "compositions": list(compositions), "n_per_cell": n, "patch_length": plen, "seed": seed,
-                "features": labels, "confusor": confusor, "by_step_type": by_step_type, "margin_cap": MARGIN_CAP,
-                "n_boot": cfg["n_boot"]}
-    r2_ci = _bootstrap_r2(held, cfg["n_boot"], seed)
-    return SortingFailureResult(
-        cells=[{k: v for k, v in c.items() if not k.startswith("_")} for c in cells],
-        r2=r_squared([c["observed"] for c in held], [c["predicted"] for c in held]), r2_ci95=r2_ci,
-        r2_fit=r_squared([c["observed"] for c in fit], [c["predicted"] for c in fit]),
-        coefficients=dict(zip(labels, (float(v) for v in lr.coef_[0]), strict=True)),
-        intercept=float(lr.intercept_[0]), heads=ranked, attention=attention, settings=settings)
+    return {"clf": clf, "features": design(cells[0]["_q"], names, by_step_type)[1],
+            "r2": r_squared([c["observed"] for c in held], [c["predicted"] for c in held]),
+            "r2_ci95": _bootstrap_r2(held, n_boot, seed),
+            "r2_fit": r_squared([c["observed"] for c in fit], [c["predicted"] for c in fit])}
 
 
 # ---------------------------------------------------------------------------- the result
@@ -343,7 +355,8 @@ def sorting_failure(model, task, size: str = "default", *, split: str = "checker
 
 @dataclass
 class SortingFailureResult:
-    """Per-cell table, held-out R^2 with its interval, fitted coefficients, the heads and their effects."""
+    """Per-cell table, held-out R^2 with its interval, fitted coefficients, the heads and their effects; with
+    ``control`` (`sorting_failure`), the control's ``features``, ``r2``, ``r2_ci95`` and ``r2_fit``."""
 
     cells: list[dict]
     r2: float
@@ -354,6 +367,7 @@ class SortingFailureResult:
     heads: list[dict]
     attention: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    control: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -383,6 +397,108 @@ class SortingFailureResult:
         return pd.DataFrame(self.cells)
 
 
+# ---------------------------------------------------------------------------- the study of the report
+
+
+def failure_study(models: tuple[str, ...] = ("sort-baseline", "sort-baseline-temp"), size: str = "default",
+                  seed: int = 0):
+    """The predictive account as a `probekit.studies.Study`: for each model, `sorting_failure` (4 heads chosen
+    by patching, checkerboard split) with its control on the same cells (no head quantity: the step type and the
+    copies left only); the hypothesis "held-out R^2 >= 0.8" judged from its interval, the control's R^2 as the
+    baseline.
+    ``size`` "quick" runs this module's quick grid on the first model only; "default" and "full" its default grid."""
+    from probekit.studies.common import _begin, _load, _size
+
+    _size(size)
+    st, have, cmd = _begin("failure", "Why the unhinted sorter fails with length: a predictive account", models, size)
+    if size == "quick" and len(have) > 1:
+        st.notes.append(f"quick size: only {have[0]} (the other models at --size default)")
+        have = have[:1]
+    grid = "quick" if size == "quick" else "default"
+    results = {}
+    for name in have:
+        model, task, _ = _load(name)
+        results[name] = sorting_failure(model, task, size=grid, control=True, seed=seed)
+        _failure_record(st, name, results[name], cmd)
+    if results:
+        _failure_figures(st, results)
+    if results and seed == 0 and size != "quick":
+        st.headline.append("With seed 0 these are the lists on which the error model's features were chosen, so this "
+                           "held-out R^2 is not a clean test; seed 1 draws fresh lists and pairs (--seed 1; "
+                           "docs/sorting_failure.md reports both).")
+    return st
+
+
+def _failure_record(st, name: str, res: SortingFailureResult, cmd: str) -> None:
+    """One model's verdict, headline sentence, claims and tables."""
+    from probekit.stats import Hypothesis
+
+    v = res.verdict(cmd)
+    h, ctrl = v.hypothesis, res.control
+    base = {"R^2 of the control (step type and copies left, no head)": ctrl["r2"], "R^2 on the fit cells": res.r2_fit}
+    v = st.test(Hypothesis(f"{name}: {h.statement}", h.statistic, h.op, h.threshold), v.effect, v.interval, cmd,
+                baseline=base, n=v.n)
+    heads = [h["label"] for h in res.heads if h["chosen"]]
+    lo, hi = v.interval
+    st.headline.append(f"{name}: predicting the per-step error rate of held-out cells from the attention mass and "
+                       f"score margins of {len(heads)} heads chosen by patching ({', '.join(heads)}) gives R^2 "
+                       f"{v.effect:.2f} [{lo:.2f}, {hi:.2f}], against {ctrl['r2']:.2f} from the step type alone; "
+                       f"'{v.hypothesis.text()}' is {v.verdict}.")
+    longest = max(c["length"] for c in res.cells)
+    st.claim(f"{name}: greedy exact match at length {longest}, by composition: " + "; ".join(
+        f"{c['composition']} {100 * c['exact_match']:.1f} % [{100 * c['exact_match_ci95'][0]:.1f}, "
+        f"{100 * c['exact_match_ci95'][1]:.1f}]" for c in res.cells if c["length"] == longest) + ".", cmd)
+    st.tables[f"{name}: cells"] = [
+        {"composition": c["composition"], "length": c["length"], "split": c["split"], "observed": c["observed"],
+         "predicted": c["predicted"], "new-value steps": c["observed_new"], "repeat steps": c["observed_repeat"],
+         "exact match": c["exact_match"]} for c in res.cells]
+    st.tables[f"{name}: heads by patching effect"] = [
+        {"head": h["label"], "effect": h["effect"], "chosen": h["chosen"]} for h in res.heads]
+
+
+def _failure_figures(st, results: dict[str, SortingFailureResult]) -> None:
+    names = ", ".join(results)
+    st.figure("predicted-vs-observed", lambda: plot_failure_grid(results),
+              "Each point is one cell of the composition x length grid (colour: composition; label: length). "
+              "Open squares were used to fit the error model, filled circles are held out; the dashed line is "
+              "y = x. Points near the line mean the lookup quantities predict the cell's error rate.",
+              f"Scatter plots for {names} of predicted against observed per-step error rate per cell, "
+              "with the held-out R^2 and its 95 % interval in each panel title.")
+    st.figure("error-by-length", lambda: plot_error_by_length(results),
+              "Observed per-step error rate (teacher forcing, solid) and the error model's prediction (dashed) "
+              "against list length, one line per list composition; filled markers are held-out cells.",
+              f"Line plots for {names}: per-step error rate rising with list length for each composition, "
+              "observed and predicted.")
+
+
+COLOURS = dict(zip(COMPOSITIONS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+
+
+def _scatter_panel(ax, result: SortingFailureResult, hi: float) -> None:
+    """Predicted vs observed per-cell error rate: fit cells open squares, held-out cells filled; y = x."""
+    for c in result.cells:
+        held = c["split"] == "held-out"
+        col = COLOURS.get(c["composition"], "k")
+        ax.scatter(c["observed"], c["predicted"], s=20 + c["length"], facecolors=col if held else "none",
+                   edgecolors=col, marker="o" if held else "s")
+        ax.annotate(str(c["length"]), (c["observed"], c["predicted"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="y = x")
+    for comp, col in COLOURS.items():
+        ax.scatter([], [], color=col, label=comp)
+    ax.scatter([], [], facecolors="none", edgecolors="k", marker="s", label="fit cell")
+    ax.scatter([], [], color="k", label="held-out cell")
+    ax.set_xlim(-0.02 * hi, hi)
+    ax.set_ylim(-0.02 * hi, hi)
+    ax.set_xlabel("observed per-step error rate (teacher forcing)")
+    ax.set_ylabel("predicted per-step error rate")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _extent(results) -> float:
+    return max([1e-3] + [max(c["observed"], c["predicted"]) for r in results for c in r.cells]) * 1.05
+
+
 def plot_sorting_failure(result: SortingFailureResult, path=None):
     """Predicted vs observed teacher-forced error rate per cell; fit (open) vs held-out (filled); y = x."""
     import matplotlib
@@ -391,30 +507,58 @@ def plot_sorting_failure(result: SortingFailureResult, path=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    colours = dict(zip(COMPOSITIONS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
-    for c in result.cells:
-        held = c["split"] == "held-out"
-        col = colours.get(c["composition"], "k")
-        ax.scatter(c["observed"], c["predicted"], s=20 + c["length"], facecolors=col if held else "none",
-                   edgecolors=col, marker="o" if held else "s")
-        ax.annotate(str(c["length"]), (c["observed"], c["predicted"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    hi = max([1e-3] + [max(c["observed"], c["predicted"]) for c in result.cells]) * 1.05
-    ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="y = x")
-    for comp, col in colours.items():
-        ax.scatter([], [], color=col, label=comp)
-    ax.scatter([], [], facecolors="none", edgecolors="k", marker="s", label="fit cell")
-    ax.scatter([], [], color="k", label="held-out cell")
-    ax.set_xlabel("observed per-step error rate (teacher forcing)")
-    ax.set_ylabel("predicted per-step error rate")
+    _scatter_panel(ax, result, _extent([result]))
     lo, up = result.r2_ci95
     ax.set_title(f"{result.settings.get('model', 'model')}: per-cell error predicted from lookup quantities\n"
                  f"held-out R² = {result.r2:.2f} [{lo:.2f}, {up:.2f}] ({result.settings.get('split')} split)",
                  fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     if path is not None:
         from probekit.io import save_figure
 
         save_figure(fig, path, dpi=120)
+    return fig
+
+
+def plot_failure_grid(results: dict[str, SortingFailureResult]):
+    """`plot_sorting_failure` for several models side by side, on one shared pair of axes (same limits)."""
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ProbekitError("plot_failure_grid needs at least one result")
+    hi = _extent(results.values())
+    fig, axs = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4.6), squeeze=False, layout="constrained")
+    for ax, (name, r) in zip(axs[0], results.items(), strict=True):
+        _scatter_panel(ax, r, hi)
+        lo, up = r.r2_ci95
+        ax.set_title(f"{name}: held-out R² = {r.r2:.2f} [{lo:.2f}, {up:.2f}]", fontsize=9)
+    fig.suptitle("Per-cell error rate predicted from the lookup quantities vs observed", fontsize=10)
+    return fig
+
+
+def plot_error_by_length(results: dict[str, SortingFailureResult]):
+    """Observed (solid) and predicted (dashed) per-step error rate vs length, one line per composition, one
+    panel per model, one shared y axis; held-out cells drawn as filled markers."""
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ProbekitError("plot_error_by_length needs at least one result")
+    fig, axs = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False, sharey=True,
+                            layout="constrained")
+    for ax, (name, r) in zip(axs[0], results.items(), strict=True):
+        for comp in dict.fromkeys(c["composition"] for c in r.cells):
+            cs = sorted((c for c in r.cells if c["composition"] == comp), key=lambda c: c["length"])
+            xs, col = [c["length"] for c in cs], COLOURS.get(comp, "k")
+            ax.plot(xs, [c["observed"] for c in cs], "-", color=col, label=f"{comp} (observed)")
+            ax.plot(xs, [c["predicted"] for c in cs], "--", color=col, alpha=0.7)
+            for c in cs:
+                held = c["split"] == "held-out"
+                ax.scatter(c["length"], c["observed"], color=col, facecolors=col if held else "none", zorder=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("list length")
+        ax.set_xticks(sorted({c["length"] for c in r.cells}))
+    axs[0, 0].set_ylabel("per-step error rate (teacher forcing)")
+    axs[0, 0].plot([], [], "k--", label="predicted")
+    axs[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Per-step error rate by list length and composition (filled: held-out cells)", fontsize=10)
     return fig
