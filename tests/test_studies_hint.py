@@ -79,11 +79,11 @@ PLANTED = {  # exact match per seed at lengths 4 and 8
 def _finished_sweep(folder, planted: dict, missing: tuple[str, ...] = ()):
     """A sweep folder whose jobs are finished: each job's model saved untrained (probekit.model.save_model, as
     training would), its metrics.json with the planted exact match (evaluate's EvalResult, as run_job writes
-    it); then probekit.sweep.run_sweep finds those jobs done and writes sweep.json and the summary itself."""
+    it); then probekit.grid.run_sweep finds those jobs done and writes sweep.json and the summary itself."""
     from probekit.evaluate import EvalResult, wilson
+    from probekit.grid import grid_from_dict, parse_run, run_sweep
     from probekit.io import write_json
     from probekit.model import build_model, save_model
-    from probekit.sweep import grid_from_dict, parse_run, run_sweep
 
     grid = grid_from_dict({"name": "hint-controls", "base": BASE, "seeds": [0, 1, 2],
                            "eval": {"lengths": [4, 8], "n": 100, "seed": 0},

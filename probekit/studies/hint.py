@@ -598,7 +598,7 @@ def _hint_task_stage(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str)
 
 def _seed_values(out) -> tuple[dict, dict]:
     """``({config: {length: [exact match per finished seed]}}, {config: hint objectives})`` from a sweep folder."""
-    from probekit.sweep import grid_from_dict, job_state, read_metrics
+    from probekit.grid import grid_from_dict, job_state, read_metrics
     from probekit.tasks import ProbekitError, task_from_spec
 
     record = Path(out) / "sweep.json"
@@ -621,8 +621,8 @@ def _seed_gap(st: Study, out, size: str) -> dict:
     """The hint gap over seeds at each length: hinted configurations against each control (Welch t interval);
     the success criterion: >= `GAP` at some length beyond training, against every control, with the two
     groups' own t intervals apart. Returns ``{"tested": bool, "met": bool, "lengths": [...]}``."""
+    from probekit.grid import seed_interval
     from probekit.stats import welch_interval
-    from probekit.sweep import seed_interval
 
     values, hints = _seed_values(out)
     cmd = f"python -c \"from probekit.studies import hint_study; print(hint_study(size='{size}', sweep='{out}').summary())\""
