@@ -215,6 +215,26 @@ def test_results_do_not_depend_on_max_batch(trained):
     torch.testing.assert_close(P.patch(model, pair, mix, max_batch=3).values, P.patch(model, pair, mix).values, **TOL)
 
 
+@pytest.mark.parametrize("engine", ["native", "hooks"])
+def test_patch_examples_are_per_example_patch_values(trained, engine):
+    """Per-example values average to `patch_values` (and to TransformerLens via it), each example's value
+    equals the same patch run on that example alone, and `restoration` is `sweep`'s normalised value."""
+    model, pair = trained
+    comps = [P.Component("z", L, head=h) for L in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    comps.append([P.Component("resid_pre", 0, pos=2), P.Component("z", 0, head=0)])
+    ex = P.patch_examples(model, pair, comps, engine=engine, max_batch=40)
+    pv = P.patch_values(model, pair, comps, engine=engine)
+    assert ex.raw.shape == (len(comps), pair.n) and ex.raw.std(1).max() > 1e-3
+    torch.testing.assert_close(ex.raw.mean(1), pv.raw, **TOL)
+    assert float(ex.clean.mean()) == pytest.approx(pv.clean, abs=1e-5)
+    assert float(ex.corrupted.mean()) == pytest.approx(pv.corrupted, abs=1e-5)
+    one = P.patch_examples(model, make_pair(pair.clean.select([5]), pair.corrupted.select([5])), comps,
+                           metric=P.Metric("logit-diff", pair.answer_steps), engine=engine)
+    torch.testing.assert_close(one.raw[:, 0], ex.raw[:, 5], **TOL)
+    sw = P.sweep(model, pair, "z", by_pos=False, engine=engine)
+    torch.testing.assert_close(ex.restoration()[:-1].view(sw.values.shape), sw.values, **TOL)
+
+
 @pytest.mark.parametrize("cfg", [
     dict(positional="rotary"), dict(positional="none", length_temperature="log"),
     dict(positional="rotary", length_temperature="log"), dict(attn_only=True, normalization="RMS"),

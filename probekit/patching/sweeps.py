@@ -241,6 +241,62 @@ def patch_values(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[
     return sums.values(N, direction)
 
 
+@dataclass
+class PatchExamples:
+    """The metric of each patch *per example* ``[patch, batch]`` and of the two reference runs ``[batch]``:
+    what a bootstrap over examples resamples (`PatchValues` holds the batch means)."""
+
+    raw: Float[Tensor, "patch batch"]
+    clean: Float[Tensor, " batch"]
+    corrupted: Float[Tensor, " batch"]
+
+    def restoration(self, rows=None) -> Tensor:
+        """``(mean(raw) - mean(corrupted)) / (mean(clean) - mean(corrupted))`` per patch over ``rows`` (all by
+        default): the normalised effect of `patch_values`, from batch means."""
+        rows = slice(None) if rows is None else rows
+        c, x = self.clean[rows].mean(), self.corrupted[rows].mean()
+        return (self.raw[:, rows].mean(1) - x) / (c - x)
+
+
+@torch.no_grad()
+def patch_examples(model, pair: CorruptedPair, patches: Sequence[Patch | Sequence[Patch]],
+                   metric: Metric | str = "logit-diff", direction: Direction = "denoise", max_batch: int = 1024,
+                   engine: str = "auto", device=None) -> PatchExamples:
+    """`patch_values` per example: the metric of each patch on every example, for intervals over examples.
+
+    The same engines and checks as `patch_values`; its batch means are the means of these values.
+    """
+    groups, bm = _checked_groups(model, pair, patches, metric, direction, max_batch)
+    dev = next(model.parameters()).device
+    if device is not None and torch.device(device).type != dev.type:
+        raise ProbekitError(f"the model is on {dev} but device={device!r}; move the model first (probekit.model.to_device)")
+    eng = make_engine(model, engine)
+    base_b, src_b = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
+    read, N = bm.read_pos.to(dev), pair.clean.n
+    W_O = [b.attn.W_O.detach() for b in model.blocks] if any(isinstance(c, PathPatch) for g in groups for c in g) else None
+    raw, ref = torch.zeros(len(groups), N, dtype=torch.float64), torch.zeros(2, N, dtype=torch.float64)
+    n_ex, chunks = _passes(groups, model.cfg.n_layers, N, max_batch)
+    was_training = model.training
+    model.eval()
+    try:
+        cur = None
+        for e, idx in chunks:
+            rows = torch.arange(e, min(e + n_ex, N), device=dev)
+            if cur != e:
+                tb, ts = base_b.tokens[rows.cpu()].to(dev), src_b.tokens[rows.cpu()].to(dev)
+                base, src = eng.run(tb, read), eng.run(ts, read)
+                for j, run in enumerate((base, src)):
+                    ref[j, rows.cpu()] = bm.reduce(bm.per_step(run.logits.float(), rows)).double().cpu()
+                cur = e
+            logits = eng.run_patched(base, src, [groups[i] for i in idx], read, W_O, tokens=tb)
+            vals = bm.reduce(bm.per_step(logits.float(), rows.repeat(len(idx)))).view(len(idx), -1)
+            raw[torch.tensor(idx)[:, None], rows.cpu()[None]] = vals.double().cpu()
+    finally:
+        model.train(was_training)
+    c, x = (1, 0) if direction == "denoise" else (0, 1)
+    return PatchExamples(raw.float(), ref[c].float(), ref[x].float())
+
+
 def _bar(progress: bool, total: int):
     if not progress:
         return None
