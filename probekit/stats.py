@@ -6,7 +6,10 @@
   documented, easily checked choice; `bootstrap_ci` also accepts per-seed values (one row per seed),
   which is how a sweep's seeds enter an interval.
 - `paired_bootstrap`: the difference of one statistic on two measurements of the *same* examples,
-  resampling the examples jointly (the pairing removes the between-example variance).
+  resampling the examples jointly (the pairing removes the between-example variance); `unpaired_bootstrap`:
+  the same for two independent samples, each resampled on its own.
+- `ratio_of_means`: the share of a gap recovered, ``(mean x - mean lo) / (mean hi - mean lo)`` (patching
+  restoration, circuit faithfulness), the statistic to bootstrap for those.
 - `wilson`: the Wilson score interval of a proportion (the one in `probekit.evaluate`, re-exported).
 - `chance_normalised_attention`: attention mass on target keys divided by the uniform share
   (n_target / n_visible keys), per step type, with bootstrap intervals.
@@ -103,6 +106,28 @@ def paired_bootstrap(a, b, statistic: Callable[[np.ndarray], float] = _mean, n_b
     idx = rng.integers(0, a.shape[0], size=(n_boot, a.shape[0]))
     diffs = np.array([statistic(a[i]) - statistic(b[i]) for i in idx], dtype=float)
     return (float(statistic(a) - statistic(b)),) + _percentiles(diffs, level)
+
+
+def unpaired_bootstrap(a, b, statistic: Callable[[np.ndarray], float] = _mean, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """``(difference, lo, hi)`` of ``statistic(a) - statistic(b)`` for two independent samples (e.g. one model at
+    two lengths): each resample draws the rows of ``a`` and of ``b`` separately, keeping both sizes."""
+    a, b = _rows(a, "sample a"), _rows(b, "sample b")
+    _check_level(n_boot, level)
+    rng = np.random.default_rng(seed)
+    ia = rng.integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    ib = rng.integers(0, b.shape[0], size=(n_boot, b.shape[0]))
+    diffs = np.array([statistic(a[i]) - statistic(b[j]) for i, j in zip(ia, ib, strict=True)], dtype=float)
+    return (float(statistic(a) - statistic(b)),) + _percentiles(diffs, level)
+
+
+def ratio_of_means(rows: np.ndarray) -> float:
+    """``(mean(x) - mean(lo)) / (mean(hi) - mean(lo))`` for rows ``[x, hi, lo]``: the share of the gap from ``lo``
+    to ``hi`` that ``x`` recovers (patching restoration, circuit faithfulness), from means so that it is stable
+    when single rows have a small gap. NaN when the gap is 0."""
+    m = np.asarray(rows, dtype=float).mean(0)
+    gap = m[1] - m[2]
+    return float((m[0] - m[2]) / gap) if abs(gap) > 1e-12 else float("nan")
 
 
 # ---------------------------------------------------------------------------- attention
@@ -257,4 +282,4 @@ def judge(h: Hypothesis, effect: float, interval: Sequence[float], command: str,
 
 
 __all__ = ["Hypothesis", "VERDICTS", "Verdict", "bootstrap_ci", "chance_normalised_attention", "decide", "judge",
-           "majority_baseline", "paired_bootstrap", "token_baseline", "wilson"]
+           "majority_baseline", "paired_bootstrap", "ratio_of_means", "token_baseline", "unpaired_bootstrap", "wilson"]
