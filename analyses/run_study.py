@@ -3,9 +3,10 @@
     .venv/bin/python analyses/run_study.py NAME ... [--size full|default|quick] [--seed 0] [--out reports/analyses]
 
 NAME is one of `probekit.report.STUDIES`: ``overview`` (accuracy vs length of every shipped model), ``hint``
-(the successor lookup in the sorting models, by length) or ``carry`` (where carries are represented, used
-and routed in the multiplication models). ``--size full`` is the research size; ``probekit report`` runs
-the same studies at ``default`` size as one HTML page.
+(the successor lookup in the sorting models, by length) or ``carry`` (the carry, causally: the staircase heads,
+where the carry is computed, what an ablation breaks, mult-3x3's circuit, transfer to unseen lengths).
+``--size full`` is the research size; ``probekit report`` runs the same studies at ``default`` size as one
+HTML page.
 """
 
 from __future__ import annotations
