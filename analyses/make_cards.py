@@ -32,6 +32,10 @@ PURPOSE = {
                    "half the training lists drawn from narrow value windows: the sorter that extrapolates to length 100.",
     "sort-extrap-learned-pos": "sort-extrap's recipe with learned absolute positions: its failing twin past length 20.",
     "sort-extrap-repeats": "sort-extrap's recipe trained and tested on lists with repeated values.",
+    "mult-nx1-place": "N x 1-digit multiplication (a of 1..5 digits in training, b one digit, operands and product units "
+                      "first) with per-digit place indices: the multiplier that extrapolates furthest past 5 digits.",
+    "mult-nx1-learned-pos-rev": "mult-nx1-place's format (operands units first) with learned absolute positions: its "
+                                "failing twin past 5 digits.",
     "mult-extrap": "Multiplication trained on operands of 1..2 digits (NoPE), evaluated on 3, 4 and 5 digits: where the "
                    "carry mechanism works and where it breaks.",
 }
@@ -46,6 +50,10 @@ PAPER = {
     "mult-5x1": "Qiu et al. 2024: 99.3 % (reversed) vs 89.8 % (forward), 1 layer, 3 heads.",
     "mult-3x3": "Qiu et al. 2024 (5x5): 4 layers 97.4 %, 8 layers 99.6 %, + simple samples 99.9 % (reversed).",
     "mult-3x3-forward": "Qiu et al. 2024: the forward product is harder than the reversed one at equal size.",
+    "mult-nx1-place": "McLeish et al. 2024 (abacus embeddings, per-digit place indices with random offsets): addition "
+                      "trained on 20 digits generalises to 100; Lee et al. 2023: reversed output helps arithmetic.",
+    "mult-nx1-learned-pos-rev": "Lee et al. 2023: no length generalisation beyond trained digit counts with learned "
+                                "absolute positions.",
     "mult-extrap": "Lee et al. 2023: no length generalisation beyond trained digit counts with learned absolute positions.",
 }
 

@@ -145,8 +145,8 @@ def attribute(
 @app.command("patch")
 def patch_cmd(
     model: str = MODEL,
-    corruption: str = typer.Option(..., help="multiplication: carry-flip | operand-digit | random-digit | "
-                                                "resample; sorting: successor-change | swap | replace | resample."),
+    corruption: str = typer.Option(..., help="multiplication: carry-flip | column-digit | operand-digit | "
+                                                "random-digit | resample; sorting: successor-change | swap | replace | resample."),
     site: str = typer.Option("head", help="head (hook_z) | q | k | v | pattern | resid_pre | resid_mid | resid_post | "
                                           "attn_out | mlp_out."),
     by_pos: bool = typer.Option(True, "--by-pos/--all-pos", help="One patch per position, or across all positions."),
@@ -157,8 +157,9 @@ def patch_cmd(
     length: int | None = typer.Option(None, help="Input length (default: the task's default)."),
     digit: int | None = typer.Option(None, help="Answer digit k read by the metric (multiplication: product digit, "
                                                      "units = 0; sorting: answer step); carry-flip flips the carry into "
-                                                     "it, successor-change changes its target."),
-    operand: str | None = typer.Option(None, help="carry-flip / operand-digit: edit operand a or b."),
+                                                     "it, column-digit changes it and keeps its carry, successor-change changes "
+                                                     "its target."),
+    operand: str | None = typer.Option(None, help="carry-flip / column-digit / operand-digit: edit operand a or b."),
     place: int | None = typer.Option(None, help="operand-digit: which digit (units = 0)."),
     direction: str = typer.Option("denoise", help="denoise (clean into corrupted) | noise (corrupted into clean)."),
     raw: bool = typer.Option(False, "--raw", help="Report the raw metric instead of normalised (0 corrupted, 1 clean)."),

@@ -252,14 +252,14 @@ def _corruption_options(task, corruption: str, digit: int | None, operand: str |
     if corruption not in corruption_kinds(task):
         raise ProbekitError(f"corruption {corruption!r} is not defined for task {task.name!r}; "
                             f"expected one of {list(corruption_kinds(task))}")
-    allowed = {"carry-flip": ("operand",), "operand-digit": ("operand", "place")}.get(corruption, ())
+    allowed = {"carry-flip": ("operand",), "column-digit": ("operand",), "operand-digit": ("operand", "place")}.get(corruption, ())
     opts: dict = {}
     for k, v in {"operand": operand, "place": place}.items():
         if v is not None:
             if k not in allowed:
                 raise ProbekitError(f"--{k} does not apply to corruption {corruption!r}")
             opts[k] = v
-    if corruption == "carry-flip" and digit is not None:
+    if corruption in ("carry-flip", "column-digit") and digit is not None:
         opts["digit"] = digit
     if corruption == "successor-change" and digit is not None:
         opts["step"] = digit

@@ -10,7 +10,7 @@ construction (the default steps of a metric, `probekit.metrics`).
 
 The rules belong to the tasks: ``task.corruptions()`` is each task's registry ``{kind: rule}``
 (`probekit.tasks.base.Task`); the rules of each task are documented in its module
-(`probekit.tasks.multiplication`: ``carry-flip``, ``operand-digit``, ``random-digit``, ``resample``;
+(`probekit.tasks.multiplication`: ``carry-flip``, ``column-digit``, ``operand-digit``, ``random-digit``, ``resample``;
 `probekit.tasks.sorting`: ``successor-change``, ``swap``, ``replace``, ``resample``).
 `corruption_kinds(task)` lists them. `corrupt` seeds one numpy generator, calls the rule, checks the
 pair (`probekit.metrics.check_pair`) and handles the rows that have no valid corruption.

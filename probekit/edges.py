@@ -36,7 +36,8 @@ and patches clean values in. The effect of an edge is ``m(patched) - m(base run)
 - `faithfulness`: circuits of the top-n edges by ``|score|``: every other edge is ablated, i.e. its
   receiver reads the sender's ablated output in place of its current one (input = current - (out - ablated);
   ``mean``: the clean batch's per-position mean; ``resample``: the corrupted run's output). Faithfulness is
-  ``(m_circuit - m_all_ablated) / (m_clean - m_all_ablated)`` on the clean run.
+  ``(m_circuit - m_all_ablated) / (m_clean - m_all_ablated)`` on the clean run; `circuit_examples` gives the
+  three metrics per example, for a bootstrap interval over examples.
 
 Axis names: ``rows`` (K row groups of the N examples), ``pos``, ``head``, ``d_head``, ``d_model``,
 ``sender`` / ``receiver`` (graph nodes in the order above), ``edge``.
@@ -477,10 +478,14 @@ class Setup:
 
     def value(self, logits: Tensor, groups: int = 1) -> Tensor:
         """Per-row-group batch mean of the metric ``[groups]`` (logits ``[groups * N, answer, d_vocab]``)."""
+        return self.values(logits, groups).mean(1)
+
+    def values(self, logits: Tensor, groups: int = 1) -> Tensor:
+        """The metric per row group and example ``[groups, N]``."""
         N = self.base.shape[0]
         rows = torch.arange(N, device=logits.device).repeat(groups)
         lg = logits if logits.dtype == torch.float64 else logits.float()
-        return self.bm.reduce(self.bm.per_step(lg, rows)).view(groups, N).mean(1)
+        return self.bm.reduce(self.bm.per_step(lg, rows)).view(groups, N)
 
 
 def setup(model, pair: CorruptedPair, metric: Metric | str = "logit-diff", direction: str = "noise",
@@ -643,8 +648,10 @@ def _ablation_values(clean: Run, corrupted: Run, ablation: str) -> Tensor:
 
 
 @torch.no_grad()
-def circuit_values(st: Setup, clean_tokens: Tensor, keeps: list[Tensor], abl: Tensor, max_batch: int = 512) -> Tensor:
-    """The metric ``[len(keeps)]`` of circuits on the clean run: ``keeps[i]`` a bool ``[edge]`` of kept edges."""
+def circuit_values(st: Setup, clean_tokens: Tensor, keeps: list[Tensor], abl: Tensor, max_batch: int = 512,
+                   per_example: bool = False) -> Tensor:
+    """The metric ``[len(keeps)]`` of circuits on the clean run: ``keeps[i]`` a bool ``[edge]`` of kept edges
+    (``per_example``: ``[len(keeps), N]``, each example's metric)."""
     g, N = st.graph, clean_tokens.shape[0]
     s_idx, j_idx = torch.tensor(g.edges, device=abl.device).T
     out = []
@@ -654,8 +661,10 @@ def circuit_values(st: Setup, clean_tokens: Tensor, keeps: list[Tensor], abl: Te
             ablated[k, s_idx, j_idx] = ~keep.to(abl.device)
         run = run_graph(st.nat, st.ws, clean_tokens.repeat(len(chunk), 1), st.read, _Ablate(g, ablated, abl, N),
                         record=False)
-        out.append(st.value(run.logits, len(chunk)).cpu())
-    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)
+        out.append((st.values if per_example else st.value)(run.logits, len(chunk)).cpu())
+    if not out:
+        return torch.zeros((0, N) if per_example else (0,), dtype=torch.float64)
+    return torch.cat(out).double()
 
 
 def _grid(E: int, points: int = 24) -> list[int]:
@@ -830,22 +839,37 @@ def edge_report(model, pair: CorruptedPair, metric: Metric | str = "logit-diff",
                       spearman(scores.abs(), ex.abs()) if ex is not None else None, faith, settings)
 
 
-def circuit_faithfulness(model, pair: CorruptedPair, edges: Sequence[str], metric: Metric | str = "logit-diff",
-                         ablation: str = "mean", complement: bool = False) -> float:
-    """Faithfulness of one circuit given by edge labels (``"embed->L1H2.q"``); ``complement``: of every other edge."""
+def circuit_examples(model, pair: CorruptedPair, edges: Sequence[str], metric: Metric | str = "logit-diff",
+                     ablation: str = "mean", complement: bool = False) -> Tensor:
+    """Per example ``[3, N]``: the metric of the circuit (edges given by label, ``"embed->L1H2.q"``; ``complement``:
+    every other edge), of the whole model and of every edge ablated, on the clean run. Their
+    `probekit.stats.ratio_of_means` is the circuit's faithfulness; bootstrap it over examples for an interval."""
     st = setup(model, pair, metric, "noise", gradient=False)
     labels = [st.graph.label(e) for e in st.graph.edges]
     bad = [e for e in edges if e not in labels]
     if bad:
         raise ProbekitError(f"unknown edge(s) {bad[:3]}; expected labels like {labels[:2]}")
     keep = torch.tensor([lab in set(edges) for lab in labels]) ^ bool(complement)
-    with torch.no_grad():
-        clean = run_graph(st.nat, st.ws, st.base, st.read)
-        corr = run_graph(st.nat, st.ws, st.src, st.read)
-    abl = _ablation_values(clean, corr, ablation)
-    E = len(labels)
-    v = circuit_values(st, st.base, [keep, torch.zeros(E, dtype=torch.bool), torch.ones(E, dtype=torch.bool)], abl)
-    return float((v[0] - v[1]) / (v[2] - v[1]))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            clean = run_graph(st.nat, st.ws, st.base, st.read)
+            corr = run_graph(st.nat, st.ws, st.src, st.read)
+        abl = _ablation_values(clean, corr, ablation)
+        E = len(labels)
+        return circuit_values(st, st.base, [keep, torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)],
+                              abl, per_example=True)
+    finally:
+        model.train(was)
+
+
+def circuit_faithfulness(model, pair: CorruptedPair, edges: Sequence[str], metric: Metric | str = "logit-diff",
+                         ablation: str = "mean", complement: bool = False) -> float:
+    """Faithfulness of one circuit given by edge labels (``"embed->L1H2.q"``); ``complement``: of every other edge."""
+    from probekit.stats import ratio_of_means
+
+    return ratio_of_means(circuit_examples(model, pair, edges, metric, ablation, complement).T.numpy())
 
 
 # ---------------------------------------------------------------------------- figure
@@ -887,5 +911,5 @@ def plot_edges(report: EdgeReport, path: str | Path | None = None, title: str | 
 
 
 __all__ = ["ABLATIONS", "EdgeReport", "Faithfulness", "Graph", "METHODS", "NORMS", "Node", "Receive", "Run", "Setup",
-           "circuit_faithfulness", "circuit_values", "eap", "edge_report", "exact_edges", "faithfulness",
+           "circuit_examples", "circuit_faithfulness", "circuit_values", "eap", "edge_report", "exact_edges", "faithfulness",
            "head_weights", "plot_edges", "run_graph", "setup", "spearman"]

@@ -28,7 +28,13 @@ Controls reported with every sweep (same shape as the values, columns of ``to_fr
 - ``control``: Hewitt & Liang's control task: each (token, position) type gets a random label drawn
   from the train label distribution; ``selectivity = value - control``;
 - ``random_model``: the same probe on a randomly initialised model of the same config;
-- ``majority``: the constant predictor (most frequent train class; for ridge the train mean).
+- ``majority``: the constant predictor (most frequent train class; for ridge the train mean);
+- ``token``: the best predictor from the input token alone (the token at the probed position -> its most
+  frequent train label, as `probekit.stats.token_baseline`; for ridge its mean train label).
+
+A probe is scored on data it was not fitted on only in the evaluation splits: ``train`` is the fit itself
+(what a probe can memorise). For a held-out score at the training length pass a fresh batch of that length
+in ``evals``.
 
 Fingerprints: every fitted probe records `model_fingerprint` of its model in ``meta["fingerprint"]``:
 ``arch`` (hash of the shape-defining ``model.cfg`` fields), ``config_hash`` (probekit's `ModelConfig.hash`,
@@ -852,7 +858,8 @@ def fit_probe(model, batch: Batch, feature: str, hook: str, positions: str | Ten
 class ProbeSweep(Result):
     """Probe metric (accuracy or R^2) with axes ``(hook, layer, position, split)``; controls in ``extra``.
 
-    ``extra``: ``shuffled``, ``control``, ``selectivity``, ``random_model``, ``majority``, ``n`` (rows scored),
+    ``extra``: ``shuffled``, ``control``, ``selectivity``, ``random_model``, ``majority``, ``token`` (the input-token
+    baseline), ``n`` (rows scored),
     each shaped like ``values`` (NaN where a cell does not exist). ``probes`` holds the fitted `Probe`
     objects (not serialised; use ``sweep.probe(...).save(dir)``).
     """
@@ -886,7 +893,7 @@ class ProbeSweep(Result):
         s_last = len(self.labels["split"]) - 1
         last = self.labels["split"][s_last]
         head = ["hook", "layer"] + [f"{self.settings.get('metric', 'value')}@{s}" for s in self.labels["split"]] + \
-            [f"{c}@{last}" for c in ("shuffled", "control", "selectivity", "random_model", "majority")]
+            [f"{c}@{last}" for c in ("shuffled", "control", "selectivity", "random_model", "majority", "token")]
         lines = ["  ".join(f"{h:>14}" for h in head)]
         for h, hk in enumerate(self.labels["hook"]):
             for L, lk in enumerate(self.labels["layer"]):
@@ -895,7 +902,7 @@ class ProbeSweep(Result):
                     continue
                 row = [hk, lk] + [f"{float(v):.3f}" for v in vals]
                 row += [f"{float(self.extra[k][h, L, p, s_last]):.3f}" for k in
-                        ("shuffled", "control", "selectivity", "random_model", "majority")]
+                        ("shuffled", "control", "selectivity", "random_model", "majority", "token")]
                 lines.append("  ".join(f"{c:>14}" for c in row))
         return "\n".join(lines)
 
@@ -1081,6 +1088,36 @@ def _majority(evs: dict[str, Activations], tg: _Targets, n_pos: int) -> Tensor:
     return maj
 
 
+def _token_baseline(tr: Activations, evs: dict[str, Activations], tg: _Targets, n_pos: int) -> Tensor:
+    """Stage 4 (controls): the best predictor from the input token alone, per slot and split: a table token ->
+    most frequent train label (ties: the smallest; `probekit.stats.token_baseline`) or, for ridge, the mean
+    train label of the token; tokens unseen in train get the majority class / the train mean."""
+    tokens = torch.unique(tr.token)
+    if tg.kind == "logistic":
+        y = tg.index(tr.labels)
+        counts = torch.zeros(len(tokens), len(tg.classes))
+        counts.index_put_((torch.searchsorted(tokens, tr.token), y), torch.ones(len(y)), accumulate=True)
+        table = counts.argmax(1)  # the first maximum: the smallest label among ties
+        fallback = int((tg.classes == tg.majority_class).nonzero())
+    else:
+        sums = torch.zeros(len(tokens), dtype=torch.float64).index_add_(0, torch.searchsorted(tokens, tr.token),
+                                                                          tr.labels.double())
+        table = sums / torch.bincount(torch.searchsorted(tokens, tr.token), minlength=len(tokens)).double()
+        fallback = tg.train_mean
+    out = torch.full((1 + n_pos, len(evs)), float("nan"))
+    for e, a in enumerate(evs.values()):
+        at = torch.searchsorted(tokens, a.token).clamp(max=len(tokens) - 1)
+        seen = tokens[at] == a.token
+        yv = tg.index(a.labels)
+        if tg.kind == "logistic":
+            pred = torch.where(seen, table[at], torch.full_like(at, fallback))
+            const = torch.nn.functional.one_hot(pred, len(tg.classes)).float()
+        else:
+            const = torch.where(seen, table[at], torch.full(at.shape, fallback, dtype=torch.float64))[:, None]
+        out[:, e] = _metric(tg.kind, _by_slot(_row_stats(tg.kind, const, yv), a.slot, n_pos)).float()
+    return out
+
+
 def _random_model_metric(model, seed: int, collect_splits, names, tg: _Targets, by_position: bool, n_pos: int,
                          C: float, alpha: float, max_iter: int) -> tuple[Tensor | None, str | None]:
     """Stage 4 (controls): the true-label metric [hook, 1 + n_pos, split] of probes on a re-initialised model."""
@@ -1102,18 +1139,18 @@ def _cell(names: list[str], kinds_: list[str], n_cells: int):
 
 
 def _assemble(model, names: list[str], variants: list[str], metric: Tensor, counts: Tensor, maj: Tensor,
-              rnd: Tensor | None, n_pos: int, n_splits: int):
+              tok: Tensor, rnd: Tensor | None, n_pos: int, n_splits: int):
     """Stage 5 (read out): values and extras [hook kind, layer, position, split], hook kinds, layer labels."""
     kinds_ = list(dict.fromkeys(hook_kind(n) for n in names))
     layer_labels = [str(L) for L in range(int(model.cfg.n_layers))]
     if any(hook_layer(n) is None for n in names):
         layer_labels.append("-")
     shape = (len(kinds_), len(layer_labels), 1 + n_pos, n_splits)
-    values, shuffled, control, random_model, n_rows, majority = (torch.full(shape, float("nan")) for _ in range(6))
+    values, shuffled, control, random_model, n_rows, majority, token = (torch.full(shape, float("nan")) for _ in range(7))
     for i, at in _cell(names, kinds_, len(layer_labels)):
         values[at] = metric[i, 0].float()
         n_rows[at] = counts[i, 0].float()
-        majority[at] = maj
+        majority[at], token[at] = maj, tok
         if "shuffled" in variants:
             shuffled[at] = metric[i, variants.index("shuffled")].float()
         if "control" in variants:
@@ -1121,7 +1158,7 @@ def _assemble(model, names: list[str], variants: list[str], metric: Tensor, coun
         if rnd is not None:
             random_model[at] = rnd[i].float()
     extra = {"shuffled": shuffled, "control": control, "selectivity": values - control,
-             "random_model": random_model, "majority": majority, "n": n_rows}
+             "random_model": random_model, "majority": majority, "token": token, "n": n_rows}
     return values, extra, kinds_, layer_labels
 
 
@@ -1194,12 +1231,13 @@ def probe_sweep(model, train: Batch, feature: str, hooks: str | Sequence[str] = 
     T = max(b.seq_len for b in [train, *ev_batches.values()])
     variants, y_tr, y_ev = _label_variants(tr, evs, tg, controls, seed, int(model.cfg.d_vocab) * T, T)
     metric, counts, fits = _fit_and_score(tr, evs, names, tg, y_tr, y_ev, by_position, n_pos, C, alpha, max_iter)
-    maj = _majority(evs, tg, n_pos)
+    maj, tok = _majority(evs, tg, n_pos), _token_baseline(tr, evs, tg, n_pos)
     rnd, rnd_note = None, None
     if "random_model" in controls:
         rnd, rnd_note = _random_model_metric(model, seed, collect_splits, names, tg, by_position, n_pos, C, alpha,
                                              max_iter)
-    values, extra, kinds_, layer_labels = _assemble(model, names, variants, metric, counts, maj, rnd, n_pos, len(evs))
+    values, extra, kinds_, layer_labels = _assemble(model, names, variants, metric, counts, maj, tok, rnd, n_pos,
+                                                    len(evs))
     settings = _sweep_settings(model, train, {"train": train} | ev_batches, evs, feature, tg, names, by_position,
                                C, alpha, controls, rnd_note, seed)
     sweep = ProbeSweep(kind="probe_sweep", values=values, axes=("hook", "layer", "position", "split"),

@@ -11,6 +11,8 @@
   two lengths), each resampled on its own (optionally by groups).
 - `welch_interval`: the Welch t interval of a difference of two means, for a handful of values per group
   (seeds), where a bootstrap has too few distinct resamples.
+- `ratio_of_means`: the share of a gap recovered, ``(mean x - mean lo) / (mean hi - mean lo)`` (patching
+  restoration, circuit faithfulness), the statistic to bootstrap for those.
 - `wilson`: the Wilson score interval of a proportion (the one in `probekit.evaluate`, re-exported).
 - `chance_normalised_attention`: attention mass on target keys divided by the uniform share
   (n_target / n_visible keys), per step type, with bootstrap intervals (over queries, or over groups of
@@ -146,6 +148,13 @@ def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float, floa
     df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
     h = float(t.ppf((1 + level) / 2, df)) * se
     return d, d - h, d + h, float(df)
+def ratio_of_means(rows: np.ndarray) -> float:
+    """``(mean(x) - mean(lo)) / (mean(hi) - mean(lo))`` for rows ``[x, hi, lo]``: the share of the gap from ``lo``
+    to ``hi`` that ``x`` recovers (patching restoration, circuit faithfulness), from means so that it is stable
+    when single rows have a small gap. NaN when the gap is 0."""
+    m = np.asarray(rows, dtype=float).mean(0)
+    gap = m[1] - m[2]
+    return float((m[0] - m[2]) / gap) if abs(gap) > 1e-12 else float("nan")
 
 
 # ---------------------------------------------------------------------------- attention
@@ -307,5 +316,5 @@ def judge(h: Hypothesis, effect: float, interval: Sequence[float], command: str,
 
 
 __all__ = ["Hypothesis", "VERDICTS", "Verdict", "bootstrap_ci", "chance_normalised_attention", "decide", "judge",
-           "majority_baseline", "paired_bootstrap", "token_baseline", "two_sample_bootstrap", "welch_interval",
+           "majority_baseline", "paired_bootstrap", "ratio_of_means", "token_baseline", "two_sample_bootstrap", "welch_interval",
            "wilson"]

@@ -18,6 +18,8 @@ and files are written atomically (temporary file, then rename).
 - `interval_plot`: estimates with their 95 % intervals from table rows (a study's tables): lines against a
   numeric x (e.g. length) or dodged points against a categorical x (e.g. heads), one colour per group, one
   panel per facet on a shared y scale, an optional reference line (chance, a threshold).
+- `result_intervals`: estimates with 95 % intervals from `Result`s (extra ``lo`` / ``hi``), one panel per
+  result with its own axis words and reference lines (measurements of different kinds side by side).
 - `compare_heatmap`, `compare_accuracy`, `compare_probe`: model A, model B (one shared scale) and B - A
   (a diverging map; an interval band for accuracy), from a `probekit.compare` result.
 - `plot_training_log`: loss and token accuracy against step from a run's ``train_log.jsonl``.
@@ -802,6 +804,55 @@ def interval_plot(rows: list[dict], x: str, y: str = "value", lo: str = "lo", hi
             fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95),
                        frameon=False, fontsize=7)
         fig.suptitle(title or f"{y} by {x} (bars: 95 % intervals)")
+def _result_interval_panel(ax, r: Result) -> None:
+    """One panel of `result_intervals`: estimates with their 95 % intervals, one marker per group."""
+    v = r.values.float()[:, None] if r.values.ndim == 1 else r.values.float()
+    lo = r.extra["lo"].float().reshape(v.shape)
+    hi = r.extra["hi"].float().reshape(v.shape)
+    items = [r.label(r.axes[0], i) for i in range(v.shape[0])]
+    groups = [r.label(r.axes[1], j) for j in range(v.shape[1])] if r.values.ndim == 2 else [None]
+    width = 0.7 / len(groups)
+    for j, g in enumerate(groups):
+        x = torch.arange(len(items)) + (j - (len(groups) - 1) / 2) * width
+        err = torch.stack([(v[:, j] - lo[:, j]).clamp_min(0), (hi[:, j] - v[:, j]).clamp_min(0)]).nan_to_num(0)
+        ax.errorbar(x.numpy(), v[:, j].numpy(), yerr=err.numpy(), fmt="o", ms=5, capsize=3, color=f"C{j}",
+                    label=g)
+    for k, (label, y) in enumerate((r.settings.get("reference") or {}).items()):
+        ax.axhline(float(y), color="0.4", ls=("--", ":", "-.")[k % 3], lw=0.8, label=label)
+    ax.set_xticks(range(len(items)), items, rotation=20 if max(map(len, items)) > 8 else 0, ha="right"
+                  if max(map(len, items)) > 8 else "center")
+    ax.set_xlim(-0.6, len(items) - 0.4)
+    ax.set_xlabel(r.settings.get("xlabel", r.axes[0]))
+    ax.set_ylabel(r.settings.get("ylabel", r.kind))
+    ax.set_title(textwrap.fill(r.settings.get("title", r.kind), 48))
+    if len(groups) > 1 or r.settings.get("reference"):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+
+
+def result_intervals(results: Result | list[Result], path: str | Path | None = None, title: str | None = None):
+    """Estimates with 95 % intervals, one panel per result, side by side.
+
+    Each result has axes ``(item,)`` or ``(item, group)`` (one marker per group at each item) and ``extra``
+    ``lo`` / ``hi`` of the same shape (the interval). Words come from its settings: ``title``, ``xlabel``,
+    ``ylabel``, and ``reference`` (``{label: y}``: horizontal lines such as a threshold or chance).
+    """
+    results = [results] if isinstance(results, Result) else list(results)
+    if not results:
+        raise ProbekitError("result_intervals needs at least one Result")
+    for r in results:
+        _check_result(r, "result_intervals")
+        if r.values.ndim not in (1, 2) or not {"lo", "hi"} <= set(r.extra) or r.extra["lo"].shape != r.values.shape:
+            raise ProbekitError(f"result_intervals needs results with axes (item,) or (item, group) and extra 'lo'/'hi' "
+                                f"of the same shape; got axes {r.axes}, extra {sorted(r.extra)}")
+    plt = _plt()
+    with plt.rc_context(STYLE):
+        widths = [max(3.0, 0.9 * r.values.shape[0] + 1.6) + 1.4 for r in results]  # + the legend on the right
+        fig, axs = plt.subplots(1, len(results), figsize=(sum(widths), 3.6), squeeze=False,
+                                gridspec_kw={"width_ratios": widths})
+        for ax, r in zip(axs[0], results, strict=True):
+            _result_interval_panel(ax, r)
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
     return _finish(fig, path)
 

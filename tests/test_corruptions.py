@@ -100,6 +100,44 @@ def test_invalid_rows_resampled_or_dropped_and_counted():
     _check_carry_flip(task, drop, 1)
 
 
+@pytest.mark.parametrize("digits,b_digits,k,operand", [(5, 1, 3, "a"), (5, 1, 0, "a"), (3, 3, 2, None),
+                                                        (3, 2, 3, "b")])
+def test_column_digit_keeps_the_carry_and_changes_the_digit(digits, b_digits, k, operand):
+    """Oracle from the integers: c_k = (sum of a_i b_j 10**(i+j) over i + j < k) div 10**k is kept, digit k
+    of the product changes, and the one edited digit enters column k with a non-zero partner."""
+    task = MultiplicationTask(digits=digits, b_digits=b_digits)
+    pair = corrupt(task, task.sample(150, seed=5), "column-digit", seed=1, digit=k, operand=operand)
+    a, b = _digits(pair.clean)
+    a2, b2 = _digits(pair.corrupted)
+
+    def carry_in(x, y):
+        return sum(int(x[i]) * int(y[j]) * 10 ** (i + j) for i in range(len(x)) for j in range(len(y))
+                   if i + j < k) // 10 ** k
+
+    for r in range(pair.n):
+        assert carry_in(a[r], b[r]) == carry_in(a2[r], b2[r])
+        prod = int(pair.clean.meta["a"][r] * pair.clean.meta["b"][r])
+        prod2 = int(pair.corrupted.meta["a"][r] * pair.corrupted.meta["b"][r])
+        assert (prod // 10 ** k) % 10 != (prod2 // 10 ** k) % 10
+        edits = [(x, y, i) for x, x2, y in ((a, a2, b), (b, b2, a)) for i in range(x.shape[1]) if x[r, i] != x2[r, i]]
+        assert len(edits) == 1
+        x, y, i = edits[0]
+        assert 0 <= k - i < y.shape[1] and y[r, k - i] != 0  # it enters column k, with a non-zero partner
+        if (digits, b_digits) == (5, 1):  # in 5 x 1 only a_k enters column k
+            assert x is a and i == k
+        if operand is not None:
+            assert (x is a) == (operand == "a")
+    assert int(pair.clean.features["digit_index"][0][pair.clean.pred_mask[0]][pair.answer_steps[0]]) == k
+
+
+def test_column_digit_refuses_a_column_without_products():
+    task = MultiplicationTask(digits=5, b_digits=1)
+    with pytest.raises(ProbekitError, match="impossible for every row"):
+        corrupt(task, task.sample(20, seed=0), "column-digit", digit=5, invalid="drop")
+    with pytest.raises(ProbekitError, match="column-digit digit must be in 0..5"):
+        corrupt(task, task.sample(4, seed=0), "column-digit", digit=6)
+
+
 def test_operand_digit_changes_exactly_that_digit():
     task = MultiplicationTask(digits=3, b_digits=2)
     pair = corrupt(task, task.sample(100, seed=4), "operand-digit", seed=0, operand="b", place=1)
@@ -290,7 +328,8 @@ def test_each_task_declares_its_kinds_and_options_are_checked():
 
     assert TASKS == {"multiplication": MultiplicationTask, "sorting": SortingTask}  # found in their files
     mult, sort = MultiplicationTask(digits=3), SortingTask(n_values=16)
-    assert corruption_kinds(mult) == CORRUPTIONS["multiplication"] == ("carry-flip", "operand-digit", "random-digit",
+    assert corruption_kinds(mult) == CORRUPTIONS["multiplication"] == ("carry-flip", "column-digit", "operand-digit",
+                                                                       "random-digit",
                                                                        "resample")
     assert corruption_kinds(sort) == CORRUPTIONS["sorting"] == ("successor-change", "swap", "replace", "resample")
     with pytest.raises(ProbekitError, match=r"'resample' takes no options, got \['step'\]"):

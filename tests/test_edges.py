@@ -7,6 +7,8 @@ direct edges when there is no final norm, and the hand-built sorting model with 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -160,6 +162,31 @@ def test_planted_edges_rank_first_and_make_a_faithful_circuit(planted):
     for ablation in ("mean", "resample"):
         assert E.circuit_faithfulness(model, pair, PLANTED, ablation=ablation) == pytest.approx(1.0, abs=0.02)
         assert E.circuit_faithfulness(model, pair, PLANTED, ablation=ablation, complement=True) == pytest.approx(0.0, abs=0.02)
+
+
+def test_circuit_examples_are_per_example_and_average_to_the_faithfulness(planted):
+    """Rows: circuit, whole model (the clean run's own metric), all ablated; with resample ablation each example
+    only sees its own corrupted run, so a subset of the pairs gives the same rows; the ratio of the means is
+    `circuit_faithfulness`."""
+    from probekit.corruptions import make_pair
+    from probekit.metrics import metric_value
+    from probekit.stats import ratio_of_means
+
+    model, pair = planted
+    circuit = PLANTED[:3]  # an unfaithful part of the planted circuit, so the three rows differ
+    v = E.circuit_examples(model, pair, circuit, ablation="resample")
+    assert v.shape == (3, pair.n)
+    assert float(v[1].mean() - v[2].mean()) > 1.0 and abs(float(v[0].mean() - v[1].mean())) > 0.5
+    with torch.no_grad():
+        own = metric_value(model(pair.clean.tokens), pair.clean, "logit-diff", pair.corrupted, per_example=True,
+                           steps=pair.answer_steps)
+    assert torch.allclose(v[1].float(), own.float(), atol=1e-4)
+    idx = torch.tensor([3, 0, 7])
+    sub = replace(make_pair(pair.clean.select(idx), pair.corrupted.select(idx)), answer_steps=pair.answer_steps)
+    assert torch.allclose(E.circuit_examples(model, sub, circuit, ablation="resample"), v[:, idx], atol=1e-5)
+    assert ratio_of_means(v.T.numpy()) == pytest.approx(E.circuit_faithfulness(model, pair, circuit, ablation="resample"))
+    assert ratio_of_means(E.circuit_examples(model, pair, PLANTED, ablation="resample").T.numpy()) == \
+        pytest.approx(1.0, abs=0.02)
 
 
 def test_faithfulness_curve_ends_at_zero_and_one(planted):

@@ -165,6 +165,34 @@ def test_planted_feature_recovered_with_controls(model, planted):
     assert "random_model" in sw.settings["controls"] and sw.settings["random_model"].startswith("build_model")
 
 
+def test_token_baseline_is_the_stats_oracle_per_split_and_slot(model):
+    """The ``token`` extra of a sweep is `probekit.stats.token_baseline` fitted on the train rows, scored on
+    each split (pooled and per slot); for a ridge feature the per-token mean train value (R^2 by hand)."""
+    import numpy as np
+
+    from probekit import stats
+
+    train, test = TASK.sample(120, seed=3), TASK.sample(80, seed=4)
+    sw = probe_sweep(model, train, "carry_in", "resid_post", evals={"test": test}, controls=False)
+    tr, te = (collect(model, b, ["blocks.0.hook_resid_post"], feature="carry_in") for b in (train, test))
+    for s, a in (("train", tr), ("test", te)):
+        j = sw.labels["split"].index(s)
+        ref = stats.token_baseline(tr.token, tr.labels, a.token, a.labels)["accuracy"]
+        assert float(sw.extra["token"][0, 0, 0, j]) == pytest.approx(ref, abs=1e-6)
+        rows = a.slot == 2
+        ref2 = stats.token_baseline(tr.token, tr.labels, a.token[rows], a.labels[rows])["accuracy"]
+        assert float(sw.extra["token"][0, 0, 3, j]) == pytest.approx(ref2, abs=1e-6)
+    assert sw.extra["token"][0, 0, 0, 1] >= sw.extra["majority"][0, 0, 0, 1] - 1e-6  # a table beats a constant
+    rg = probe_sweep(model, train, "column_sum", "resid_post", evals={"test": test}, controls=False)
+    tr_s, te_s = (collect(model, b, ["blocks.0.hook_resid_post"], feature="column_sum") for b in (train, test))
+    means = {t: float(tr_s.labels[tr_s.token == t].double().mean()) for t in tr_s.token.unique().tolist()}
+    fallback = float(tr_s.labels.double().mean())
+    pred = np.array([means.get(t, fallback) for t in te_s.token.tolist()])
+    y = te_s.labels.double().numpy()
+    r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert float(rg.extra["token"][0, 0, 0, 1]) == pytest.approx(r2, abs=1e-5)
+
+
 def test_project_out_destroys_downstream_readout(model, planted):
     v, train, test, plant = planted
     with model.hooks(fwd_hooks=plant):
@@ -205,7 +233,7 @@ def test_sweep_by_position_and_lengths(model):
     p = sw.probe("resid_post", 1, position=2)
     assert p.slot == 2 and p.meta["train"]["rows"] == 900
     frame = sw.to_frame()
-    assert {"value", "shuffled", "control", "selectivity", "random_model", "majority", "n"} <= set(frame.columns)
+    assert {"value", "shuffled", "control", "selectivity", "random_model", "majority", "token", "n"} <= set(frame.columns)
     assert len(frame) == sw.values.numel()
     back = ProbeSweep.from_json(sw.to_json())
     assert isinstance(back, ProbeSweep) and back == sw

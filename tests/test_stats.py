@@ -96,6 +96,30 @@ def test_welch_interval_equals_scipy():
         stats.welch_interval([0.5], [0.1, 0.2])
 
 
+def test_two_sample_bootstrap_width_is_the_standard_error_of_the_difference():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1.0, 1.0, size=200), rng.normal(0.0, 1.0, size=50)  # different sizes: not paired
+    d, lo, hi = stats.two_sample_bootstrap(a, b, n_boot=1000)
+    assert d == pytest.approx(a.mean() - b.mean())
+    se = math.sqrt(1 / 200 + 1 / 50)  # the difference's standard error
+    assert lo < 1.0 < hi and (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.25)
+    assert stats.two_sample_bootstrap(a, b, seed=1) == stats.two_sample_bootstrap(a, b, seed=1)
+    with pytest.raises(ProbekitError):
+        stats.two_sample_bootstrap(a, b[:1])
+
+
+def test_ratio_of_means_is_the_share_of_the_gap():
+    rows = np.array([[2.0, 4.0, 0.0], [1.0, 2.0, 1.0]])  # x, hi, lo: means 1.5, 3, 0.5
+    assert stats.ratio_of_means(rows) == pytest.approx((1.5 - 0.5) / (3 - 0.5))
+    assert math.isnan(stats.ratio_of_means(np.array([[1.0, 2.0, 2.0]])))  # no gap
+    # bootstrapped over rows it behaves as a statistic of whole examples
+    rng = np.random.default_rng(0)
+    hi_, lo_ = rng.normal(5, 1, 300), rng.normal(0, 1, 300)
+    x = lo_ + 0.3 * (hi_ - lo_)
+    est, lo, hi = stats.bootstrap_ci(np.stack([x, hi_, lo_], 1), stats.ratio_of_means, n_boot=500)
+    assert est == pytest.approx(0.3) and lo < 0.3 < hi
+
+
 @pytest.mark.parametrize("op,threshold,interval,expected", [
     (">", 0.0, (0.1, 0.4), "supported"),
     (">", 0.0, (-0.2, -0.1), "not supported"),

@@ -271,6 +271,27 @@ def test_every_known_kind_gets_a_title_in_words():
     assert titles["composition_k"] == "K-composition between heads (from the weights)"
     assert viz.in_words("blocks.1.hook_resid_mid") == "residual stream after attention"
     assert viz.in_words("carry_out") == "carry out"
+def test_result_intervals_draws_each_estimate_with_its_interval(tmp_path):
+    vals = torch.tensor([[0.2, 0.8], [0.5, 0.1], [0.9, 0.4]])
+    r = Result("restoration", vals, ("head", "corruption"), {"head": ["L0H0", "L0H1", "L0H2"],
+                                                              "corruption": ["carry-flip", "column-digit"]},
+               {"title": "restored", "ylabel": "share", "reference": {"threshold": 0.5}},
+               {"lo": vals - 0.1, "hi": vals + 0.05})
+    one = Result("iia", torch.tensor([0.3, 0.7]), ("site",), {"site": ["resid_pre", "resid_mid"]}, {},
+                 {"lo": torch.tensor([0.2, 0.6]), "hi": torch.tensor([0.4, 0.8])})
+    fig = viz.result_intervals([r, one], path=tmp_path / "f.png", title="two panels")
+    assert (tmp_path / "f.png").stat().st_size > 0 and fig._suptitle.get_text() == "two panels"
+    ax = fig.axes[0]
+    assert ax.get_title() == "restored" and ax.get_ylabel() == "share" and _ticks(ax, "x") == ["L0H0", "L0H1", "L0H2"]
+    ys = sorted(float(y) for c in ax.containers for y in c.lines[0].get_ydata())
+    assert ys == pytest.approx(sorted(vals.flatten().tolist()))  # one marker per (head, corruption)
+    bars = [seg for c in ax.containers for seg in c.lines[2][0].get_segments()]
+    got = np.array(sorted((float(s[0][1]), float(s[1][1])) for s in bars))
+    want = np.array(sorted(zip((vals - 0.1).flatten().tolist(), (vals + 0.05).flatten().tolist(), strict=True)))
+    assert np.allclose(got, want, atol=1e-6)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["threshold", "carry-flip", "column-digit"]
+    with pytest.raises(ProbekitError, match="extra 'lo'/'hi'"):
+        viz.result_intervals(Result("x", torch.ones(2), ("a",)))
 
 
 def test_facets_share_one_colour_scale_and_wrap_into_a_grid():

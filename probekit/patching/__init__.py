@@ -39,7 +39,7 @@ Both are tested against ``transformer_lens.patching`` to 1e-5.
 
 Modules: `sites` (site names, `Component`, `PathPatch`), `native` (the native engine as a pipeline:
 plan, per-layer recomputation on `probekit.forward`, read-out), `hooks` (the hook engine), `sweeps`
-(`patch_values`, `sweep`, `patch`, `path_patch`), `_metric` (the metric pieces, from `probekit.metrics`).
+(`patch_values` (batch means and per example, for intervals), `sweep`, `patch`, `path_patch`), `_metric` (the metric pieces, from `probekit.metrics`).
 """
 
 from probekit.patching._metric import METRICS, BoundMetric, Metric, answer_layout, digit_step, position_labels
@@ -57,7 +57,13 @@ from probekit.patching.sites import (
     PathPatch,
     canonical_site,
 )
-from probekit.patching.sweeps import PatchValues, patch, patch_values, path_patch, sweep
+from probekit.patching.sweeps import (
+    PatchValues,
+    patch,
+    patch_values,
+    path_patch,
+    sweep,
+)
 
 __all__ = ["BLOCK_SITES", "BoundMetric", "Component", "Direction", "HEAD_SITES", "HookEngine", "METRICS", "Metric",
            "NativeEngine", "Patch", "PatchValues", "PathPatch", "RECEIVERS", "SITES", "SITE_ALIASES", "answer_layout",

@@ -8,8 +8,8 @@
 - `overview`: accuracy vs length for every shipped model, and published accuracy results checked on them.
 - `failure_study`: the predictive account of why the unhinted sorter fails with length (`studies/sorting.py`).
 
-Each returns a `Study`: claims (text with the numbers in it, and the command that regenerates them),
-and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
+Each returns a `Study`: hypotheses judged from their intervals (verdicts), claims (text with the numbers in
+it, and the command that regenerates them), figures, tables, a headline, and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
 for `probekit report`, "full" for `analyses/run_study.py`).
 """
 

@@ -41,6 +41,12 @@ Corruptions (`corruptions`; digits units first ``a_i``, ``b_j``; product digit k
   changes only through its carry. Digits at places >= k are kept. Answer digits below k change too
   (their columns moved); digits above k may change. Among all valid (place, value) edits one is
   drawn uniformly per row. Rows with no valid edit are *invalid*.
+- ``column-digit`` (opts ``digit=k``, ``operand`` None/'a'/'b'): the control of ``carry-flip``. One digit
+  that enters column k (``a_i`` with partner ``b_{k-i} != 0``, or the same for b) gets a new value such
+  that product digit k changes while the carry into it, ``c_k``, is kept: digit k changes only through its
+  own column. In ``5 x 1`` that digit is ``a_k`` (b's single digit changes every column). Answer digits
+  above k may change. One valid (place, value) edit drawn uniformly per row; rows with none are *invalid*
+  (every row at the top digit of ``5 x 1``, whose column holds no product).
 - ``operand-digit`` (opts ``operand='a'``, ``place=0``, ``value=None``): that one digit gets a new
   value (``value`` or a random one) that changes the product; invalid if none does (e.g. b = 0).
 - ``random-digit``: one digit of a, at a random place below its digit count, shifted by 1..9 (mod 10).
@@ -113,7 +119,7 @@ class MultiplicationTask:
 
     def corruptions(self) -> dict[str, CorruptionRule]:
         """The corruption rules of this task (module docstring), ``{kind: rule(batch, rng, **options)}``."""
-        return {"carry-flip": self.carry_flip, "operand-digit": self.operand_digit,
+        return {"carry-flip": self.carry_flip, "column-digit": self.column_digit, "operand-digit": self.operand_digit,
                 "random-digit": self.random_digit, "resample": resample_rule(self)}
 
     def widths(self, length: int | None = None) -> tuple[int, int]:
@@ -223,18 +229,31 @@ class MultiplicationTask:
 
     def carry_flip(self, batch: Batch, rng: np.random.Generator, digit=None, operand=None) -> Edit:
         """One lower digit changed so the carry into product digit ``digit`` changes, column ``digit`` kept."""
+        k, a2, b2, valid, rec = self._edit_digit(batch, rng, digit, operand, "carry-flip")
+        desc = (f"carry-flip at product digit {k}: one digit of {'a or b' if operand is None else operand} at a place "
+                f"< {k} changed so the carry into digit {k} changes while every product in column {k} is unchanged "
+                f"(the edited digit does not enter column {k} or its partner there is 0); places >= {k} kept")
+        kept = (f"operand digits at places >= {k}", f"column {k} products a_i*b_(k-i)", f"column sum S_{k}")
+        step = batch.features["digit_index"][0][batch.pred_mask[0]].tolist().index(k)
+        return Edit(self._corrupted(batch, a2, b2), valid, rec, desc, kept, {"digit": k, "operand": operand}, step)
+
+    def _edit_digit(self, batch: Batch, rng: np.random.Generator, digit, operand, rule: str):
+        """The shared steps of ``carry-flip`` and ``column-digit``: check the options, list the candidate
+        edits, draw one valid edit per row. Returns (digit k, corrupted a, b, valid rows, record)."""
         a, b = _digits(batch)
         n, wa = a.shape
-        wb = b.shape[1]
-        P = wa + wb
+        P = wa + b.shape[1]
         da = batch.length
         db = self.b_digits if self.b_digits is not None else da
         k = P // 2 if digit is None else int(digit)
-        if not 1 <= k < P:
-            raise ProbekitError(f"carry-flip digit must be in 1..{P - 1} (the carry into digit 0 is always 0), got {k}")
+        lo = 1 if rule == "carry-flip" else 0
+        if not lo <= k < P:
+            why = " (the carry into digit 0 is always 0)" if rule == "carry-flip" else ""
+            raise ProbekitError(f"{rule} digit must be in {lo}..{P - 1}{why}, got {k}")
         if operand not in (None, "a", "b"):
-            raise ProbekitError(f"carry-flip operand must be 'a', 'b' or None, got {operand!r}")
-        cands = _carry_flip_candidates(a, b, k, da, db, operand)
+            raise ProbekitError(f"{rule} operand must be 'a', 'b' or None, got {operand!r}")
+        find = _carry_flip_candidates if rule == "carry-flip" else _column_digit_candidates
+        cands = find(a, b, k, da, db, operand)
         valid_any = np.zeros(n, dtype=bool)
         choice = np.full(n, -1)
         if cands:
@@ -250,12 +269,17 @@ class MultiplicationTask:
             rec["operand"][row] = 0 if op == "a" else 1
             rec["place"][row], rec["old"][row], rec["new"][row] = i, x2[row, i], v
             x2[row, i] = v
-        desc = (f"carry-flip at product digit {k}: one digit of {'a or b' if operand is None else operand} at a place "
-                f"< {k} changed so the carry into digit {k} changes while every product in column {k} is unchanged "
-                f"(the edited digit does not enter column {k} or its partner there is 0); places >= {k} kept")
-        kept = (f"operand digits at places >= {k}", f"column {k} products a_i*b_(k-i)", f"column sum S_{k}")
+        return k, a2, b2, valid_any, rec
+
+    def column_digit(self, batch: Batch, rng: np.random.Generator, digit=None, operand=None) -> Edit:
+        """One digit of column ``digit`` changed so that product digit ``digit`` changes and its carry is kept."""
+        k, a2, b2, valid, rec = self._edit_digit(batch, rng, digit, operand, "column-digit")
+        desc = (f"column-digit at product digit {k}: one digit of {'a or b' if operand is None else operand} that "
+                f"enters column {k} (its partner there is not 0) changed so that digit {k} changes while the carry "
+                f"into digit {k} is kept")
+        kept = (f"carry into digit {k}, c_{k}",)
         step = batch.features["digit_index"][0][batch.pred_mask[0]].tolist().index(k)
-        return Edit(self._corrupted(batch, a2, b2), valid_any, rec, desc, kept, {"digit": k, "operand": operand}, step)
+        return Edit(self._corrupted(batch, a2, b2), valid, rec, desc, kept, {"digit": k, "operand": operand}, step)
 
     def operand_digit(self, batch: Batch, rng: np.random.Generator, operand="a", place=0, value=None) -> Edit:
         """Digit ``place`` of ``operand`` gets a new value (``value`` or a random one) that changes the product."""
@@ -342,6 +366,29 @@ def _carry_flip_candidates(a, b, k: int, da: int, db: int, operand) -> list:
                 a2, b2 = (x2, b) if op == "a" else (a, x2)
                 S2, c2 = _carries(a2, b2)
                 ok = (x[:, i] != v) & (partner == 0) & (c2[:, k] != c0[:, k]) & ((S2[:, k] + c2[:, k]) % 10 != d0)
+                cands.append((op, i, v, ok))
+    return cands
+
+
+def _column_digit_candidates(a, b, k: int, da: int, db: int, operand) -> list:
+    """Every single-digit edit (operand, place, value, valid rows) in column k that keeps the carry into k and
+    changes digit k."""
+    n, wa = a.shape
+    wb = b.shape[1]
+    S0, c0 = _carries(a, b)
+    d0 = (S0[:, k] + c0[:, k]) % 10
+    cands = []
+    for op, x, d_self, y, w_other in (("a", a, da, b, wb), ("b", b, db, a, wa)):
+        if operand not in (None, op):
+            continue
+        for i in range(max(0, k - w_other + 1), min(k + 1, d_self)):
+            partner = y[:, k - i]
+            for v in range(10):
+                x2 = x.copy()
+                x2[:, i] = v
+                a2, b2 = (x2, b) if op == "a" else (a, x2)
+                S2, c2 = _carries(a2, b2)
+                ok = (x[:, i] != v) & (partner != 0) & (c2[:, k] == c0[:, k]) & ((S2[:, k] + c2[:, k]) % 10 != d0)
                 cands.append((op, i, v, ok))
     return cands
 
