@@ -804,6 +804,10 @@ def interval_plot(rows: list[dict], x: str, y: str = "value", lo: str = "lo", hi
             fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95),
                        frameon=False, fontsize=7)
         fig.suptitle(title or f"{y} by {x} (bars: 95 % intervals)")
+        fig.tight_layout()
+    return _finish(fig, path)
+
+
 def _result_interval_panel(ax, r: Result) -> None:
     """One panel of `result_intervals`: estimates with their 95 % intervals, one marker per group."""
     v = r.values.float()[:, None] if r.values.ndim == 1 else r.values.float()
