@@ -33,7 +33,8 @@ PURPOSE = {
     "sort-extrap-learned-pos": "sort-extrap's recipe with learned absolute positions: its failing twin past length 20.",
     "sort-extrap-repeats": "sort-extrap's recipe trained and tested on lists with repeated values.",
     "mult-nx1-place": "N x 1-digit multiplication (a of 1..5 digits in training, b one digit, operands and product units "
-                      "first) with per-digit place indices: the multiplier that extrapolates furthest past 5 digits.",
+                      "first) with per-digit place indices: of the N x 1 variants the one that extrapolates "
+                      "furthest past 5 digits, though not to 90 % at 8 digits (see Every seed).",
     "mult-nx1-learned-pos-rev": "mult-nx1-place's format (operands units first) with learned absolute positions: its "
                                 "failing twin past 5 digits.",
     "mult-extrap": "Multiplication trained on operands of 1..2 digits (NoPE), evaluated on 3, 4 and 5 digits: where the "
