@@ -115,10 +115,13 @@ def open_append(path: str | Path):
 
 
 def finite_json(obj) -> tuple[object, dict[str, str]]:
-    """``obj`` with every non-finite float replaced by ``None``, and the `NAN_KEY` note (empty if none)."""
+    """``obj`` with numpy scalars as Python numbers, every non-finite float replaced by ``None``, and the
+    `NAN_KEY` note (empty if none)."""
     counts: dict[tuple[str, str], int] = {}
 
     def walk(x, where: str):
+        if type(x).__module__ == "numpy" and getattr(x, "ndim", None) == 0:  # a numpy scalar: its Python value
+            x = x.item()
         if isinstance(x, float) and not math.isfinite(x):
             kind = "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
             counts[(where or "(top)", kind)] = counts.get((where or "(top)", kind), 0) + 1

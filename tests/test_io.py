@@ -131,3 +131,13 @@ def test_a_stale_lock_file_is_taken_over(tmp_path):
     with io.output_dir(out):
         io.write_text(out / "a.txt", "a")
     assert os.listdir(out) == ["a.txt"]
+
+
+def test_numpy_scalars_are_written_as_numbers():
+    """A study's numbers are often numpy scalars: they are written as JSON numbers (NaN as null, noted)."""
+    import numpy as np
+
+    from probekit.io import dumps_json
+
+    d = json.loads(dumps_json({"n": np.int64(3), "x": np.float32(0.5), "bad": np.float64("nan"), "ok": [np.bool_(True)]}))
+    assert d["n"] == 3 and d["x"] == 0.5 and d["bad"] is None and d["ok"] == [True] and "bad" in d["nan_reason"]

@@ -16,6 +16,7 @@ from probekit.tasks import MultiplicationTask
 from probekit.train import TrainConfig, train
 
 SHIPPED = {"mult-5x1", "mult-3x3"} <= set(shipped_models())
+NX1 = {"mult-nx1-place", "mult-nx1-learned-pos-rev"} <= set(shipped_models())  # the transfer stage runs
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def quick():
 
 
 def test_every_verdict_follows_from_its_interval_and_is_stated(quick):
-    assert len(quick.verdicts) == 10  # 3 staircase, 2 DAS, 1 probe, 2 ablation, 2 circuit
+    # 3 staircase, 2 DAS, 1 probe, 2 ablation, 2 circuit; 2 for each N x 1 model when they are shipped
+    assert len(quick.verdicts) == 10 + 4 * NX1
     for v in quick.verdicts:
         assert v.verdict == decide(v.hypothesis, v.interval)
         assert v.interval[0] <= v.effect <= v.interval[1] or np.isnan(v.effect)
@@ -35,7 +37,7 @@ def test_every_verdict_follows_from_its_interval_and_is_stated(quick):
     for v in quick.verdicts:  # each verdict is a claim with its effect, interval and verdict word
         assert any(v.hypothesis.statement in t and f"Verdict: {v.verdict}." in t for t in texts)
     assert all(c["command"] for c in quick.claims)
-    assert any("mult-nx1-place is not shipped" in n for n in quick.notes)
+    assert any("mult-nx1-place is not shipped" in n for n in quick.notes) != NX1
 
 
 def test_headline_is_written_from_the_verdicts(quick):
@@ -65,7 +67,7 @@ def test_the_staircase_of_mult_5x1(quick):
 def test_figures_have_captions_and_draw(quick):
     import matplotlib.pyplot as plt
 
-    assert [f.key for f in quick.figures] == ["staircase", "carry_computed", "circuit"]
+    assert [f.key for f in quick.figures] == ["staircase", "carry_computed", "circuit"] + ["transfer"] * NX1
     for f in quick.figures:
         assert len(f.caption) > 100 and f.alt
         fig = f.make()
