@@ -372,20 +372,29 @@ def sweep_cmd(
                                                    "(e.g. docs/model_sweep.md); run nothing."),
     threads: int | None = typer.Option(None, help="Torch threads per job (default: the CPUs a job reserves); 1 "
                                                   "suits a machine busy with other work."),
+    archive: Path | None = typer.Option(None, help="Copy the finished jobs' records (config, metrics, training log; "
+                                                    "no weights) into this folder, e.g. analyses/zoo/results/GRID; "
+                                                    "run nothing."),
 ):
     """Train and evaluate every (configuration, seed) job of a grid as Ray tasks; finished jobs are skipped.
 
     Example: probekit sweep analyses/zoo/sort-extrap.json --out runs/sweeps/sort-extrap --dry-run
     """
+    from probekit.grid import archive as archive_jobs
     from probekit.grid import load_grid, run_sweep, write_tables
     from probekit.tasks import ProbekitError
 
     selected = None if jobs is None else [s.strip() for s in jobs.split(",") if s.strip()]
     if selected == []:
         raise ProbekitError("--jobs is empty; expected configuration names or job ids, e.g. nope,learned-pos/seed0")
-    if tables is not None:
-        if dry_run or selected is not None:
-            raise ProbekitError("--tables only writes tables from the finished jobs; it takes no --dry-run or --jobs")
+    if tables is not None or archive is not None:
+        if dry_run or selected is not None or (tables is not None and archive is not None):
+            raise ProbekitError("--tables and --archive each only read the finished jobs; give one of them, "
+                                "without --dry-run or --jobs")
+        if archive is not None:
+            copied = archive_jobs(out, archive)
+            typer.echo(f"archived {len(copied)} finished job(s) of {out} in {archive}")
+            return
         typer.echo(f"wrote {write_tables(out, tables, grid=load_grid(grid))}")
         return
     run = run_sweep(grid, out, address=address, jobs=selected, dry_run=dry_run, progress=True, threads=threads)

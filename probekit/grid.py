@@ -42,7 +42,10 @@ seed's test sample, labelled ``Wilson, 1 seed``.
 Shipping a job: ``ship(out / "sort-baseline" / "seed0", "sort-baseline")`` copies it into
 ``models/sort-baseline`` (then ``analyses/make_cards.py sort-baseline`` writes its card).
 `write_tables` puts a sweep's summary table into a Markdown file such as ``docs/model_sweep.md``
-(``probekit sweep GRID --out DIR --tables docs/model_sweep.md``).
+(``probekit sweep GRID --out DIR --tables docs/model_sweep.md``); a configuration with no finished job in
+DIR keeps its row of the earlier table, with a note saying so. `archive` copies the finished jobs'
+records (config, metrics, training log; no weights) into a folder that can be kept with the project
+(the zoo's: ``analyses/zoo/results/GRID``) and read by `write_tables` like the sweep folder itself.
 """
 
 from __future__ import annotations
@@ -541,12 +544,18 @@ def seed_interval(values: list[float], single: tuple[float, float] | None = None
     return mean, max(0.0, mean - h), min(1.0, mean + h), f"t over {k} seeds"
 
 
+def finished_record(job: Job) -> dict | None:
+    """The job's metrics if its folder holds a finished job's record: config.json and the grid's
+    metrics.json (a sweep folder, or an archive of one written by `archive`)."""
+    return read_metrics(job) if (Path(job.dir) / "config.json").exists() else None
+
+
 def summarize(grid: Grid, out: str | Path) -> list[dict]:
     """One row per (configuration, length) with finished seeds: mean exact match over seeds, its 95 %
     interval, each seed's value and the mean training seconds."""
     rows = []
     for config in grid.configs:
-        found = [(j, m) for j in grid.jobs(out, select=[config]) if job_state(j) == "done" and (m := read_metrics(j))]
+        found = [(j, m) for j in grid.jobs(out, select=[config]) if (m := finished_record(j))]
         if not found:
             continue
         secs = [json.loads((Path(j.dir) / "config.json").read_text())["train"]["extra"].get("train_seconds", float("nan"))
@@ -627,14 +636,72 @@ def write_tables(out: str | Path, doc: str | Path, grid: Grid | None = None) -> 
         raise ProbekitError(f"{out} holds sweep {recorded.name!r}, not {grid.name!r}")
     grid = recorded
     begin, end = f"<!-- sweep {grid.name} -->", f"<!-- end sweep {grid.name} -->"
-    block = f"{begin}\n{summary_markdown(grid, summarize(grid, out), level=2)}{end}\n"
     text = doc.read_text() if doc.exists() else ""
+    earlier = text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else ""
+    block = f"{begin}\n{_keep_earlier_rows(summary_markdown(grid, summarize(grid, out), level=2), earlier, out)}{end}\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block
     return _write_text(doc, text)
+
+
+def _table_rows(markdown: str) -> dict[str, str]:
+    """The rows of a summary table, by configuration name (the first cell)."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = line.split(" | ")
+        if line.startswith("| ") and len(cells) > 4 and not set(line) <= set("|-") and cells[0] != "| configuration":
+            rows[cells[0][2:]] = line
+    return rows
+
+
+def _keep_earlier_rows(section: str, earlier: str, out: Path) -> str:
+    """``section`` with each "not run" row replaced by the same configuration's row of the ``earlier``
+    section, when that row had results (their job records are not in ``out``), and a note naming them."""
+    old, kept = _table_rows(earlier), []
+    lines = section.splitlines()
+    for i, line in enumerate(lines):
+        cells = line.split(" | ")
+        config = cells[0][2:] if line.startswith("| ") else None
+        if config in old and "not run" in line and "not run" not in old[config]:
+            lines[i] = old[config]
+            kept.append(config)
+    if kept:
+        lines += ["", f"Rows kept from the earlier table (their job records are not in `{out}`): "
+                  + ", ".join(f"`{c}`" for c in kept) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def archive(out: str | Path, dest: str | Path) -> list[str]:
+    """Copy the records of the finished jobs of the sweep in ``out`` (each job's config.json, metrics.json
+    and training log; no weights) into ``dest``, merged with the jobs already archived there, so that
+    `summarize` and `write_tables` can read ``dest`` as a sweep folder. Returns the job ids copied."""
+    out, dest = Path(out), Path(dest)
+    record = out / "sweep.json"
+    if not record.exists():
+        raise ProbekitError(f"{out} holds no sweep.json; expected the --out folder of a sweep")
+    rec = json.loads(record.read_text())
+    grid = grid_from_dict(rec["grid"], str(record))
+    jobs = {}
+    if (dest / "sweep.json").exists():
+        old = json.loads((dest / "sweep.json").read_text())
+        if old["grid"]["name"] != grid.name:
+            raise ProbekitError(f"{dest} archives sweep {old['grid']['name']!r}, not {grid.name!r}")
+        jobs = old["jobs"]
+    copied = []
+    for job in grid.jobs(out):
+        if finished_record(job) is None:
+            continue
+        target = dest / job.config / f"seed{job.seed}"
+        for f in ("config.json", "metrics.json", "train_log.jsonl"):
+            if (Path(job.dir) / f).exists():
+                _write(target / f, lambda p, f=f, job=job: shutil.copyfile(Path(job.dir) / f, p))
+        jobs[job.id] = rec["jobs"].get(job.id, job.run)
+        copied.append(job.id)
+    _write_json(dest / "sweep.json", {"grid": rec["grid"], "jobs": jobs})
+    return copied
 
 
 # ---------------------------------------------------------------------------- shipping

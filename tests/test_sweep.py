@@ -308,3 +308,38 @@ def test_threads_sets_the_jobs_torch_threads_and_is_checked(swept, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert [r["length"] for r in json.loads((Path(job.dir) / "metrics.json").read_text())["records"]] == list(job.lengths)
+
+
+def test_archive_holds_the_records_and_tables_keep_earlier_rows(swept, tmp_path, capsys):
+    """An archive (no weights) gives the same table as the sweep folder; a configuration missing from
+    it keeps its earlier row, with a note, and a second archive merges."""
+    grid, out, _ = swept
+    arch = tmp_path / "arch"
+    assert main(["sweep", str(grid), "--out", str(out), "--archive", str(arch)]) == 0
+    assert "archived 2 finished job(s)" in capsys.readouterr().out
+    assert not list(arch.rglob("*.safetensors")) and (arch / "a" / "seed1" / "metrics.json").exists()
+    from_out, from_arch = tmp_path / "out.md", tmp_path / "arch.md"
+    write_tables(out, from_out)
+    write_tables(arch, from_arch)
+    assert from_arch.read_text() == from_out.read_text() and "| a | (base) | 2/2 |" in from_arch.read_text()
+    # a sweep folder without configuration a: its row is kept from the earlier table, and said so
+    (tmp_path / "empty").mkdir()
+    import shutil
+
+    shutil.copyfile(out / "sweep.json", tmp_path / "empty" / "sweep.json")
+    write_tables(tmp_path / "empty", from_arch)
+    text = from_arch.read_text()
+    assert "| a | (base) | 2/2 |" in text and "| b | " in text and "not run" in text
+    assert "Rows kept from the earlier table" in text and "`a`" in text.split("Rows kept")[1]
+    # archiving again merges; a foreign archive is refused; --archive with --jobs is one error line
+    from probekit.grid import archive
+
+    assert archive(out, arch) == ["a/seed0", "a/seed1"]
+    assert sorted(json.loads((arch / "sweep.json").read_text())["jobs"]) == ["a/seed0", "a/seed1"]
+    other = json.loads((arch / "sweep.json").read_text())
+    other["grid"]["name"] = "other"
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "sweep.json").write_text(json.dumps(other))
+    with pytest.raises(ProbekitError, match="archives sweep 'other', not 'tiny-grid'"):
+        archive(out, tmp_path / "foreign")
+    assert main(["sweep", str(grid), "--out", str(out), "--archive", str(arch), "--jobs", "a"]) == 2
