@@ -53,15 +53,10 @@ def figures_of(study) -> list:
     return list(study.figures)
 
 
-def _is_verdict_claim(claim: dict, verdicts) -> bool:
-    """A claim `Study.test` wrote for one of ``verdicts`` (shown in the verdict table instead)."""
-    return any(claim["command"] == v.command and claim["text"].startswith(
-        f"{v.hypothesis.statement} ({v.hypothesis.text()}): ") for v in verdicts)
-
-
 def _descriptive_claims(study) -> list[dict]:
-    """The claims that are not a tested hypothesis's statement."""
-    return [c for c in study.claims if not _is_verdict_claim(c, study.verdicts)]
+    """The claims that `Study.test` did not write for a tested hypothesis (those have a ``"verdict"`` and are
+    shown in the verdict table instead)."""
+    return [c for c in study.claims if "verdict" not in c]
 
 
 def fmt(v) -> str:
