@@ -13,7 +13,7 @@ from probekit.results import Result
 from probekit.stats import Hypothesis, Verdict, judge
 from probekit.tasks import Batch, ProbekitError
 
-SIZES = {"quick": {"n": 48, "n_probe": 256, "n_patch": 32}, "default": {"n": 200, "n_probe": 1000, "n_patch": 128},
+SIZES = {"quick": {"n": 32, "n_probe": 128, "n_patch": 32}, "default": {"n": 200, "n_probe": 1000, "n_patch": 128},
          "full": {"n": 500, "n_probe": 4000, "n_patch": 256}}
 
 
