@@ -62,8 +62,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one record per length) to stdout."),
     save_metrics: bool = typer.Option(False, help="Write metrics.json into the model folder (a shipped model's "
                                                   "needs --overwrite)."),
-    errors: bool = typer.Option(False, "--errors", help="Sorting: also split the errors into counting copies "
-                                "vs the lookup (teacher forced, same samples)."),
+    errors: bool = typer.Option(False, "--errors", help="Sorting: also split the errors by step kind: extra copy, "
+                                "dropped copy, wrong new value (teacher forced, same samples)."),
     out: Path | None = typer.Option(None, help="Output folder: eval.json, eval.csv, eval.png."),
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,

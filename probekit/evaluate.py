@@ -233,13 +233,14 @@ def sort_error_kinds(model, batch: Batch, max_batch: int = 256) -> dict:
     """Where a sorting model goes wrong, under teacher forcing, split by the kind of step.
 
     A sort step either *repeats* the previous output (another copy of a value that occurs more than
-    once) or writes a *new* value (the successor lookup's job). Each wrong prediction is one of
+    once) or writes a *new* value (the next larger value in the list). Each wrong prediction is one of
 
     - ``extra_copy``: the target is a new value, the model writes the previous output again;
     - ``dropped_copy``: the target repeats the previous output, the model writes another value;
     - ``wrong_value``: the target is a new value, the model writes some other wrong value.
 
-    The first two are errors of counting copies, the third of the lookup. Up to its first error,
+    The kinds describe the step that goes wrong and what was written there, not which mechanism
+    failed (a list of distinct values has no repeat step and can still fail). Up to its first error,
     greedy decoding sees exactly the teacher-forced prefix, so ``first_error`` (per sequence: the
     kind of its first wrong step, or ``none``) is the reason greedy decoding fails on that sequence.
 

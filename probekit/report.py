@@ -49,22 +49,14 @@ def run_study(name: str, size: str = "default", seed: int = 0):
 
 
 def figures_of(study) -> list:
-    """The study's `probekit.studies.StudyFigure`\\ s; for a study that registers none, the figures this module
-    drew for it before studies registered their own (`_FALLBACK`)."""
-    if study.figures:
-        return list(study.figures)
-    return list(_FALLBACK.get(study.name, lambda st: [])(study))
-
-
-def _is_verdict_claim(claim: dict, verdicts) -> bool:
-    """A claim `Study.test` wrote for one of ``verdicts`` (shown in the verdict table instead)."""
-    return any(claim["command"] == v.command and claim["text"].startswith(
-        f"{v.hypothesis.statement} ({v.hypothesis.text()}): ") for v in verdicts)
+    """The study's `probekit.studies.StudyFigure`\\ s, in the order the study registered them (`Study.figure`)."""
+    return list(study.figures)
 
 
 def _descriptive_claims(study) -> list[dict]:
-    """The claims that are not a tested hypothesis's statement."""
-    return [c for c in study.claims if not _is_verdict_claim(c, study.verdicts)]
+    """The claims that `Study.test` did not write for a tested hypothesis (those have a ``"verdict"`` and are
+    shown in the verdict table instead)."""
+    return [c for c in study.claims if "verdict" not in c]
 
 
 def fmt(v) -> str:
@@ -339,72 +331,3 @@ def _write_report(out: Path, names: tuple[str, ...], size: str, seed: int, atten
     print(f"[report] wrote {path} (and report_<study>.json)")
     return path
 
-
-def _fallback_hint(st) -> list:
-    from probekit.studies import StudyFigure
-    from probekit.viz import heatmap_grid, mechanism_vs_length
-
-    figs, rows = [], st.tables.get("hint_by_length", [])
-    if rows:
-        figs.append(StudyFigure("lookup-vs-length", lambda: mechanism_vs_length(
-            rows, "lookup_top1", title="Lookup head: top-1 attention on the next value (solid) vs exact match (dashed)"),
-            "For each sorting model, the share of sort steps at which its lookup head (the head with the most top-1 "
-            "attention on the target value at length 20) puts its largest attention on the target value (solid), "
-            "and greedy exact match (dashed), against list length.",
-            "Line plot of lookup-head top-1 attention and exact match against list length, one colour per model."))
-    patch = {k.replace("/patch_z_len", ", length "): r for k, r in st.results.items() if "/patch_z_len" in k}
-    if patch:
-        figs.append(StudyFigure("patching", lambda: heatmap_grid(patch),
-                                "Share of the logit difference restored by patching each head's clean output into a "
-                                "successor-change corrupted run (1 = clean, 0 = corrupted), per model and list length, "
-                                "on one shared colour scale.",
-                                "Heatmaps, one per model and length, of patching effect by layer (rows) and head "
-                                "(columns)."))
-    return figs
-
-
-def _fallback_carry(st) -> list:
-    import torch
-
-    from probekit.results import Result
-    from probekit.studies import StudyFigure
-    from probekit.viz import flatten_heads, heatmap_grid
-
-    by_model: dict[str, dict[int, Result]] = {}
-    for key, r in st.results.items():
-        if "/patch_z_digit" in key:
-            model, k = key.split("/patch_z_digit")
-            by_model.setdefault(model, {})[int(k)] = flatten_heads(r)
-    panels = {}
-    for model, d in by_model.items():
-        first = d[min(d)]
-        panels[model] = Result(first.kind, torch.stack([d[k].values for k in sorted(d)]), ("answer digit", "head"),
-                               {"answer digit": sorted(d), "head": first.labels["head"]}, first.settings)
-    probes: dict[str, dict[str, Result]] = {}  # metric -> panel -> (site, split)
-    for key, r in st.results.items():
-        if "/probe_" in key:
-            sub = r.values[:, :, r.labels["position"].index("all"), :]
-            probes.setdefault(r.settings.get("metric", "score"), {})[key.replace("/probe_", ": ")] = Result(
-                r.kind, sub.reshape(-1, sub.shape[-1]), ("site", "split"),
-                {"site": [f"{h.removeprefix('hook_')} L{L}" for h in r.labels["hook"] for L in r.labels["layer"]],
-                 "split": r.labels["split"]}, r.settings)
-    figs = []
-    if panels:
-        figs.append(StudyFigure("carry-flip-patching", lambda: heatmap_grid(panels),
-                                "Carry-flip patching: the share of answer digit k's logit difference restored by each "
-                                "head's clean output (1 = clean, 0 = corrupted); one panel per model, rows are answer "
-                                "digits, one colour scale for all.",
-                                "Heatmaps, one per multiplication model, of patching effect by answer digit (rows) "
-                                "and head (columns)."))
-    for metric, group in probes.items():
-        figs.append(StudyFigure(f"probes-{metric}", lambda g=group, m=metric: heatmap_grid(
-            g, cmap="viridis", symmetric=False, limits=(0, 1), label=f"held-out probe {m}",
-            title=f"Linear probes scored by {m}, by site and split"),
-            f"Held-out probe {metric} of {', '.join(sorted({k.split(': ')[1] for k in group}))} at every residual "
-            "site (rows) and split (columns: the fit length, then other operand lengths), on one colour scale from "
-            "0 to 1; triangles mark values below 0.", f"Heatmaps, one per model and feature, of probe {metric} "
-            "by site and split."))
-    return figs
-
-
-_FALLBACK = {"hint": _fallback_hint, "carry": _fallback_carry}

@@ -36,6 +36,8 @@ def synthetic(name: str = "toy", n_figures: int = 2) -> Study:
             baseline={"chance": 0.05}, n=40)
     st.test(Hypothesis("the gap is below 0.1", "gap", "<", 0.1), 0.12, (0.05, 0.2), f"toy --{name} c")
     st.claim("a descriptive number: 3.0 [2.5, 3.5]", f"toy --{name} d")
+    # a measurement worded like the first verdict's claim, with its command: descriptive all the same
+    st.claim("the effect is positive (effect > 0): 0.4 on the second sample", f"toy --{name} a")
     for i in range(n_figures):
         st.figure(f"line {i}", lambda i=i: _line_figure([0, i, 2 * i]), f"Caption {i} of {name}.",
                   f"Alt text {i} of {name}.")
@@ -117,6 +119,7 @@ def test_the_page_has_a_toc_a_summary_captions_and_verdicts_from_the_records():
     assert p.verdicts == [v.verdict for st in studies for v in st.verdicts]
     assert p.verdicts[:3] == ["supported", "not supported", "inconclusive"]
     assert "Verdict:" not in page and "a descriptive number: 3.0 [2.5, 3.5]" in page
+    assert "0.4 on the second sample" in page  # only the claims Study.test marked are left out
     assert "[0.1, 0.3]" in page and "chance 0.05" in page and "toy --one b" in page
     assert "Ran in 2 s (1 s of CPU time)." in page
     # the 14-column table is split into groups of at most MAX_COLS, each led by the columns naming a row
@@ -136,6 +139,7 @@ def test_study_markdown_has_the_verdict_table_figures_and_commands():
     assert "![Alt text 0 of md.](figures/a.png)" in md and "*Figure 2. Caption 2 of md.*" in md
     assert "figures/b.png" not in md and "Caption 1" not in md  # only the figures given a path
     assert "- a descriptive number: 3.0 [2.5, 3.5]  \n  `toy --md d`" in md and "_a note of md_" in md
+    assert "0.4 on the second sample  \n  `toy --md a`" in md and "Verdict:" not in md
 
 
 def _findings():

@@ -204,6 +204,9 @@ def test_study_records_a_tested_hypothesis_and_a_captioned_figure():
     assert v == judge(h, 0.71, (0.6, 0.8), "probekit report --study s", {"random head": 0.02}, 100)
     assert st.verdicts == [v] and v.verdict == "supported"
     assert st.claims[0]["text"].endswith("[0.6, 0.8]; random head 0.02. Verdict: supported.")
+    assert st.claims[0]["verdict"] == "supported"  # the mark the report reads, not the text
+    st.claim("a measurement", "c")
+    assert "verdict" not in st.claims[-1]
     assert st.test(h, 0.35, (0.2, 0.5), "c").verdict == "inconclusive"
     with pytest.raises(ProbekitError, match="caption"):
         st.figure("f", lambda: None, "", "alt")

@@ -90,6 +90,10 @@ def test_attention_over_chance_by_hand():
     for j, key in enumerate(("a3", "b0", "a2")):  # a_k, b_0, a_(k-1) for k = 3
         want = A[:, :, q, labels.index(key)].mean(0) * (q + 1)  # per head
         assert torch.allclose(res.values[:, j], want.float(), atol=1e-4)
+    one = C._attention(model, batch, [3], seed=0, heads=[(0, 2)])  # one head: that head's row, intervals included
+    assert one.labels["head"] == ["L0H2"]
+    assert torch.equal(one.values[0], res.values[2])
+    assert torch.equal(one.extra["lo"][0], res.extra["lo"][2]) and torch.equal(one.extra["hi"][0], res.extra["hi"][2])
 
 
 def test_no_shipped_model_gives_notes_and_no_claims():

@@ -63,6 +63,16 @@ def test_patching_shares_are_the_patching_instruments(planted):
         assert r["lo"] <= r["restored"] <= r["hi"] or abs(r["hi"] - r["lo"]) < 1e-6
 
 
+def test_quick_size_keeps_the_baseline_and_the_first_hinted_model():
+    ms = [H._Model(n, None, None, 20, [20], h) for n, h in (("hint-a", ["successor"]), ("base", []),
+                                                             ("hint-b", ["predecessor"]))]
+    st = Study("hint", "t")
+    assert [m.name for m in H._keep(st, ms, 2, "quick")] == ["hint-a", "base"]  # in the order given
+    assert st.notes == ["quick size: only hint-a, base (the other models at --size default)"]
+    assert H._keep(st, ms, None, "default") == ms and H._keep(st, ms[:2], 2, "quick") == ms[:2]
+    assert len(st.notes) == 1
+
+
 # ---------------------------------------------------------------------------- seeds from a sweep
 
 

@@ -58,7 +58,7 @@ def test_learned_positions_fail_past_training_length():
     assert _em("sort-learned-pos", 50) < 0.05 and _em("sort-learned-pos", 100) < 0.05
 
 
-def test_sorting_failure_at_length_100_is_counting_copies():
+def test_sorting_first_errors_at_length_100_are_mostly_on_copies():
     """The shipped sorters' first errors at length 100 are mostly on the number of copies (an extra or a dropped
     copy), while lists of distinct values of length 50 sort well: what the model cards describe (a description of
     which step goes wrong first, not a mechanism; the hint study tests repeat and new-value steps separately)."""

@@ -140,20 +140,21 @@ def _staircase_model(st: Study, name: str, plan: dict, sz: dict, seed: int, cmd:
     return {"name": name, **heads, "das": das, "ablation": abl}
 
 
-def _attention(model, batch, digits: list[int], seed: int) -> Result:
-    """Each head's attention on a_k, b_0 and a_(k-1) at the steps writing ``digits``, over the uniform share of the
-    visible keys (`probekit.stats.chance_normalised_attention`), split by whether the digit needs a carry."""
+def _attention(model, batch, digits: list[int], seed: int, heads=None) -> Result:
+    """Each head's (or each of ``heads``') attention on a_k, b_0 and a_(k-1) at the steps writing ``digits``, over
+    the uniform share of the visible keys (`probekit.stats.chance_normalised_attention`), split by whether the
+    digit needs a carry."""
     from probekit.stats import chance_normalised_attention
 
+    heads = _heads(model) if heads is None else list(heads)
     q, masks, carry = _queries(batch, digits)
-    names = {f"blocks.{L}.attn.hook_pattern" for L in range(model.cfg.n_layers)}
+    names = {f"blocks.{L}.attn.hook_pattern" for L in sorted({L for L, _ in heads})}
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.tokens, names_filter=lambda n: n in names)
     T = batch.seq_len
     b_idx, q_pos = q
     visible = (torch.arange(T)[None, :] <= q_pos[:, None]).numpy()
     types = np.where(carry, "needs a carry", "no carry")
-    heads = _heads(model)
     cells, rows = [], []
     for L, h in heads:
         A = cache[f"blocks.{L}.attn.hook_pattern"][b_idx, h, q_pos].float().numpy()  # query key
@@ -560,7 +561,7 @@ def _transfer_length(model, task, L: int, head, fit: dict, rows0: dict, sz: dict
     )
 
     digits = _digits(task, L, None)
-    att = _attention(model, task.sample(sz["n"], length=L, seed=seed + 50 + L), digits, seed)
+    att = _attention(model, task.sample(sz["n"], length=L, seed=seed + 50 + L), digits, seed, heads=[head])
     i_att = att.labels["head"].index(_label(head))
     j = TARGETS.index("a_(k-1)")
     if L == fit["fit"].settings["pairs"]["length"]:

@@ -13,7 +13,7 @@ from probekit.results import Result
 from probekit.stats import Hypothesis, Verdict, judge
 from probekit.tasks import Batch, ProbekitError
 
-SIZES = {"quick": {"n": 48, "n_probe": 256, "n_patch": 32}, "default": {"n": 200, "n_probe": 1000, "n_patch": 128},
+SIZES = {"quick": {"n": 32, "n_probe": 128, "n_patch": 32}, "default": {"n": 200, "n_probe": 1000, "n_patch": 128},
          "full": {"n": 500, "n_probe": 4000, "n_patch": 256}}
 
 
@@ -30,8 +30,9 @@ class StudyFigure:
 
 @dataclass
 class Study:
-    """What a study found: tested hypotheses (`verdicts`), descriptive claims (each ``{"text", "command"}``),
-    the figures and tables that show them, and the `Result` objects behind them.
+    """What a study found: tested hypotheses (`verdicts`), claims (each ``{"text", "command"}``; the claim that
+    `test` writes for a tested hypothesis also holds ``"verdict"``, its verdict word, and every claim without that
+    key is descriptive), the figures and tables that show them, and the `Result` objects behind them.
 
     ``headline`` holds the few sentences a reader should take away, written from the verdicts."""
 
@@ -51,12 +52,13 @@ class Study:
     def test(self, hypothesis: Hypothesis, effect: float, interval, command: str, baseline: dict | None = None,
              n: int | None = None) -> Verdict:
         """Judge ``hypothesis`` from ``interval`` (`probekit.stats.judge`), keep the verdict and state it as a
-        claim: the statement, the effect with its interval, the baseline, the verdict."""
+        claim marked with ``"verdict"``: the statement, the effect with its interval, the baseline, the verdict."""
         v = judge(hypothesis, effect, interval, command, baseline, n)
         base = "; " + ", ".join(f"{k} {_num(x)}" for k, x in v.baseline.items()) if v.baseline else ""
         self.verdicts.append(v)
-        self.claim(f"{hypothesis.statement} ({hypothesis.text()}): {_num(v.effect)} "
-                   f"[{_num(v.interval[0])}, {_num(v.interval[1])}]{base}. Verdict: {v.verdict}.", command)
+        self.claims.append({"text": f"{hypothesis.statement} ({hypothesis.text()}): {_num(v.effect)} "
+                                    f"[{_num(v.interval[0])}, {_num(v.interval[1])}]{base}. Verdict: {v.verdict}.",
+                            "command": command, "verdict": v.verdict})
         return v
 
     def figure(self, key: str, make: Callable[[], object], caption: str, alt: str) -> None:

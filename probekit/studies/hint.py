@@ -39,14 +39,14 @@ LOOKUP_SHARE = 0.10  # a head is chosen when its restoration interval's lower en
 JOINT_SHARE = 0.5  # the chosen heads together "carry" the successor when they restore at least this
 HINT_DROP = -0.10  # the hint task "extrapolates" when its per-query accuracy falls by less than 10 points
 GAP = 0.30  # the hint gap the sweep must show (exact match, hinted - control)
-EXTRA = {  # study-specific sample sizes: bootstrap resamples, DAS pairs and fit, random heads, probe fit
-    "quick": {"boot": 200, "n_das": 64, "das_steps": 5, "das_batch": 64, "das_controls": 1, "das_layers": 1,
+EXTRA = {  # study-specific sizes: models kept, bootstrap resamples, DAS pairs and fit, random heads, probe fit
+    "quick": {"models": 2, "boot": 200, "n_das": 64, "das_steps": 5, "das_batch": 64, "das_controls": 1, "das_layers": 1,
               "interchange_all": False, "circuits_all": False, "max_length": 50, "n_random": 5, "k": 8, "probe_controls": [],
               "probe_iter": 30, "probe_hooks": "resid_mid"},
-    "default": {"boot": 1000, "n_das": 600, "das_steps": 100, "das_batch": 128, "das_controls": 3, "das_layers": None,
+    "default": {"models": None, "boot": 1000, "n_das": 600, "das_steps": 100, "das_batch": 128, "das_controls": 3, "das_layers": None,
                 "interchange_all": True, "circuits_all": True, "max_length": None, "n_random": 20, "k": 8, "probe_controls": ["shuffle"],
                 "probe_iter": 100, "probe_hooks": "resid_pre,resid_mid"},
-    "full": {"boot": 2000, "n_das": 2000, "das_steps": 300, "das_batch": 128, "das_controls": 5, "das_layers": None,
+    "full": {"models": None, "boot": 2000, "n_das": 2000, "das_steps": 300, "das_batch": 128, "das_controls": 5, "das_layers": None,
              "interchange_all": True, "circuits_all": True, "max_length": None, "n_random": 50, "k": 8, "probe_controls": ["shuffle"],
              "probe_iter": 100, "probe_hooks": "resid_pre,resid_mid"}}
 
@@ -75,9 +75,10 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
     """What the successor hint changes in the lookup of each sorting model, with intervals and verdicts.
 
     ``models``: the shipped sorting models (the first without a hint objective is the baseline the hinted
-    ones are compared with); ``lengths``: list lengths (those the models' context holds; ``size="quick"``
-    keeps those <= 50); ``sweep``: an optional `probekit.sweep` output folder whose finished jobs give the
-    hint gap over seeds (configurations trained with a hint objective against those without).
+    ones are compared with; ``size="quick"`` keeps it and the first hinted model); ``lengths``: list lengths
+    (those the models' context holds; ``size="quick"`` keeps those <= 50); ``sweep``: an optional
+    `probekit.sweep` output folder whose finished jobs give the hint gap over seeds (configurations trained
+    with a hint objective against those without).
     """
     sz = _size(size) | EXTRA.get(size, EXTRA["default"])
     st, have, cmd = _begin("hint", "Hint mechanism: what the successor hint changes in the lookup", models, size)
@@ -85,7 +86,7 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
     if not have:
         _headline(st, [], gap)
         return st
-    ms = [_prepare(name, lengths, sz) for name in have]
+    ms = _keep(st, [_prepare(name, lengths, sz) for name in have], sz["models"], size)
     samples = _Samples(seed, sz)
     for m in ms:
         _choose_heads(st, m, samples, sz, seed, cmd)
@@ -108,6 +109,17 @@ def _prepare(name: str, lengths, sz: dict) -> _Model:
           and (sz["max_length"] is None or L <= sz["max_length"])]
     hints = [o for o in (train.get("objectives") or {}) if o != task.objective]
     return _Model(name, model, task, train_len, sorted(ok), hints)
+
+
+def _keep(st: Study, ms: list[_Model], most: int | None, size: str) -> list[_Model]:
+    """At most ``most`` of ``ms`` (None: all), in their order: the baseline first, then the first hinted ones."""
+    if most is None or len(ms) <= most:
+        return ms
+    base = _baseline(ms)
+    picked = ([base] if base is not None else []) + [m for m in ms if m is not base]
+    keep = [m for m in ms if any(m is k for k in picked[:most])]
+    st.notes.append(f"{size} size: only {', '.join(m.name for m in keep)} (the other models at --size default)")
+    return keep
 
 
 class _Samples:
@@ -137,7 +149,7 @@ class _Samples:
         if what == "probe_train":
             return task.sample(sz["n_probe"], length=L, seed=s + 1000)
         if what == "probe_eval":
-            return task.sample(max(64, sz["n_probe"] // 4), length=L, seed=s + 2000 + L)
+            return task.sample(max(32, sz["n_probe"] // 4), length=L, seed=s + 2000 + L)
         at = Where(step=L // 2)  # "das": same previous output, another next value
         return counterfactual_pairs(task, sz["n_das"], L, vary="target", hold=["prev_output"], at=at,
                                     target=source_value("target", at), seed=s + 5000)
