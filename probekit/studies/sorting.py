@@ -788,8 +788,9 @@ def _position_verdict(st, lk: LookupByLength, ref: LookupByLength | None, cmd: s
                        f"{base[f'error rate, target index >= {t}']:.3f} when the target sits at an input index >= {t} "
                        f"and {base[f'error rate, target index < {t}']:.3f} below it (difference {d:.3f} "
                        f"[{lo:.3f}, {hi:.3f}]: {v.verdict} that it is > 0)" + (
-                           f"; its queries sit at token positions {L + 1}-{2 * L}, beyond the {2 * t + 2} of the "
-                           "longest training sequence, so the steps below the index err too." if L > 2 * t else "."))
+                           f"; its queries sit at token positions {L + 1}-{2 * L}, beyond the {2 * t + 2} tokens of the "
+                           f"longest training sequence, and the steps whose target sits below index {t} err too."
+                           if L > 2 * t else "."))
 
 
 def _extrapolation_figures(st, lookups: dict, extrap: dict) -> None:
