@@ -13,6 +13,8 @@
   (seeds), where a bootstrap has too few distinct resamples.
 - `ratio_of_means`: the share of a gap recovered, ``(mean x - mean lo) / (mean hi - mean lo)`` (patching
   restoration, circuit faithfulness), the statistic to bootstrap for those.
+- `auc`: the area under the ROC curve of scores against binary labels, optionally weighted (the
+  weights of a resample: how often each example was drawn), so that it can be bootstrapped cheaply.
 - `wilson`: the Wilson score interval of a proportion (the one in `probekit.evaluate`, re-exported).
 - `chance_normalised_attention`: attention mass on target keys divided by the uniform share
   (n_target / n_visible keys), per step type, with bootstrap intervals (over queries, or over groups of
@@ -155,6 +157,30 @@ def ratio_of_means(rows: np.ndarray) -> float:
     m = np.asarray(rows, dtype=float).mean(0)
     gap = m[1] - m[2]
     return float((m[0] - m[2]) / gap) if abs(gap) > 1e-12 else float("nan")
+
+
+def auc(scores, labels, weights=None):
+    """The area under the ROC curve: the chance that a positive example scores above a negative one, ties
+    counted half (the Mann-Whitney statistic; scikit-learn's ``roc_auc_score``). ``weights`` ``[example]``
+    (>= 0): how many times each example counts, e.g. its multiplicity in a bootstrap resample; or
+    ``[resample, example]``: one AUC per row, the scores sorted once. NaN where the (weighted) examples hold no
+    positive or no negative."""
+    s, y = np.asarray(scores, dtype=float).ravel(), np.asarray(labels).astype(bool).ravel()
+    w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=float)
+    if not s.size == y.size == w.shape[-1] or w.ndim > 2:
+        raise ProbekitError(f"auc got {s.size} scores, {y.size} labels and weights of shape {w.shape}; expected one "
+                            "label and one weight (per resample) for each example")
+    W = np.atleast_2d(w)
+    _, inv = np.unique(s, return_inverse=True)
+    k, m = W.shape[0], int(inv.max()) + 1 if s.size else 0
+    at = (inv[None, :] + m * np.arange(k)[:, None]).ravel()  # (resample, distinct score) bins, scores ascending
+    pos = np.bincount(at, weights=(W * y).ravel(), minlength=k * m).reshape(k, m)
+    neg = np.bincount(at, weights=(W * ~y).ravel(), minlength=k * m).reshape(k, m)
+    below = np.cumsum(neg, 1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+    out = np.where(np.isfinite(out), out, np.nan)
+    return float(out[0]) if w.ndim < 2 else out
 
 
 # ---------------------------------------------------------------------------- attention
@@ -315,6 +341,6 @@ def judge(h: Hypothesis, effect: float, interval: Sequence[float], command: str,
     return Verdict(h, float(effect), (lo, hi), decide(h, (lo, hi)), command, dict(baseline or {}), n)
 
 
-__all__ = ["Hypothesis", "VERDICTS", "Verdict", "bootstrap_ci", "chance_normalised_attention", "decide", "judge",
+__all__ = ["Hypothesis", "VERDICTS", "Verdict", "auc", "bootstrap_ci", "chance_normalised_attention", "decide", "judge",
            "majority_baseline", "paired_bootstrap", "ratio_of_means", "token_baseline", "two_sample_bootstrap", "welch_interval",
            "wilson"]

@@ -120,6 +120,25 @@ def test_ratio_of_means_is_the_share_of_the_gap():
     assert est == pytest.approx(0.3) and lo < 0.3 < hi
 
 
+def test_auc_equals_scikit_learn_with_ties_and_weights():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 6, size=300).astype(float)  # few distinct scores: many ties
+    y = rng.random(300) < 0.2 + 0.1 * s
+    w = rng.integers(0, 4, size=300)  # a bootstrap resample's multiplicities, zeros included
+    assert stats.auc(s, y) == pytest.approx(roc_auc_score(y, s))
+    assert stats.auc(s, y, w) == pytest.approx(roc_auc_score(y, s, sample_weight=w))
+    rows = rng.integers(0, 3, size=(5, 300))  # one AUC per resample, as from separate calls
+    assert stats.auc(s, y, rows) == pytest.approx([roc_auc_score(y, s, sample_weight=r) for r in rows])
+    assert stats.auc([0.1, 0.9, 0.5], [0, 1, 0]) == 1.0 and stats.auc([0.9, 0.1], [0, 1]) == 0.0
+    assert math.isnan(stats.auc([0.1, 0.2], [1, 1]))
+    with pytest.raises(ProbekitError):
+        stats.auc([0.1, 0.2], [1, 0, 1])
+    with pytest.raises(ProbekitError):
+        stats.auc([0.1, 0.2], [1, 0], np.ones((2, 3)))
+
+
 @pytest.mark.parametrize("op,threshold,interval,expected", [
     (">", 0.0, (0.1, 0.4), "supported"),
     (">", 0.0, (-0.2, -0.1), "not supported"),

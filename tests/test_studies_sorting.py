@@ -94,6 +94,10 @@ def test_step_quantities_against_the_bridge(tiny_sort):
                 assert q[f"cmass_L{L}H{h}"][r * batch.length + t] == pytest.approx(want, abs=1e-5)
     rep = (batch.feature("prev_output")[:, pp] == target).numpy().ravel()
     assert (q["repeat"] == rep).all()
+    idx = q["target_index"].reshape(batch.n, batch.length)  # the target's copy in the stable order
+    for r in range(batch.n):
+        order = sorted(range(batch.length), key=lambda i: (int(inputs[r, i]), i))
+        assert idx[r].tolist() == order
 
 
 def test_bad_input_is_refused(tiny_sort):
@@ -134,3 +138,96 @@ def test_failure_figures_share_their_axes(result):
     observed = [ln for ln in axs[0].get_lines() if ln.get_label() == "distinct (observed)"][0]
     cells = sorted((c for c in result.cells if c["composition"] == "distinct"), key=lambda c: c["length"])
     assert list(observed.get_ydata()) == pytest.approx([c["observed"] for c in cells])
+
+
+def test_dense_lists_are_runs_of_consecutive_values():
+    x = ss.composition_inputs(64, "dense", 6, 10, seed=4)
+    for row in x:
+        assert sorted(row.tolist()) == list(range(min(row), min(row) + 10))
+    assert len({min(r) for r in x}) > 1  # the run starts at random
+    with pytest.raises(ProbekitError):
+        ss.composition_inputs(16, "dense", 2, 20, seed=0)
+
+
+def test_lookup_by_length_against_hand_computed_margins(tiny_sort):
+    model, task = tiny_sort
+    heads, lengths, n = [(1, 0), (0, 2)], (4, 8), 6
+    lk = ss.lookup_by_length(model, task, heads, "quick", lengths=lengths, n=n, train_length=5, seed=2)
+    names = {f"blocks.{L}.attn.hook_pattern" for L, _ in heads}
+    for length in lengths:  # the same lists, rebuilt; margins from the attention pattern of the bridge
+        batch = task.batch_from_inputs(ss.composition_inputs(task.n_values, "distinct", n, length, [2, 100, length]))
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda k: k in names)
+        pp = torch.nonzero(batch.pred_mask[0]).flatten()
+        target = batch.feature("target")[:, pp]
+        inputs = batch.tokens[:, 1:1 + length]
+        correct = inputs[:, None, :] == target[:, :, None]
+        margin, mass = [], []
+        for L, h in heads:
+            A = cache[f"blocks.{L}.attn.hook_pattern"][:, h][:, pp][:, :, 1:1 + length].double()
+            logA = torch.log(A)  # no temperature: score differences are log-ratios of attention weights
+            margin.append(logA.masked_fill(~correct, -1e9).amax(-1) - logA.masked_fill(correct, -1e9).amax(-1))
+            mass.append((A * correct).sum(-1))
+        per = lk.per_list[length]
+        np.testing.assert_allclose(per["margin"], torch.stack(margin).mean((0, 2)).numpy(), atol=1e-4)
+        np.testing.assert_allclose(per["mass"], torch.stack(mass).mean((0, 2)).numpy(), atol=1e-5)
+        err = (logits[:, pp].argmax(-1) != target).double()
+        np.testing.assert_allclose(per["error"], err.mean(1).numpy())
+    d, lo, hi = lk.change("margin", 4, 8, n_boot=50)
+    assert d == pytest.approx(lk.per_list[8]["margin"].mean() - lk.per_list[4]["margin"].mean()) and lo <= d <= hi
+    assert [r["margin"] for r in lk.rows] == pytest.approx([lk.per_list[L]["margin"].mean() for L in lengths])
+    with pytest.raises(ProbekitError):
+        ss.lookup_by_length(model, task, heads, "quick", lengths=(4, 40))  # one length fits 16 values
+
+
+def test_kept_share_contrast_finds_a_planted_ratio():
+    rng = np.random.default_rng(0)
+
+    def lookup(short, long):
+        per = {4: {"mass": rng.normal(short, 0.01, 80)}, 8: {"mass": rng.normal(long, 0.01, 80)}}
+        return ss.LookupByLength("m", ["L0H0"], "distinct", 4, [], per)
+
+    a, b = lookup(0.4, 0.3), lookup(0.4, 0.15)  # a keeps 0.75 of its mass, b 0.375: a keeps twice b's share
+    r, lo, hi = ss.kept_share_contrast(a, b, 4, 8, n_boot=200)
+    want = (a.per_list[8]["mass"].mean() / a.per_list[4]["mass"].mean()) / (
+        b.per_list[8]["mass"].mean() / b.per_list[4]["mass"].mean())
+    assert r == pytest.approx(want) and lo < 2.0 < hi and hi - lo < 0.1
+    assert ss.kept_share_contrast(a, a, 4, 8, n_boot=50)[0] == pytest.approx(1.0)
+
+
+def test_held_out_fold_error_and_auc_from_the_cells(tiny_sort):
+    model, task = tiny_sort
+    res = ss.sorting_failure(model, task, size="quick", heads=[(1, 0), (0, 2)], lengths=(6, 10, 14), n=30,
+                             train_length=8, seed=1)
+    beyond = [c for c in res.cells if c["split"] == "held-out" and c["length"] > 8]
+    assert sorted(res.held_out["fold_cells"]) == sorted(c["length"] for c in beyond)
+    o = sum(c["observed"] * c["n_steps"] for c in beyond)
+    p = sum(c["predicted"] * c["n_steps"] for c in beyond)
+    assert res.held_out["fold"] == (pytest.approx(max(o / p, p / o)) if o > 0 else float("inf"))
+    assert 0 <= res.held_out["auc"] <= 1 or np.isnan(res.held_out["auc"])
+    lo, hi = res.held_out["fold_ci95"]
+    assert lo <= hi and lo >= 1
+
+
+def test_log_error_plot_draws_cells_without_error_on_the_floor(result):
+    fig = ss.plot_error_by_length({"a": result, "b": result}, log_y=True)
+    axs = [ax for ax in fig.axes if ax.get_lines()]
+    assert axs[0].get_yscale() == "log" and axs[0].get_shared_y_axes().joined(axs[0], axs[1])
+    observed = [ln for ln in axs[0].get_lines() if ln.get_label() == "distinct (observed)"][0]
+    cells = sorted((c for c in result.cells if c["composition"] == "distinct"), key=lambda c: c["length"])
+    assert list(observed.get_ydata()) == pytest.approx([max(c["observed"], ss.FLOOR) for c in cells])
+
+
+def test_errors_split_by_the_target_index_and_their_gap():
+    # two lists of 4 steps; the target of step t sits at input index idx; errors planted
+    q = {"row": np.repeat([0, 1], 4), "target_index": np.array([0, 3, 1, 2, 2, 0, 3, 1]),
+         "error": np.array([0, 1, 0, 1, 1, 0, 0, 0], bool), "margin_L0H0": np.arange(8.0), "mass_L0H0": np.ones(8)}
+    per = ss.per_list_means(q, [(0, 0)], 2, train_length=2)
+    assert per["error_beyond"].tolist() == [1.0, 0.5]  # steps with index >= 2: list 0 steps 1, 3; list 1 steps 0, 2
+    assert per["error_within"].tolist() == [0.0, 0.0]
+    assert per["error"].tolist() == [0.5, 0.25] and per["margin"].tolist() == [1.5, 5.5]
+    lk = ss.LookupByLength("m", ["L0H0"], "distinct", 2, [], {4: per})
+    assert lk.position_gap(4, n_boot=50)[0] == pytest.approx(0.75)
+    lk.per_list[4] = ss.per_list_means(q, [(0, 0)], 2, train_length=9)  # no step beyond: refused
+    with pytest.raises(ProbekitError):
+        lk.position_gap(4)

@@ -6,7 +6,8 @@
 - `carry_study`: where carries are represented, used and routed in multiplication models, and what breaks
   on longer operands than trained.
 - `overview`: accuracy vs length for every shipped model, and published accuracy results checked on them.
-- `failure_study`: the predictive account of why the unhinted sorter fails with length (`studies/sorting.py`).
+- `failure_study`: the predictive account of why the unhinted sorter fails with length, and what differs in
+  the sorter that extrapolates (`studies/sorting.py`).
 
 Each returns a `Study`: hypotheses judged from their intervals (verdicts), claims (text with the numbers in
 it, and the command that regenerates them), figures, tables, a headline, and the `Result` objects behind them. ``size`` scales the sample sizes ("quick" for tests, "default"
