@@ -1011,10 +1011,11 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
         model = s.split(":")[0]
         if ": one head carries" in s:
             said.setdefault("single", []).append((model, v.verdict))
-        elif ": mean-ablating " in s:
+        elif ": mean-ablating " in s:  # the strongest head and the chosen set of each model
             heads = s.split(": mean-ablating ")[1].split(" lowers")[0]
             heads = "the chosen set" if heads.startswith("the chosen heads ") else heads
-            said.setdefault("necessary", []).append((f"{heads} ({model})", v.verdict))
+            if heads == "the chosen set" or any(m.name == model and _label(m.chosen[0]) == heads for m in ms):
+                said.setdefault("necessary", []).append((f"{heads} ({model})", v.verdict))
         elif s.startswith("over seeds, "):
             key, control = v.hypothesis.statistic.split(" difference")[0], s.split(" against ")[-1].split(" (")[0]
             said.setdefault("seeds", []).append((f"{key} ({s.split('(')[1].split(')')[0]} vs {control})", v.verdict))
@@ -1030,8 +1031,9 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
         st.headline.append("Patching under successor-change picks "
                            + "; ".join(f"{', '.join(map(_label, m.chosen))} in {m.name}" for m in ms)
                            + f" as the heads that restore the next value; the claim that one head carries the "
-                           f"lookup {_said(said.get('single', []))}; the claim that mean-ablating them costs more "
-                           f"sort-step accuracy than ablating as many random heads {_said(said.get('necessary', []))}.")
+                           f"lookup {_said(said.get('single', []))}; the claim that mean-ablating the strongest "
+                           "head, or the chosen set, costs more sort-step accuracy than ablating as many random heads "
+                           f"{_said(said.get('necessary', []))}.")
         st.headline.append("Against the baseline's same heads on the same inputs, the claim that the hint changes the "
                            f"mechanism {_said(said.get('hint', []))}.")
         st.headline.append(f"The claim that the hinted model's own lookup extrapolates on its hint task "
