@@ -349,9 +349,10 @@ def _pair_order(row: Tensor, better: Tensor, worse: Tensor) -> float:
 
 
 def row_scores(M: Float[Tensor, "token token"]) -> dict[str, Tensor]:
-    """The pairwise scores of a square circuit row by row (one value per query or source token), so that an
-    interval can resample the tokens: ``succ_above`` (rows 0..n-2), ``succ_nearest`` (rows 0..n-3) and
-    ``copy_auc`` (every row); their means are the scores of `successor_score` and `copying_score`."""
+    """The scores of a square circuit row by row (one value per query or source token), so that an interval can
+    resample the tokens: ``succ_above`` (rows 0..n-2), ``succ_nearest`` (rows 0..n-3), ``copy_auc`` and
+    ``copy_top`` (every row; 1 where the diagonal entry is the row's strict maximum, else 0); their means are
+    the scores of `successor_score` and `copying_score`."""
     M = _square(M)
     n = M.shape[0]
     idx = torch.arange(n)
@@ -363,7 +364,9 @@ def row_scores(M: Float[Tensor, "token token"]) -> dict[str, Tensor]:
         nearest.append(float(((d > 0).float() + 0.5 * (d == 0).float()).mean()))
     d = M.diagonal()[:, None] - M
     copy = ((d > 0).float() + 0.5 * (d == 0).float()).sum(-1).sub(0.5).div(n - 1)  # the diagonal ties with itself
-    return {"succ_above": torch.tensor(above), "succ_nearest": torch.tensor(nearest), "copy_auc": copy}
+    top = ((d > 0).sum(-1) == n - 1).float()  # the diagonal beats every other entry of its row
+    return {"succ_above": torch.tensor(above), "succ_nearest": torch.tensor(nearest), "copy_auc": copy,
+            "copy_top": top}
 
 
 def successor_score(M: Float[Tensor, "token token"]) -> dict[str, float]:

@@ -263,6 +263,48 @@ def test_row_scores_average_to_the_scores():
     assert float(C.row_scores(ramp)["succ_above"][0]) == 1.0 and float(C.row_scores(ramp)["succ_nearest"][0]) == 0.0
 
 
+def _copying_heads():
+    """A one-layer model, one-hot embedding: head 0's OV is the identity (it writes the attended token's one-hot
+    into dimensions V..2V-1, which W_U reads), head 1's is the permutation swapping tokens 0<->1 and 2<->3."""
+    V = 10
+    model = build_model(ModelConfig(n_layers=1, d_model=24, n_heads=2, d_head=V, d_vocab=V, n_ctx=8, attn_only=True,
+                                    normalization=None, positional="none"))
+    perm = torch.arange(V)
+    perm[[0, 1, 2, 3]] = torch.tensor([1, 0, 3, 2])
+    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    sd["embed.weight"][:, :V] = torch.eye(V)
+    sd["blocks.0.attn.v.weight"][:V, :V] = torch.eye(V)
+    sd["blocks.0.attn.v.weight"][V:, :V] = torch.eye(V)[perm]
+    sd["blocks.0.attn.o.weight"][V:2 * V, :V] = torch.eye(V)
+    sd["blocks.0.attn.o.weight"][V:2 * V, V:] = torch.eye(V)
+    sd["unembed.weight"][:, V:2 * V] = torch.eye(V)
+    model.load_state_dict(sd)
+    return model, perm
+
+
+def test_ov_copying_of_a_hand_built_identity_head():
+    """Head 0 copies (its OV circuit is the identity, copy_top 1 on every row, and the model's own forward with
+    head 1 zeroed outputs the attended token); head 1 copies exactly the tokens its permutation fixes."""
+    from probekit.attribution import ablation_hooks
+    from probekit.tasks import Batch
+
+    model, perm = _copying_heads()
+    ov = C.ov_circuit(model, heads=[(0, 0), (0, 1)])
+    torch.testing.assert_close(ov.values[0], torch.eye(10))
+    torch.testing.assert_close(ov.values[1], torch.eye(10)[perm])
+    assert C.row_scores(ov.values[0])["copy_top"].tolist() == [1.0] * 10
+    assert C.row_scores(ov.values[1])["copy_top"].tolist() == [0.0] * 4 + [1.0] * 6
+    assert float(C.row_scores(ov.values[1])["copy_top"].mean()) == C.copying_score(ov.values[1])["copy_top"]
+    tokens = torch.arange(10)[:, None].repeat(1, 2)  # [t, t]: whatever the head attends to is t
+    batch = Batch.from_tokens(tokens, torch.tensor([[False, True]] * 10))
+    with torch.no_grad(), ablation_hooks(model, batch, [(0, 1)], "zero"):
+        assert model(tokens)[:, 1].argmax(-1).tolist() == list(range(10))
+    with torch.no_grad(), ablation_hooks(model, batch, [(0, 0)], "zero"):
+        assert model(tokens)[:, 1].argmax(-1).tolist() == perm.tolist()
+    rand = C.random_circuits(model, (0, 0), "ov", n=20, seed=0).values
+    assert max(float(C.row_scores(M)["copy_top"].mean()) for M in rand) < 0.6  # random heads of the same norms
+
+
 # ---------------------------------------------------------------------------- tokens, inputs, results, figures
 
 

@@ -1,8 +1,9 @@
 """The mechanism studies: each combines the three instruments on shipped models and states claims with numbers.
 
-- `hint_study`: which heads select the next value in the sorting models (chosen by patching), what the
-  successor hint changes in them (weights, interchange interventions, attention by step type, probes with
-  baselines), whether the hinted model's own lookup extrapolates, and the hint gap over a sweep's seeds.
+- `hint_study`: which heads select the next value in the sorting models (chosen by patching, tested for
+  necessity by mean-ablation), what the successor hint changes in them (weights, interchange interventions,
+  attention by step type, probes with baselines), whether the hinted model's own lookup extrapolates, and,
+  over a sweep's seeds, the hint gap and the mechanism measures of every finished seed model.
 - `carry_study`: where carries are represented, used and routed in multiplication models, and what breaks
   on longer operands than trained.
 - `overview`: accuracy vs length for every shipped model, and published accuracy results checked on them.

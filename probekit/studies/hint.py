@@ -7,32 +7,45 @@ Pipeline (each stage one function; every mechanism number carries a bootstrap 95
    ``successor-change`` run; the share of the logit difference it restores, resampling examples. Heads are
    chosen on one sample of pairs (interval's lower end above `LOOKUP_SHARE`) and tested on another; the
    same heads are compared across models on the same pairs;
-2. **weights** (`_circuit_stage`): the chosen heads' QK circuits through the embeddings (do keys above
-   the query outscore those at or below it?) against heads with random weights of the same norms, and their
-   OV copying, resampling the values;
-3. **interchange interventions** on the successor (pairs with the same previous output and a different
+2. **necessity** (`_necessity_stage`): each chosen head, and the chosen set, mean-ablated on held-out lists
+   (its output replaced at every position by its mean over other lists): the drop in teacher-forced sort-step
+   accuracy against random sets of as many unchosen heads (all such sets when there are few; heads of any
+   kind when fewer unchosen heads exist than the set has); and, hinted against baseline on the same lists, the
+   share of the set's drop that its strongest head alone causes (how concentrated the lookup is);
+3. **weights** (`_circuit_stage`): the chosen heads' QK circuits through the embeddings (do keys above
+   the query outscore those at or below it?) and their OV copying (``copy_top``: for how many values v does
+   ``W_E[v] W_V W_O W_U`` rank v first?), each against heads with random weights of the same norms,
+   resampling the values;
+4. **interchange interventions** on the successor (pairs with the same previous output and a different
    next value, `_das_stage`): each chosen head's output swapped in, against a random subspace of the same
    size; DAS after each layer's attention, against random subspaces and the full-vector ceiling;
-4. **attention** as description (`_attention_stage`): mass on the next value over the uniform share of the
+5. **attention** as description (`_attention_stage`): mass on the next value over the uniform share of the
    list, split into repeat steps (the next value equals the previous output) and new-value steps, by
    length, with the teacher-forced accuracy of each step type from the same forward pass;
-5. **probes** for the next value (`_probe_stage`), fitted at the training length and scored on held-out
+6. **probes** for the next value (`_probe_stage`), fitted at the training length and scored on held-out
    lists of every length (the training length included), beside the majority-class and the
    token-only baselines;
-6. **the hint task itself** (`_hint_task_stage`): the hinted model on its own objective, by length;
-7. **seeds** (`_seed_gap`, when a sweep folder is given): the hint gap in exact match over seeds, by length.
+7. **the hint task itself** (`_hint_task_stage`): the hinted model on its own objective, by length;
+8. **seeds** (`_seed_stage`, when a sweep folder is given): the hint gap in exact match by length against every
+   control (each named by the budget it shares with the hinted configuration: equal steps, or equal batches of
+   the main objective), and the mechanism measures of every finished seed model (`SEED_MEASURES`: the heads
+   patching chooses, their restoration, their necessity, the strongest head's QK and OV circuits), hinted
+   against each control. Intervals over seeds are Welch t intervals with the seed as the unit (each seed's
+   value is its mean over the same examples); a group needs two finished seeds.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from probekit.stats import Hypothesis, bootstrap_ci, paired_bootstrap, two_sample_bootstrap
+from probekit.stats import Hypothesis, bootstrap_ci, paired_bootstrap, ratio_of_means, two_sample_bootstrap
 from probekit.studies.common import Study, _begin, _load, _num, _pct, _size, value_mask
 
 LOOKUP_SHARE = 0.10  # a head is chosen when its restoration interval's lower end is above this share
@@ -41,13 +54,13 @@ HINT_DROP = -0.10  # the hint task "extrapolates" when its per-query accuracy fa
 GAP = 0.30  # the hint gap the sweep must show (exact match, hinted - control)
 EXTRA = {  # study-specific sizes: models kept, bootstrap resamples, DAS pairs and fit, random heads, probe fit
     "quick": {"models": 2, "boot": 200, "n_das": 64, "das_steps": 5, "das_batch": 64, "das_controls": 1, "das_layers": 1,
-              "interchange_all": False, "circuits_all": False, "max_length": 50, "n_random": 5, "k": 8, "probe_controls": [],
+              "interchange_all": False, "circuits_all": False, "ablate_all": False, "max_length": 50, "n_random": 5, "k": 8, "probe_controls": [],
               "probe_iter": 30, "probe_hooks": "resid_mid"},
     "default": {"models": None, "boot": 1000, "n_das": 600, "das_steps": 100, "das_batch": 128, "das_controls": 3, "das_layers": None,
-                "interchange_all": True, "circuits_all": True, "max_length": None, "n_random": 20, "k": 8, "probe_controls": ["shuffle"],
+                "interchange_all": True, "circuits_all": True, "ablate_all": True, "max_length": None, "n_random": 20, "k": 8, "probe_controls": ["shuffle"],
                 "probe_iter": 100, "probe_hooks": "resid_pre,resid_mid"},
     "full": {"models": None, "boot": 2000, "n_das": 2000, "das_steps": 300, "das_batch": 128, "das_controls": 5, "das_layers": None,
-             "interchange_all": True, "circuits_all": True, "max_length": None, "n_random": 50, "k": 8, "probe_controls": ["shuffle"],
+             "interchange_all": True, "circuits_all": True, "ablate_all": True, "max_length": None, "n_random": 50, "k": 8, "probe_controls": ["shuffle"],
              "probe_iter": 100, "probe_hooks": "resid_pre,resid_mid"}}
 
 
@@ -63,6 +76,7 @@ class _Model:
     hints: list[str]  # the hint objectives it was trained on
     chosen: list[tuple[int, int]] = field(default_factory=list)  # heads by causal effect, strongest first
     patch: dict = field(default_factory=dict)  # length -> [example, head + joint + clean + corrupted]
+    necessity: dict = field(default_factory=dict)  # length -> ablation records (`_necessity`)
 
     @property
     def heads(self) -> list[tuple[int, int]]:
@@ -77,20 +91,22 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
     ``models``: the shipped sorting models (the first without a hint objective is the baseline the hinted
     ones are compared with; ``size="quick"`` keeps it and the first hinted model); ``lengths``: list lengths
     (those the models' context holds; ``size="quick"`` keeps those <= 50); ``sweep``: an optional
-    `probekit.sweep` output folder whose finished jobs give the hint gap over seeds (configurations trained
-    with a hint objective against those without).
+    `probekit.sweep` output folder whose finished jobs give the hint gap over seeds and the mechanism measures
+    of every finished seed model (configurations trained with a hint objective against each of those without;
+    Welch t intervals over seeds, two seeds per group at least).
     """
     sz = _size(size) | EXTRA.get(size, EXTRA["default"])
     st, have, cmd = _begin("hint", "Hint mechanism: what the successor hint changes in the lookup", models, size)
-    gap = _seed_gap(st, sweep, size) if sweep is not None else None
+    samples = _Samples(seed, sz)
+    gap = _seed_stage(st, sweep, sz, samples, size, seed) if sweep is not None else None
     if not have:
         _headline(st, [], gap)
         return st
     ms = _keep(st, [_prepare(name, lengths, sz) for name in have], sz["models"], size)
-    samples = _Samples(seed, sz)
     for m in ms:
         _choose_heads(st, m, samples, sz, seed, cmd)
     _compare_heads(st, ms, sz, seed, cmd)
+    _necessity_stage(st, ms, samples, sz, seed, cmd)
     _circuit_stage(st, ms, sz, seed, cmd)
     _das_stage(st, ms, samples, sz, seed, cmd)
     _attention_stage(st, ms, samples, sz, seed, cmd)
@@ -101,14 +117,17 @@ def hint_study(models: tuple[str, ...] = ("sort-baseline", "sort-successor", "so
     return st
 
 
-def _prepare(name: str, lengths, sz: dict) -> _Model:
-    model, task, conf = _load(name)
+def _prepare(source: str, lengths, sz: dict, name: str | None = None) -> _Model:
+    """A shipped model (by name) or a model folder (``name`` labels it) as the study's record of it."""
+    model, task, conf = _load(source)
+    if name is not None:
+        model.probekit_name = name
     train = conf.get("train") or {}
     train_len = int(max(train.get("lengths") or [task.default_length]))
     ok = [L for L in dict.fromkeys([*lengths, train_len]) if task.seq_len(L) <= model.cfg.n_ctx
           and (sz["max_length"] is None or L <= sz["max_length"])]
     hints = [o for o in (train.get("objectives") or {}) if o != task.objective]
-    return _Model(name, model, task, train_len, sorted(ok), hints)
+    return _Model(name or source, model, task, train_len, sorted(ok), hints)
 
 
 def _keep(st: Study, ms: list[_Model], most: int | None, size: str) -> list[_Model]:
@@ -146,6 +165,8 @@ class _Samples:
                            seed=s + off)
         if what == "batch":
             return task.sample(sz["n"], length=L, seed=s + L)
+        if what == "reference":  # the lists whose mean head outputs replace the ablated ones
+            return task.sample(sz["n"], length=L, seed=s + 6000 + L)
         if what == "probe_train":
             return task.sample(sz["n_probe"], length=L, seed=s + 1000)
         if what == "probe_eval":
@@ -196,12 +217,19 @@ def _restoration(a: np.ndarray, j: int, sz: dict, seed: int, minus: int | None =
     return bootstrap_ci(a, stat, n_boot=sz["boot"], seed=seed)
 
 
-def _choose_heads(st: Study, m: _Model, samples: _Samples, sz: dict, seed: int, cmd: str) -> None:
-    """Choose the lookup heads on the selection pairs; test the ranking and the joint effect on the test pairs."""
+def _select(m: _Model, samples: _Samples, sz: dict, seed: int) -> tuple[list[tuple], list[int]]:
+    """Set ``m.chosen`` from the selection pairs: the heads whose restoration interval's lower end is above
+    `LOOKUP_SHARE`, strongest first (else the strongest alone). Returns each head's estimate and the ranking."""
     sel = _patched(m.model, samples.get(m.task, "select", m.train_len), [[h] for h in m.heads])
     est = [_restoration(sel, j, sz, seed) for j in range(len(m.heads))]
     order = sorted(range(len(m.heads)), key=lambda j: -est[j][0])
     m.chosen = [m.heads[j] for j in order if est[j][1] > LOOKUP_SHARE] or [m.heads[order[0]]]
+    return est, order
+
+
+def _choose_heads(st: Study, m: _Model, samples: _Samples, sz: dict, seed: int, cmd: str) -> None:
+    """Choose the lookup heads on the selection pairs; test the ranking and the joint effect on the test pairs."""
+    est, order = _select(m, samples, sz, seed)
     groups = [[h] for h in m.heads] + [m.chosen]
     long = [L for L in m.lengths if L > m.train_len and L == max(m.lengths)]
     for L in [m.train_len] + (long if sz["max_length"] is None else []):
@@ -283,12 +311,139 @@ def _compare_heads(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str) -
                  _share(b, base.heads.index(base.chosen[0]))}, n=len(a))
 
 
-# ---------------------------------------------------------------------------- 2. weights
+# ---------------------------------------------------------------------------- 2. necessity by ablation
+
+
+@torch.no_grad()
+def _ablated(model, batch, ref, sets: list[list[tuple[int, int]]]) -> np.ndarray:
+    """``[list, set + 1, measure]``: each list's teacher-forced sort-step accuracy and mean logit margin (the
+    answer's logit minus the largest other) with each set of heads mean-ablated (each head's output replaced, at
+    every position, by its mean over the ``ref`` lists), then the clean run's (last)."""
+    from probekit.attribution import ablation_hooks
+    from probekit.metrics import metric_value
+
+    def run() -> list[np.ndarray]:
+        lg = model(batch.tokens)
+        return [metric_value(lg, batch, k, per_example=True).float().cpu().numpy() for k in ("acc", "margin")]
+
+    cols = []
+    for s in sets:
+        with ablation_hooks(model, batch, s, "mean", reference=ref):
+            cols.append(run())
+    cols.append(run())
+    return np.array(cols).transpose(2, 0, 1)
+
+
+def _random_sets(heads: list, target: list, exclude: list, n: int, seed: int) -> tuple[list[list], str]:
+    """The control of ablating ``target``: up to ``n`` distinct sets of as many heads, drawn from the heads not in
+    ``exclude`` (all such sets when there are at most ``n``) or, when those are fewer than ``target``, from every
+    head with ``target`` itself left out. Returns the sets and which heads they were drawn from."""
+    k = len(target)
+    others = [h for h in heads if h not in exclude]
+    pool, what = (others, "unchosen heads") if len(others) >= k else (heads, "heads drawn from all heads")
+    total = math.comb(len(pool), k) - (pool is heads)
+    if total <= n:
+        return [list(c) for c in itertools.combinations(pool, k) if set(c) != set(target)], what
+    rng, seen = np.random.default_rng(seed), {tuple(sorted(target))}
+    while len(seen) <= n:
+        seen.add(tuple(sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))))
+    return [list(c) for c in sorted(seen - {tuple(sorted(target))})], what
+
+
+def _necessity(m: _Model, samples: _Samples, sz: dict, seed: int, L: int, targets: list[list]) -> list[dict]:
+    """Per target set of heads, on the test lists of length ``L``: each list's drop (clean - ablated) in accuracy
+    and margin when the set is mean-ablated, and the mean drop over its random control sets (`_random_sets`)."""
+    batch, ref = samples.get(m.task, "batch", L), samples.get(m.task, "reference", L)
+    out = []
+    for i, t in enumerate(targets):
+        ctrl, pool = _random_sets(m.heads, t, m.chosen, sz["n_random"], seed + i)
+        a = _ablated(m.model, batch, ref, [t] + ctrl)
+        drop = a[:, -1:] - a[:, :-1]  # list set measure
+        out.append({"heads": t, "clean": a[:, -1], "drop": drop[:, 0], "sets": ctrl, "n_control": len(ctrl),
+                    "pool": pool, "control": drop[:, 1:].mean(1) if ctrl else None})
+    return out
+
+
+def _drops(top: dict, group: dict) -> np.ndarray:
+    """Rows ``[drop(strongest head), drop(chosen set), 0]`` per list, as `ratio_of_means` reads them: the share of
+    the set's mean accuracy drop that ablating its strongest head alone causes (NaN when the set costs nothing)."""
+    return np.column_stack([top["drop"][:, 0], group["drop"][:, 0], np.zeros(len(top["drop"]))])
+
+
+def _concentration(top: dict, group: dict, sz: dict, seed: int) -> tuple:
+    """`_drops`'s share with its bootstrap interval over lists."""
+    return bootstrap_ci(_drops(top, group), ratio_of_means, n_boot=sz["boot"], seed=seed)
+
+
+def _necessity_targets(m: _Model, every: bool) -> list[list]:
+    """The strongest chosen head (every chosen head with ``every``), then the chosen set when it has several heads."""
+    singles = [[h] for h in (m.chosen if every else m.chosen[:1])]
+    return singles + ([list(m.chosen)] if len(m.chosen) > 1 else [])
+
+
+def _necessity_stage(st: Study, ms: list[_Model], samples: _Samples, sz: dict, seed: int, cmd: str) -> None:
+    """Mean-ablate the chosen heads (each, and as a set) against random heads of the same count, then compare the
+    hinted models' concentration with the baseline's."""
+    for m in ms:
+        for L in m.patch:  # the training length, and the longest length where patching was measured there
+            m.necessity[L] = _necessity(m, samples, sz, seed, L, _necessity_targets(m, sz["ablate_all"]))
+            for r in m.necessity[L]:
+                for j, what in enumerate(("accuracy", "margin")):
+                    e = bootstrap_ci(r["drop"][:, j], n_boot=sz["boot"], seed=seed)
+                    st.tables.setdefault("ablation", []).append(
+                        {"model": m.name, "heads": ", ".join(map(_label, r["heads"])), "length": L, "measure": what,
+                         "clean": float(r["clean"][:, j].mean()), "drop": e[0], "lo": e[1], "hi": e[2],
+                         "random_drop": None if r["control"] is None else float(r["control"][:, j].mean()),
+                         "random_sets": r["n_control"], "random_from": r["pool"], "n_lists": len(r["drop"])})
+        for r in m.necessity[m.train_len]:
+            _necessity_test(st, m, r, sz, seed, cmd)
+    _compare_concentration(st, ms, sz, seed, cmd)
+
+
+def _necessity_test(st: Study, m: _Model, r: dict, sz: dict, seed: int, cmd: str) -> None:
+    """Does mean-ablating this set of chosen heads cost more sort-step accuracy than its random control sets?"""
+    heads = ", ".join(map(_label, r["heads"]))
+    if r["control"] is None:
+        st.notes.append(f"{m.name}: no other heads to ablate in place of {heads}; its necessity is not tested")
+        return
+    d = bootstrap_ci(r["drop"][:, 0] - r["control"][:, 0], n_boot=sz["boot"], seed=seed)
+    st.test(Hypothesis(f"{m.name}: mean-ablating {'the chosen heads ' if len(r['heads']) > 1 else ''}{heads} lowers "
+                       f"sort-step accuracy more than mean-ablating as many random {r['pool']} does "
+                       f"({len(r['heads'])} heads, {r['n_control']} random sets, never this set; teacher forced, "
+                       f"held-out length-{m.train_len} lists)",
+                       "accuracy drop(chosen) - mean accuracy drop(random sets)", ">", 0.0), d[0], d[1:], cmd,
+            {"clean accuracy": float(r["clean"][:, 0].mean()), "drop": float(r["drop"][:, 0].mean()),
+             "random sets' drop": float(r["control"][:, 0].mean())}, n=len(r["drop"]))
+
+
+def _compare_concentration(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str) -> None:
+    """Is a hinted model's lookup more concentrated in its strongest head than the baseline's (same lists)?"""
+    base = _baseline(ms)
+    for m in ms:
+        if base is None or m is base or not _same_pairs(m, base):
+            continue
+        a, b = m.necessity[m.train_len], base.necessity[base.train_len]
+        rows = np.hstack([_drops(a[0], a[-1]), _drops(b[0], b[-1])])
+        d = bootstrap_ci(rows, lambda x: ratio_of_means(x[:, :3]) - ratio_of_means(x[:, 3:]), n_boot=sz["boot"],
+                         seed=seed)
+        st.test(Hypothesis(f"the hint concentrates the lookup ({m.name}'s strongest head {_label(m.chosen[0])} causes "
+                           f"a larger share of the accuracy drop of its chosen heads under mean-ablation than "
+                           f"{base.name}'s strongest head {_label(base.chosen[0])} does of {base.name}'s; same lists)",
+                           f"share of the chosen heads' drop from the strongest alone ({m.name} - {base.name})",
+                           ">", 0.0), d[0], d[1:], cmd,
+                {f"{m.name} share": _concentration(a[0], a[-1], sz, seed)[0],
+                 f"{base.name} share": _concentration(b[0], b[-1], sz, seed)[0],
+                 f"{m.name} chosen heads' drop": float(a[-1]["drop"][:, 0].mean()),
+                 f"{base.name} chosen heads' drop": float(b[-1]["drop"][:, 0].mean())}, n=len(rows))
+
+
+# ---------------------------------------------------------------------------- 3. weights
 
 
 def _circuit_rows(m: _Model, heads: list[tuple[int, int]], sz: dict, seed: int) -> dict:
     """Per head: the QK circuit's row scores (succ_above over query values) and the OV circuit's copying
-    (copy_auc over source values), with the same statistics for heads of random weights."""
+    (copy_auc and copy_top over source values: does ``W_E[v] W_V W_O W_U`` rank v first?), with the same
+    statistics (means over values) for heads of random weights of the same norms."""
     from probekit.circuits import ov_circuit, qk_circuit, random_circuits, row_scores
 
     qk = qk_circuit(m.model, heads=heads, task=m.task)
@@ -297,10 +452,12 @@ def _circuit_rows(m: _Model, heads: list[tuple[int, int]], sz: dict, seed: int) 
     for i, h in enumerate(heads):
         rand = {kind: random_circuits(m.model, h, kind, n=sz["n_random"], seed=seed, task=m.task).values
                 for kind in ("qk", "ov")}
-        out[h] = {"succ_above": row_scores(qk.values[i])["succ_above"].numpy(),
-                  "copy_auc": row_scores(ov.values[i])["copy_auc"].numpy(),
-                  "random_succ_above": np.array([float(row_scores(M)["succ_above"].mean()) for M in rand["qk"]]),
-                  "random_copy_auc": np.array([float(row_scores(M)["copy_auc"].mean()) for M in rand["ov"]])}
+        scores = {"qk": row_scores(qk.values[i]), "ov": row_scores(ov.values[i])}
+        rows = {kind: [row_scores(M) for M in rand[kind]] for kind in rand}
+        out[h] = {}
+        for kind, score in (("qk", "succ_above"), ("ov", "copy_auc"), ("ov", "copy_top")):
+            out[h][score] = scores[kind][score].numpy()
+            out[h][f"random_{score}"] = np.array([float(r[score].mean()) for r in rows[kind]])
     return out
 
 
@@ -310,22 +467,15 @@ def _circuit_stage(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str) -
     rows = {m.name: _circuit_rows(m, [h for h in heads if h in m.heads], sz, seed) for m in ms}
     for m in ms:
         for h, r in rows[m.name].items():
-            for score in ("succ_above", "copy_auc"):
+            for score in ("succ_above", "copy_auc", "copy_top"):
                 est = bootstrap_ci(r[score], n_boot=sz["boot"], seed=seed)
                 rnd = r[f"random_{score}"]
                 st.tables.setdefault("circuits", []).append(
                     {"model": m.name, "head": _label(h), "chosen": h in m.chosen, "circuit": score, "value": est[0],
                      "lo": est[1], "hi": est[2], "random_mean": float(rnd.mean()),
                      "random_q975": float(np.quantile(rnd, 0.975))})
-        h = m.chosen[0]
-        r = rows[m.name][h]
-        est = bootstrap_ci(r["succ_above"], n_boot=sz["boot"], seed=seed)
-        q = float(np.quantile(r["random_succ_above"], 0.975))
-        st.test(Hypothesis(f"{m.name}: the QK circuit of {_label(h)} (its strongest head) orders keys like a successor "
-                           "lookup (keys above the query outscore keys at or below it) more than 97.5 % of heads with "
-                           "random weights of the same norms do", "succ_above (mean over query values)", ">", q),
-                est[0], est[1:], cmd, {"random heads' mean": float(r["random_succ_above"].mean())},
-                n=len(r["succ_above"]))
+        for h in m.chosen if sz["circuits_all"] else m.chosen[:1]:
+            _circuit_tests(st, m, h, rows[m.name][h], sz, seed, cmd)
     base = _baseline(ms)
     for m in ms:
         if base is None or m is base or m.chosen[0] not in rows[base.name]:
@@ -339,7 +489,22 @@ def _circuit_stage(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str) -
                 n=len(rows[m.name][h]["succ_above"]))
 
 
-# ---------------------------------------------------------------------------- 3. interchange interventions
+def _circuit_tests(st: Study, m: _Model, h: tuple[int, int], r: dict, sz: dict, seed: int, cmd: str) -> None:
+    """One chosen head's QK successor ordering and OV copying against 97.5 % of random heads of the same norms."""
+    who = f"{_label(h)} ({'its strongest head' if h == m.chosen[0] else 'a chosen head'})"
+    for score, text, stat in (
+            ("succ_above", f"the QK circuit of {who} orders keys like a successor lookup (keys above the query "
+                           "outscore keys at or below it)", "succ_above (mean over query values)"),
+            ("copy_top", f"the OV circuit of {who} copies the attended value (W_E[v] W_V W_O W_U ranks v first, "
+                         "for a fraction of the values v)", "copy_top (fraction of source values)")):
+        est = bootstrap_ci(r[score], n_boot=sz["boot"], seed=seed)
+        q = float(np.quantile(r[f"random_{score}"], 0.975))
+        st.test(Hypothesis(f"{m.name}: {text} more than 97.5 % of heads with random weights of the same norms do",
+                           stat, ">", q), est[0], est[1:], cmd,
+                {"random heads' mean": float(r[f"random_{score}"].mean())}, n=len(r[score]))
+
+
+# ---------------------------------------------------------------------------- 4. interchange interventions
 
 
 def _head_interchange(m: _Model, pairs, h: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -412,7 +577,7 @@ def _das_claims(st: Study, ms: list[_Model], fits: dict, sz: dict, seed: int, cm
                            f"IIA difference ({m.name} - {base.name})", ">", 0.0), d[0], d[1:], cmd, n=len(a))
 
 
-# ---------------------------------------------------------------------------- 4. attention and step types
+# ---------------------------------------------------------------------------- 5. attention and step types
 
 
 def _step_queries(batch) -> dict:
@@ -502,7 +667,7 @@ def _attention_claims(st: Study, m: _Model, acc: list[dict], sz: dict, seed: int
                                                          f"length {long}": a["accuracy"]}, n=a["n"])
 
 
-# ---------------------------------------------------------------------------- 5. probes
+# ---------------------------------------------------------------------------- 6. probes
 
 
 def _probe_rows(m: _Model, sweep_p, train, evals: dict, sz: dict, seed: int) -> list[dict]:
@@ -561,7 +726,7 @@ def _probe_stage(st: Study, ms: list[_Model], samples: _Samples, sz: dict, seed:
                     n=r["n_rows"])
 
 
-# ---------------------------------------------------------------------------- 6. the hint task itself
+# ---------------------------------------------------------------------------- 7. the hint task itself
 
 
 @torch.no_grad()
@@ -605,62 +770,170 @@ def _hint_task_stage(st: Study, ms: list[_Model], sz: dict, seed: int, cmd: str)
                     {f"length {m.train_len}": b["accuracy"], f"length {a['length']}": a["accuracy"]}, n=a["n"])
 
 
-# ---------------------------------------------------------------------------- 7. seeds from a sweep
+# ---------------------------------------------------------------------------- 8. seeds from a sweep
 
 
-def _seed_values(out) -> tuple[dict, dict]:
-    """``({config: {length: [exact match per finished seed]}}, {config: hint objectives})`` from a sweep folder."""
-    from probekit.grid import grid_from_dict, job_state, read_metrics
-    from probekit.tasks import ProbekitError, task_from_spec
+@dataclass
+class _Sweep:
+    """The finished jobs of a sweep folder by configuration, with what each configuration was trained on."""
+
+    out: Path
+    jobs: dict  # config -> [finished Job]
+    hints: dict  # config -> hint objectives
+    budget: dict  # config -> (steps, expected batches of the main objective)
+    main: str  # the main objective
+
+
+def _read_sweep(out) -> _Sweep:
+    from probekit.grid import grid_from_dict, job_state, parse_run
+    from probekit.tasks import ProbekitError
 
     record = Path(out) / "sweep.json"
     if not record.exists():
         raise ProbekitError(f"{out} holds no sweep.json; expected the --out folder of a sweep (probekit sweep)")
     grid = grid_from_dict(json.loads(record.read_text())["grid"], str(record))
-    values, hints = {}, {}
+    sw = _Sweep(Path(out), {}, {}, {}, "")
     for config in grid.configs:
-        run = grid.run_config(config, grid.seeds[0])
-        main = task_from_spec(run["task"]).objective
-        hints[config] = [o for o in (run["train"].get("objectives") or {}) if o != main]
-        for job in grid.jobs(out, select=[config]):
-            m = read_metrics(job) if job_state(job) == "done" else None
-            for r in (m or {}).get("records", []):
+        _, task, tcfg = parse_run(grid.run_config(config, grid.seeds[0]))
+        w = tcfg.objectives or {task.objective: 1.0}
+        sw.main = task.objective
+        sw.hints[config] = [o for o in w if o != task.objective]
+        sw.budget[config] = (tcfg.steps, tcfg.steps * w.get(task.objective, 0.0) / sum(w.values()))
+        sw.jobs[config] = [j for j in grid.jobs(out, select=[config]) if job_state(j) == "done"]
+    return sw
+
+
+def _seed_values(sw: _Sweep) -> dict:
+    """``{config: {length: [exact match per finished seed]}}``."""
+    from probekit.grid import read_metrics
+
+    values = {}
+    for config, jobs in sw.jobs.items():
+        for job in jobs:
+            for r in read_metrics(job)["records"]:
                 values.setdefault(config, {}).setdefault(r["length"], []).append(r["exact_match"])
-    return values, hints
+    return values
 
 
-def _seed_gap(st: Study, out, size: str) -> dict:
+def _budget_match(sw: _Sweep, hinted: str, control: str) -> str:
+    """What the control shares with the hinted configuration's training budget, in words."""
+    (sh, bh), (sc, bc) = sw.budget[hinted], sw.budget[control]
+    same = [w for w, ok in (("steps", sh == sc), (f"{sw.main} batches", round(bh) == round(bc))) if ok]
+    if same:
+        return f"equal {' and '.join(same)}"
+    return f"{sc} steps and {bc:g} {sw.main} batches against {sh} and {bh:g}"
+
+
+def _pairs(sw: _Sweep) -> list[tuple[str, str]]:
+    return [(h, c) for h in sw.jobs if sw.hints[h] for c in sw.jobs if not sw.hints[c]]
+
+
+def _seed_stage(st: Study, out, sz: dict, samples: _Samples, size: str, seed: int) -> dict:
+    """The hint gap in exact match over seeds, then the mechanism measures of every finished seed model."""
+    sw = _read_sweep(out)
+    cmd = (f"python -c \"from probekit.studies import hint_study; "
+           f"print(hint_study(size='{size}', sweep='{out}').summary())\"")
+    gap = _seed_gap(st, sw, cmd)
+    rows = _seed_mechanisms(st, sw, sz, samples, seed)
+    gap["mechanism"] = _mechanism_gaps(st, sw, rows, cmd)
+    return gap
+
+
+def _seed_gap(st: Study, sw: _Sweep, cmd: str) -> dict:
     """The hint gap over seeds at each length: hinted configurations against each control (Welch t interval);
     the success criterion: >= `GAP` at some length beyond training, against every control, with the two
     groups' own t intervals apart. Returns ``{"tested": bool, "met": bool, "lengths": [...]}``."""
     from probekit.grid import seed_interval
     from probekit.stats import welch_interval
 
-    values, hints = _seed_values(out)
-    cmd = f"python -c \"from probekit.studies import hint_study; print(hint_study(size='{size}', sweep='{out}').summary())\""
-    hinted = [c for c in values if hints[c]]
-    controls = [c for c in values if not hints[c]]
+    values = _seed_values(sw)
     met = {}
-    for h in hinted:
-        for c in controls:
-            for L in sorted(set(values[h]) & set(values[c])):
-                a, b = values[h][L], values[c][L]
-                if min(len(a), len(b)) < 2:
-                    st.notes.append(f"sweep {out}: {h} vs {c} at length {L}: fewer than 2 finished seeds in a group")
-                    continue
-                d, lo, hi, df = welch_interval(a, b)
-                ia, ib = seed_interval(a), seed_interval(b)
-                apart = ia[1] > ib[2]
-                st.tables.setdefault("hint_gap", []).append(
-                    {"hinted": h, "control": c, "length": L, "seeds": f"{len(a)}/{len(b)}", "hinted_mean": ia[0],
-                     "hinted_lo": ia[1], "hinted_hi": ia[2], "control_mean": ib[0], "control_lo": ib[1],
-                     "control_hi": ib[2], "gap": d, "lo": lo, "hi": hi, "df": df, "intervals_apart": apart})
-                v = st.test(Hypothesis(f"the {'+'.join(hints[h])} hint ({h}) beats {c} by at least {100 * GAP:.0f} "
-                                       f"points of exact match at length {L}, over seeds",
-                                       "exact-match gap (hinted - control), Welch t interval", ">=", GAP),
-                            d, (lo, hi), cmd, {h: ia[0], c: ib[0]}, n=len(a) + len(b))
-                met.setdefault(L, []).append(v.verdict == "supported" and apart)
+    for h, c in _pairs(sw):
+        match = _budget_match(sw, h, c)
+        for L in sorted(set(values.get(h, {})) & set(values.get(c, {}))):
+            a, b = values[h][L], values[c][L]
+            if min(len(a), len(b)) < 2:
+                st.notes.append(f"sweep {sw.out}: {h} vs {c} at length {L}: fewer than 2 finished seeds in a group")
+                continue
+            d, lo, hi, df = welch_interval(a, b)
+            ia, ib = seed_interval(a), seed_interval(b)
+            apart = ia[1] > ib[2]
+            st.tables.setdefault("hint_gap", []).append(
+                {"hinted": h, "control": c, "control_budget": match, "length": L, "seeds": f"{len(a)}/{len(b)}",
+                 "hinted_mean": ia[0], "hinted_lo": ia[1], "hinted_hi": ia[2], "control_mean": ib[0],
+                 "control_lo": ib[1], "control_hi": ib[2], "gap": d, "lo": lo, "hi": hi, "df": df,
+                 "intervals_apart": apart})
+            v = st.test(Hypothesis(f"the {'+'.join(sw.hints[h])} hint ({h}) beats {c} by at least {100 * GAP:.0f} "
+                                   f"points of exact match at length {L}, over seeds ({c}: {match})",
+                                   "exact-match gap (hinted - control), Welch t interval", ">=", GAP),
+                        d, (lo, hi), cmd, {h: ia[0], c: ib[0]}, n=len(a) + len(b))
+            met.setdefault(L, []).append(v.verdict == "supported" and apart)
     return {"tested": bool(met), "met": any(all(v) for v in met.values()), "lengths": sorted(met)}
+
+
+SEED_MEASURES = (  # key, what it measures, the direction the hypothesis "the hint concentrates the lookup" predicts
+    ("n_chosen", "number of heads patching chooses", "<"),
+    ("joint", "share of the logit difference the chosen heads restore together", ">"),
+    ("top_share", "share of the logit difference the strongest head restores alone", ">"),
+    ("excess_drop", "accuracy drop from mean-ablating the chosen heads beyond random heads of the same count", ">"),
+    ("concentration", "share of the chosen heads' accuracy drop that the strongest head alone causes", ">"),
+    ("qk_succ_above", "successor ordering (succ_above) of the strongest head's QK circuit", ">"),
+    ("ov_copy_top", "OV copying (copy_top) of the strongest head", ">"))
+
+
+def _mechanism(m: _Model, samples: _Samples, sz: dict, seed: int) -> dict:
+    """One model's mechanism measures at its training length: the heads patching chooses, their restoration on
+    the test pairs, the necessity of the strongest head and of the set, and the strongest head's circuits."""
+    _select(m, samples, sz, seed)
+    top = m.chosen[0]
+    a = _patched(m.model, samples.get(m.task, "test", m.train_len), [[top], m.chosen])
+    nec = _necessity(m, samples, sz, seed, m.train_len, _necessity_targets(m, False))
+    circ = _circuit_rows(m, [top], sz, seed)[top]
+    group = nec[-1]
+    return {"model": m.name, "chosen": ", ".join(map(_label, m.chosen)), "n_chosen": float(len(m.chosen)),
+            "top_share": _share(a, 0), "joint": _share(a, 1),
+            "excess_drop": None if group["control"] is None else float((group["drop"] - group["control"])[:, 0].mean()),
+            "random_from": group["pool"], "concentration": _concentration(nec[0], group, sz, seed)[0],
+            "qk_succ_above": float(circ["succ_above"].mean()), "ov_copy_top": float(circ["copy_top"].mean()),
+            "ov_copy_top_random": float(circ["random_copy_top"].mean())}
+
+
+def _seed_mechanisms(st: Study, sw: _Sweep, sz: dict, samples: _Samples, seed: int) -> dict:
+    """``{config: [measures per finished seed]}`` (`_mechanism`), also in the ``seed_mechanism`` table."""
+    rows = {}
+    for config, jobs in sw.jobs.items():
+        for job in jobs:
+            m = _prepare(job.dir, (), sz, name=job.id)
+            r = _mechanism(m, samples, sz, seed) | {"config": config, "seed": job.seed}
+            rows.setdefault(config, []).append(r)
+            st.tables.setdefault("seed_mechanism", []).append(r)
+    return rows
+
+
+def _mechanism_gaps(st: Study, sw: _Sweep, rows: dict, cmd: str) -> bool:
+    """Each mechanism measure, hinted against each control, over seeds (Welch t interval over the seeds' values);
+    True when some pair had >= 2 seeds in both groups."""
+    from probekit.stats import welch_interval
+
+    tested = False
+    for h, c in _pairs(sw):
+        a, b = rows.get(h, []), rows.get(c, [])
+        if min(len(a), len(b)) < 2:
+            st.notes.append(f"sweep {sw.out}: {h} vs {c}: fewer than 2 finished seeds in a group; the mechanism "
+                            "measures are not compared over seeds")
+            continue
+        for key, what, op in SEED_MEASURES:
+            x, y = [r[key] for r in a if r[key] is not None], [r[key] for r in b if r[key] is not None]
+            if min(len(x), len(y)) < 2 or not np.isfinite(x + y).all():
+                st.notes.append(f"sweep {sw.out}: {h} vs {c}: {key} is undefined for some seeds; not compared")
+                continue
+            d, lo, hi, _ = welch_interval(x, y)
+            tested = True
+            st.test(Hypothesis(f"over seeds, the {'+'.join(sw.hints[h])} hint ({h}) {'raises' if op == '>' else 'lowers'} "
+                               f"the {what} against {c} ({_budget_match(sw, h, c)})",
+                               f"{key} difference (hinted - control), Welch t interval over seeds", op, 0.0),
+                    d, (lo, hi), cmd, {h: float(np.mean(x)), c: float(np.mean(y))}, n=len(x) + len(y))
+    return tested
 
 
 # ---------------------------------------------------------------------------- figures and headline
@@ -727,7 +1000,8 @@ def _probe_lines(rows: list[dict]) -> list[dict]:
     return out
 
 
-HINT_TESTS = {"more causal": "patching", "successor ordering": "QK ordering", "linearly swappable": "DAS"}
+HINT_TESTS = {"more causal": "patching", "concentrates": "ablation", "successor ordering": "QK ordering",
+              "linearly swappable": "DAS"}
 
 
 def _said(vs: list) -> str:
@@ -749,6 +1023,14 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
         model = s.split(":")[0]
         if ": one head carries" in s:
             said.setdefault("single", []).append((model, v.verdict))
+        elif ": mean-ablating " in s:  # the strongest head and the chosen set of each model
+            heads = s.split(": mean-ablating ")[1].split(" lowers")[0]
+            heads = "the chosen set" if heads.startswith("the chosen heads ") else heads
+            if heads == "the chosen set" or any(m.name == model and _label(m.chosen[0]) == heads for m in ms):
+                said.setdefault("necessary", []).append((f"{heads} ({model})", v.verdict))
+        elif s.startswith("over seeds, "):
+            key, control = v.hypothesis.statistic.split(" difference")[0], s.split(" against ")[-1].split(" (")[0]
+            said.setdefault("seeds", []).append((f"{key} ({s.split('(')[1].split(')')[0]} vs {control})", v.verdict))
         elif s.startswith("the hint "):
             what = next(w for k, w in HINT_TESTS.items() if k in s)
             who = s.split("(")[1].split(" ")[0].removesuffix("'s")
@@ -760,8 +1042,10 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
     if ms:
         st.headline.append("Patching under successor-change picks "
                            + "; ".join(f"{', '.join(map(_label, m.chosen))} in {m.name}" for m in ms)
-                           + f" as the heads that restore the next value, and the claim that one head carries the "
-                           f"lookup {_said(said.get('single', []))}.")
+                           + f" as the heads that restore the next value; the claim that one head carries the "
+                           f"lookup {_said(said.get('single', []))}; the claim that mean-ablating the strongest "
+                           "head, or the chosen set, costs more sort-step accuracy than ablating as many random heads "
+                           f"{_said(said.get('necessary', []))}.")
         st.headline.append("Against the baseline's same heads on the same inputs, the claim that the hint changes the "
                            f"mechanism {_said(said.get('hint', []))}.")
         st.headline.append(f"The claim that the hinted model's own lookup extrapolates on its hint task "
@@ -776,4 +1060,6 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
     else:
         st.headline.append(f"Over seeds, the success criterion (a gap of at least {100 * GAP:.0f} points at some length "
                            "against every control, with the two groups' intervals apart) is "
-                           f"{'met' if gap['met'] else 'not met'}.")
+                           f"{'met' if gap['met'] else 'not met'}"
+                           + (f"; the claims that the hint changes the mechanism measures {_said(said['seeds'])}."
+                              if gap.get("mechanism") and said.get("seeds") else "."))
