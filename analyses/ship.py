@@ -1,10 +1,7 @@
 """Ship one job of a finished sweep as a model folder, with every seed's numbers, and write its card.
 
-    .venv/bin/python analyses/ship.py GRID OUT CONFIG NAME [--seed 0] [--overwrite] [--seeds-only]
+    .venv/bin/python analyses/ship.py GRID OUT CONFIG NAME [--seed 0] [--overwrite]
     e.g. .venv/bin/python analyses/ship.py analyses/zoo/sort-extrap.json runs/sweeps/sort-extrap nope sort-extrap
-
-``--seeds-only`` keeps the weights already in ``models/NAME`` (a model trained before the sweep from the
-configuration's recipe) and only records the sweep's seeds beside them.
 
 Copies ``OUT/CONFIG/seed<k>`` into ``models/NAME`` (`probekit.grid.ship`), writes ``models/NAME/seeds.json``
 (the sweep's summary rows of CONFIG: mean over seeds with its interval, each seed's value) and the card.
@@ -30,24 +27,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("name")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--seeds-only", action="store_true", help="keep models/NAME's weights; record the seeds only")
     args = ap.parse_args(argv)
     grid = load_grid(args.grid)
     rows = [r for r in summarize(grid, args.out) if r["config"] == args.config]
     if not rows:
         ap.error(f"no finished job of configuration {args.config!r} in {args.out}")
-    if args.seeds_only:
-        if not (MODELS / args.name / "model.safetensors").exists():
-            ap.error(f"--seeds-only: models/{args.name} holds no model")
-    else:
-        ship(Path(args.out) / args.config / f"seed{args.seed}", args.name, overwrite=args.overwrite)
+    ship(Path(args.out) / args.config / f"seed{args.seed}", args.name, overwrite=args.overwrite)
     write_json(MODELS / args.name / "seeds.json", {
-        "grid": grid.name, "config": args.config, "shipped_seed": None if args.seeds_only else args.seed,
-        "grid_seeds": list(grid.seeds), "rows": rows,
+        "grid": grid.name, "config": args.config, "shipped_seed": args.seed, "grid_seeds": list(grid.seeds), "rows": rows,
         "command": f"probekit sweep {args.grid} --out {args.out} --jobs {args.config}"})
     write_text(MODELS / args.name / "card.md", card(args.name))
-    held = "its own weights" if args.seeds_only else f"seed {args.seed}"
-    print(f"shipped models/{args.name} ({held}; {rows[0]['seeds']} seed(s) in seeds.json) and its card")
+    print(f"shipped models/{args.name} (seed {args.seed}; {rows[0]['seeds']} seed(s) in seeds.json) and its card")
     return 0
 
 

@@ -647,24 +647,21 @@ def write_tables(out: str | Path, doc: str | Path, grid: Grid | None = None) -> 
     return _write_text(doc, text)
 
 
-def _table_rows(markdown: str) -> dict[str, str]:
-    """The rows of a summary table, by configuration name (the first cell)."""
-    rows = {}
-    for line in markdown.splitlines():
-        cells = line.split(" | ")
-        if line.startswith("| ") and len(cells) > 4 and not set(line) <= set("|-") and cells[0] != "| configuration":
-            rows[cells[0][2:]] = line
-    return rows
+def _row_config(line: str) -> str | None:
+    """The configuration a line of a summary table is the row of (its first cell), or None."""
+    cells = line.split(" | ")
+    if line.startswith("| ") and len(cells) > 4 and cells[0] != "| configuration":
+        return cells[0][2:]
+    return None
 
 
 def _keep_earlier_rows(section: str, earlier: str, out: Path) -> str:
     """``section`` with each "not run" row replaced by the same configuration's row of the ``earlier``
     section, when that row had results (their job records are not in ``out``), and a note naming them."""
-    old, kept = _table_rows(earlier), []
-    lines = section.splitlines()
+    old = {c: line for line in earlier.splitlines() if (c := _row_config(line))}
+    lines, kept = section.splitlines(), []
     for i, line in enumerate(lines):
-        cells = line.split(" | ")
-        config = cells[0][2:] if line.startswith("| ") else None
+        config = _row_config(line)
         if config in old and "not run" in line and "not run" not in old[config]:
             lines[i] = old[config]
             kept.append(config)

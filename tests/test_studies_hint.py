@@ -185,6 +185,19 @@ def test_seed_gap_from_a_synthetic_sweep(tmp_path):
     assert all(c["command"] for c in st.claims) and st.notes  # no shipped model asked for: said so
 
 
+def test_seed_gap_from_the_sweeps_archive(tmp_path):
+    """An archive of the sweep (records, no weights) gives the same exact-match gaps; nothing to measure a
+    mechanism on, so no seed_mechanism rows."""
+    from probekit.grid import archive
+
+    out = _finished_sweep(tmp_path, PLANTED)
+    assert len(archive(out, tmp_path / "arch")) == 9 and not list((tmp_path / "arch").rglob("*.safetensors"))
+    full = H.hint_study(models=(), size="quick", sweep=out)
+    kept = H.hint_study(models=(), size="quick", sweep=tmp_path / "arch")
+    assert kept.tables["hint_gap"] == full.tables["hint_gap"] and len(full.tables["hint_gap"]) == 4
+    assert "seed_mechanism" in full.tables and "seed_mechanism" not in kept.tables
+
+
 def test_seed_gap_met_and_unfinished_jobs(tmp_path):
     planted = {**PLANTED, "matched": {4: [0.95, 0.96, 0.94], 8: [0.30, 0.35, 0.25]}}
     out = _finished_sweep(tmp_path, planted, missing=("hinted/seed2",))

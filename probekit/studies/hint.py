@@ -778,14 +778,14 @@ class _Sweep:
     """The finished jobs of a sweep folder by configuration, with what each configuration was trained on."""
 
     out: Path
-    jobs: dict  # config -> [finished Job]
+    jobs: dict  # config -> [finished Job] (records: a sweep folder, or its archive without weights)
     hints: dict  # config -> hint objectives
     budget: dict  # config -> (steps, expected batches of the main objective)
     main: str  # the main objective
 
 
 def _read_sweep(out) -> _Sweep:
-    from probekit.grid import grid_from_dict, job_state, parse_run
+    from probekit.grid import finished_record, grid_from_dict, parse_run
     from probekit.tasks import ProbekitError
 
     record = Path(out) / "sweep.json"
@@ -799,7 +799,7 @@ def _read_sweep(out) -> _Sweep:
         sw.main = task.objective
         sw.hints[config] = [o for o in w if o != task.objective]
         sw.budget[config] = (tcfg.steps, tcfg.steps * w.get(task.objective, 0.0) / sum(w.values()))
-        sw.jobs[config] = [j for j in grid.jobs(out, select=[config]) if job_state(j) == "done"]
+        sw.jobs[config] = [j for j in grid.jobs(out, select=[config]) if finished_record(j)]
     return sw
 
 
@@ -900,9 +900,11 @@ def _mechanism(m: _Model, samples: _Samples, sz: dict, seed: int) -> dict:
 
 def _seed_mechanisms(st: Study, sw: _Sweep, sz: dict, samples: _Samples, seed: int) -> dict:
     """``{config: [measures per finished seed]}`` (`_mechanism`), also in the ``seed_mechanism`` table."""
+    from probekit.grid import job_state
+
     rows = {}
     for config, jobs in sw.jobs.items():
-        for job in jobs:
+        for job in (j for j in jobs if job_state(j) == "done"):  # an archived record has no weights to measure
             m = _prepare(job.dir, (), sz, name=job.id)
             r = _mechanism(m, samples, sz, seed) | {"config": config, "seed": job.seed}
             rows.setdefault(config, []).append(r)
