@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,29 @@ def test_archive_holds_the_records_and_tables_keep_earlier_rows(swept, tmp_path,
     with pytest.raises(ProbekitError, match="archives sweep 'other', not 'tiny-grid'"):
         archive(out, tmp_path / "foreign")
     assert main(["sweep", str(grid), "--out", str(out), "--archive", str(arch), "--jobs", "a"]) == 2
+
+
+def test_ship_records_only_checks_the_recipe_and_says_whether_the_run_is_the_jobs(swept, tmp_path):
+    """analyses/ship.py --records-only: a shipped folder of another recipe is refused; an equal recipe with other
+    metrics (an earlier run) is told apart from the job itself; an archive's regenerating command trains first."""
+    import shutil
+    from argparse import Namespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analyses"))
+    import ship
+
+    grid, out, _ = swept
+    arch = tmp_path / "arch"
+    assert main(["sweep", str(grid), "--out", str(out), "--archive", str(arch)]) == 0
+    assert ship._same_run(out / "a" / "seed0", arch / "a" / "seed0")
+    with pytest.raises(ProbekitError, match="another recipe"):
+        ship._same_run(out / "a" / "seed0", arch / "a" / "seed1")
+    earlier = tmp_path / "earlier"
+    shutil.copytree(arch / "a" / "seed0", earlier)
+    metrics = json.loads((earlier / "metrics.json").read_text())
+    metrics["records"][0]["exact_match"] = 1.0 - metrics["records"][0]["exact_match"]
+    (earlier / "metrics.json").write_text(json.dumps(metrics))
+    assert not ship._same_run(earlier, arch / "a" / "seed0")
+    args = Namespace(grid=str(grid), out=str(arch), config="a")
+    assert ship._command(args, arch / "a" / "seed0").splitlines()[1].endswith(f"--archive {arch}")
+    assert "--archive" not in ship._command(Namespace(grid=str(grid), out=str(out), config="a"), out / "a" / "seed0")
