@@ -1,7 +1,8 @@
 """Training throughput: `probekit.train` vs a plain PyTorch loop over the same model and the same batches.
 
 The plain loop samples the same batches (task.sample), runs the same native module forward, the same
-answer-only cross-entropy, AdamW and gradient clipping, with no logging, checkpoints or progress bar.
+answer-only cross-entropy, the same fused AdamW and gradient clipping (``clip_grad_norm_``), with no logging,
+checkpoints or progress bar.
 """
 
 from __future__ import annotations

@@ -542,8 +542,9 @@ def _partial_attention(layer: Layer, L: int, base: Mapping, x: Tensor, pos: Tens
         qk[..., key_pos] = torch.matmul(qr, kcr.transpose(-2, -1))
     pattern = edit("pattern", L, attention_pattern(a, qk, pos, torch.arange(T, device=pos.device)), pos)
     z = _ungroup(torch.matmul(_group(pattern, groups), base["vh", L]), groups)
-    if len(key_pos):
-        z = z + torch.matmul(pattern[..., key_pos], vch - _repeat(base["vh", L][:, :, key_pos], groups))
+    if len(key_pos):  # z is our own tensor: corrected in place
+        dv = vch - _repeat(base["vh", L][:, :, key_pos], groups)
+        z.add_(pattern[..., key_pos] * dv if len(key_pos) == 1 else torch.matmul(pattern[..., key_pos], dv))
     return z.transpose(1, 2)
 
 

@@ -1,5 +1,9 @@
 """Training: next-token loss on answer tokens only, AdamW with warmup + cosine decay.
 
+The optimizer is torch's fused AdamW where torch has one (CPU, CUDA), and gradient clipping hands its
+factor to the optimizer's kernel (`clip_gradients`): the weights are those of torch's loop AdamW after
+``clip_grad_norm_`` to float rounding (tested).
+
 Each step draws one length uniformly from ``lengths`` and one objective from ``objectives``
 (a `Mixture`), then a batch seeded by ``(seed, step)``: the data stream is a pure function of the
 config, so a run killed and resumed from its checkpoint gives the same weights as an unbroken one.
@@ -320,12 +324,36 @@ def _write_json_lines(path: Path, lines: list[str]) -> None:
 
 
 def _optimizer(native, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW over the trainable parameters (no weight decay on biases and norms); the fused kernel (one pass
+    over each parameter, the same update as torch's loop to float rounding) where torch has one."""
     params = [p for p in native.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    fused = params[0].device.type in FUSED_DEVICES or None
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), fused=fused)
     return opt, params
+
+
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs
+
+
+def clip_gradients(opt: torch.optim.Optimizer, params: list, max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total 2-norm of at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``
+    (factor ``min(1, max_norm / (norm + 1e-6))``); the total norm before clipping.
+
+    With a fused AdamW the factor is handed to the optimizer's own kernel (its ``grad_scale``, the
+    divisor torch's gradient scaler uses), which applies it while it reads each gradient, instead of
+    a pass of its own over every gradient.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    divisor = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    if all(g.get("fused") for g in opt.param_groups):
+        opt.grad_scale = divisor
+    else:
+        torch._foreach_div_(grads, divisor)
+    return norm
 
 
 def train(model_cfg: ModelConfig, task: Task, cfg: TrainConfig, out: str | Path | None = None,
@@ -397,7 +425,7 @@ def _steps(native, mcfg: ModelConfig, opt, params, mixture: Mixture, cfg: TrainC
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                clip_gradients(opt, params, cfg.grad_clip)
             opt.step()
             if bar is not None:
                 bar.update(1)

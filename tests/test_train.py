@@ -262,3 +262,36 @@ def test_place_model_resume_equals_unbroken_and_refuses_runs_past_the_table(tmp_
     # 3 x 1 digits: a product run of 4 digits, place ids up to 4; + 16 passes row 19
     with pytest.raises(ProbekitError, match="place ids up to 4; with place_offset_max = 16 they pass the place table"):
         train(ModelConfig(**(PLACE.to_dict() | {"place_offset_max": 16})), MULT, tc, progress=False)
+
+
+
+def test_fused_adamw_and_clipping_match_torch_reference(monkeypatch):
+    """The fused AdamW with the clipping folded into it gives the weights of torch's loop AdamW after
+    ``clip_grad_norm_`` (the implementation it replaces), with the clip active on most steps.
+
+    The key biases are left out: their exact gradient is 0 (a bias on the keys adds the same q.b to every
+    score of a query, which softmax ignores), so theirs is rounding noise that Adam scales up to ~lr a step.
+    """
+    import dataclasses
+
+    import probekit.train as pt
+
+    tc = TrainConfig(steps=12, batch_size=16, lengths=(2, 6), warmup_steps=3, lr=3e-3, grad_clip=0.5, log_every=1)
+    norms, real_clip, real_opt = [], pt.clip_gradients, pt._optimizer
+    monkeypatch.setattr(pt, "clip_gradients", lambda opt, ps, m: norms.append(real_clip(opt, ps, m)) or norms[-1])
+    fused = train(CFG, TASK, tc, progress=False).state_dict()
+    assert sum(bool(n > tc.grad_clip) for n in norms) >= 6
+
+    def reference(native, cfg):
+        opt, params = real_opt(native, cfg)
+        assert all(g["fused"] for g in opt.param_groups)  # the optimizer under test is the fused one
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), foreach=False, fused=False), params
+
+    monkeypatch.setattr(pt, "_optimizer", reference)
+    monkeypatch.setattr(pt, "clip_gradients", lambda opt, ps, m: torch.nn.utils.clip_grad_norm_(ps, m))
+    ref = train(CFG, TASK, tc, progress=False).state_dict()
+    one_less = train(CFG, TASK, dataclasses.replace(tc, steps=11), progress=False).state_dict()
+    keys = [k for k in ref if not k.endswith("attn.k.bias")]
+    assert all(torch.allclose(fused[k], ref[k], rtol=1e-5, atol=1e-6) for k in keys)
+    assert not all(torch.allclose(one_less[k], ref[k], rtol=1e-5, atol=1e-6) for k in keys)
