@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_FIGURES = 4
 MAX_WIDTH_PX = 900
 PREFIX = "findings-"
+HINT_SWEEP = "analyses/zoo/results/sort-hint-controls"  # the sweep archive of the hint's controls (3 seeds each)
 
 # (study, the question its section answers, where to read more or None)
 QUESTIONS = (
@@ -102,19 +103,29 @@ def write_findings(studies, md_path: Path, fig_dir: Path, command: str) -> list[
     return [write_text(md_path, page(studies, figures, command)), *sorted(written)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_studies(size: str, seed: int, hint_sweep: str | None = HINT_SWEEP) -> list:
+    """The studies of `QUESTIONS`, in order; the hint study reads its gap over seeds from ``hint_sweep``."""
     from probekit.report import run_study
+    from probekit.studies import hint_study
+
+    return [hint_study(size=size, seed=seed, sweep=hint_sweep) if name == "hint" and hint_sweep
+            else run_study(name, size=size, seed=seed) for name, _, _ in QUESTIONS]
+
+
+def main(argv: list[str] | None = None) -> int:
     from probekit.studies import SIZES
     from probekit.tasks import ProbekitError
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="default", choices=list(SIZES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hint-sweep", default=HINT_SWEEP,
+                    help="sweep archive whose seeds give the hint gap against its controls ('' for none)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "findings.md"), help="the page (figures go to figures/ beside it)")
     args = ap.parse_args(argv)
     md = Path(args.out)
     try:
-        studies = [run_study(name, size=args.size, seed=args.seed) for name, _, _ in QUESTIONS]
+        studies = run_studies(args.size, args.seed, args.hint_sweep)
         paths = write_findings(studies, md, md.parent / "figures",
                                f"PYTHONPATH=. .venv/bin/python analyses/findings.py --size {args.size} --seed {args.seed}")
     except ProbekitError as e:

@@ -178,6 +178,22 @@ def test_findings_writes_the_sections_and_figures_it_says(tmp_path):
     assert "the effect is positive" not in held_not and "`toy --two b`" in held_not
 
 
+def test_findings_runs_the_hint_study_on_the_kept_controls_sweep(monkeypatch):
+    import probekit.report
+    import probekit.studies
+
+    f = _findings()
+    calls = []
+    monkeypatch.setattr(probekit.studies, "hint_study", lambda **kw: calls.append(("hint", kw)) or "hint")
+    monkeypatch.setattr(probekit.report, "run_study", lambda name, **kw: calls.append((name, kw)) or name)
+    assert f.run_studies("quick", 3) == [name for name, _, _ in f.QUESTIONS]
+    hint = dict(calls)["hint"]
+    assert hint == {"size": "quick", "seed": 3, "sweep": f.HINT_SWEEP}
+    assert (ROOT / f.HINT_SWEEP / "sweep.json").exists()  # the archive is kept in the repository
+    f.run_studies("quick", 3, hint_sweep="")
+    assert calls[-len(f.QUESTIONS):] == [(n, {"size": "quick", "seed": 3}) for n, _, _ in f.QUESTIONS]
+
+
 @pytest.mark.skipif(not shipped_models(), reason="no shipped models")
 def test_findings_on_the_overview_study(tmp_path):
     f = _findings()
