@@ -782,6 +782,7 @@ class _Sweep:
     hints: dict  # config -> hint objectives
     budget: dict  # config -> (steps, expected batches of the main objective)
     main: str  # the main objective
+    trained: dict = field(default_factory=dict)  # config -> longest training length
 
 
 def _read_sweep(out) -> _Sweep:
@@ -800,6 +801,7 @@ def _read_sweep(out) -> _Sweep:
         sw.hints[config] = [o for o in w if o != task.objective]
         sw.budget[config] = (tcfg.steps, tcfg.steps * w.get(task.objective, 0.0) / sum(w.values()))
         sw.jobs[config] = [j for j in grid.jobs(out, select=[config]) if finished_record(j)]
+        sw.trained[config] = max(tcfg.lengths or [task.default_length])
     return sw
 
 
@@ -869,7 +871,8 @@ def _seed_gap(st: Study, sw: _Sweep, cmd: str) -> dict:
                                    "exact-match gap (hinted - control), Welch t interval", ">=", GAP),
                         d, (lo, hi), cmd, {h: ia[0], c: ib[0]}, n=len(a) + len(b))
             met.setdefault(L, []).append(v.verdict == "supported" and apart)
-    return {"tested": bool(met), "met": any(all(v) for v in met.values()), "lengths": sorted(met)}
+    return {"tested": bool(met), "met": any(all(v) for v in met.values()), "lengths": sorted(met),
+            "trained": max(sw.trained.values(), default=0)}
 
 
 def _gap_figure(st: Study) -> None:
@@ -1082,8 +1085,19 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
         st.headline.append("The sweep folder has no finished hinted and control jobs with two or more seeds each, so "
                            "the hint gap over seeds is not tested yet.")
     else:
-        st.headline.append(f"Over seeds, the success criterion (a gap of at least {100 * GAP:.0f} points at some length "
-                           "against every control, with the two groups' intervals apart) is "
-                           f"{'met' if gap['met'] else 'not met'}"
+        st.headline.insert(0, _gap_sentence(st.tables["hint_gap"], gap)
                            + (f"; the claims that the hint changes the mechanism measures {_said(said['seeds'])}."
                               if gap.get("mechanism") and said.get("seeds") else "."))
+
+
+def _gap_sentence(rows: list[dict], gap: dict) -> str:
+    """The hint gap over seeds against each control at the lengths beyond training, and the success criterion."""
+    longer = [r for r in rows if r["length"] > gap["trained"]] or rows
+    pairs = {}
+    for r in longer:
+        pairs.setdefault((r["hinted"], r["control"], r["control_budget"], r["seeds"]), []).append(
+            f"{r['length']}: {100 * r['gap']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]")
+    said = "; ".join(f"{h} minus {c} ({b}, seeds {n}) {', '.join(v)}" for (h, c, b, n), v in pairs.items())
+    return (f"Over seeds, the exact-match gap in points (Welch t 95 % intervals) at the lengths beyond training, by "
+            f"length: {said}; the success criterion (a gap of at least {100 * GAP:.0f} points at some length against "
+            f"every control, with the two groups' intervals apart) is {'met' if gap['met'] else 'not met'}")
