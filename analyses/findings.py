@@ -1,8 +1,9 @@
 """Write docs/findings.md and its figures (docs/figures/findings-<study>-<figure>.png) from the studies.
 
-    PYTHONPATH=. .venv/bin/python analyses/findings.py [--size default] [--seed 0]
+    PYTHONPATH=. .venv/bin/python analyses/findings.py [--size default] [--seed 0] [--hint-sweep FOLDER]
 
-The page opens with what we learned (each study's headline), then one section per question (`QUESTIONS`),
+The page opens with what we learned (per question, the first sentence of its study's headline and the study's
+verdict tally; `lead`), then one section per question (`QUESTIONS`), headed by the study's whole headline,
 each with at most `MAX_FIGURES` of the study's figures, its tested hypotheses (effect, 95 % interval,
 baseline, verdict, command) and its measurements with their commands, and ends with the claims that did
 not hold (every verdict "not supported" or "inconclusive"). It is generic over `probekit.studies.Study`
@@ -23,15 +24,17 @@ MAX_WIDTH_PX = 900
 PREFIX = "findings-"
 HINT_SWEEP = "analyses/zoo/results/sort-hint-controls"  # the sweep archive of the hint's controls (3 seeds each)
 
-# (study, the question its section answers, where to read more or None)
+# (study, the question its section answers, where to read more or None), in the page's order
 QUESTIONS = (
-    ("overview", "Which models extrapolate, and do the published accuracy results hold on ours?", None),
     ("failure", "Why does the unhinted sorter fail as lists get longer, and can the failure be predicted?",
      "[The sorting-failure page](sorting_failure.md) has every variant, a second seed and how the design was "
      "reached."),
-    ("hint", "Which components select the next value, and what does the successor hint change?", None),
+    ("hint", "Which components select the next value, and what does the successor hint change?",
+     "The gap over seeds comes from the kept records of the `sort-hint-controls` sweep "
+     "([model sweep](model_sweep.md)); the mechanism measures are on the shipped models."),
     ("carry", "Where is the carry computed, which heads move the digits it needs, and does it survive longer "
      "operands?", None),
+    ("overview", "Which models extrapolate, and do the published accuracy results hold on ours?", None),
 )
 
 
@@ -67,20 +70,34 @@ def did_not_hold(studies) -> list[str]:
     return lines
 
 
+def lead(study) -> str:
+    """The study's first headline sentence (or, without a headline, its first verdict) and its verdict tally."""
+    from probekit.report import tally
+
+    first = (study.headline or [f"{v.hypothesis.statement}: {v.verdict}." for v in study.verdicts] or
+             ["No headline and no tested hypothesis."])[0]
+    return first + (f" (Tested hypotheses: {tally(study)}.)" if study.verdicts else "")
+
+
 def page(studies, figures: dict[str, dict[str, str]], command: str) -> str:
     """The markdown page (module docstring); ``figures``: study name -> (figure key -> image path)."""
     from probekit.report import study_markdown
 
     asked = {name: (q, more) for name, q, more in QUESTIONS}
     out = ["# Findings", "", f"Regenerate this page and its figures with one command: `{command}`.", "",
-           "Every number below is measured on the shipped models (CPU scale, one training seed each). A tested "
-           "hypothesis was written before its numbers were read; its verdict follows from the 95 % interval "
-           "(`probekit.stats.judge`): supported when the whole interval satisfies it, not supported when none of "
-           "it does, inconclusive otherwise.", "", "## What we learned", ""]
+           "Every number below is measured on the shipped models (CPU scale, one training seed each), except the hint "
+           "gap over seeds, read from a sweep's kept records. A tested hypothesis has its threshold fixed in the "
+           "study's code before the run that judges it (where a design was chosen on the same seed, its section says "
+           "so); its verdict follows from the 95 % interval (`probekit.stats.judge`): supported when the whole "
+           "interval satisfies it, not supported when none of it does, inconclusive otherwise.", "",
+           "## What we learned", ""]
     for st in studies:
-        q = asked.get(st.name, (st.title, None))[0]
-        lines = st.headline or [f"{v.hypothesis.statement}: {v.verdict}." for v in st.verdicts]
-        out += [f"**{q}** " + " ".join(lines), ""]
+        out += [f"**{asked.get(st.name, (st.title, None))[0]}** {lead(st)}", ""]
+    total = [v.verdict for st in studies for v in st.verdicts]
+    out += [f"Of {len(total)} tested hypotheses, {total.count('supported')} are supported, "
+            f"{total.count('not supported')} not supported and {total.count('inconclusive')} inconclusive; the last "
+            "two kinds are listed at the end. Each section below has its study's whole headline, its verdict table, "
+            "figures and measurements.", ""]
     for i, st in enumerate(studies, 1):
         q, more = asked.get(st.name, (st.title, None))
         out += [f"## {i}. {q}", ""] + ([f"{more}", ""] if more else [])
