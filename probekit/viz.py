@@ -639,16 +639,19 @@ def accuracy_vs_length(results, path: str | Path | None = None, title: str | Non
 
 def accuracy_grid(groups: dict, path: str | Path | None = None, title: str | None = None):
     """Exact match vs length, one panel per group (``{panel title: results}``, each as `accuracy_vs_length`
-    takes them), side by side with one shared accuracy axis; 95 % Wilson bands."""
+    takes them), side by side with one shared accuracy axis; 95 % Wilson bands; each panel's legend below it,
+    off the lines."""
     if not isinstance(groups, dict) or not groups:
         raise ProbekitError(f"accuracy_grid needs a non-empty dict of groups, got {type(groups).__name__}")
     groups = {k: _eval_results(v, f"accuracy_grid panel {k!r}") for k, v in groups.items()}
     plt = _plt()
     with plt.rc_context(STYLE):
-        fig, axs = plt.subplots(1, len(groups), figsize=(min(MAX_W, 4.6 * len(groups)), 3.6), sharey=True,
-                                squeeze=False, layout="constrained")
+        rows = max(math.ceil(len(r) / 2) for r in groups.values())  # legend rows below each panel
+        fig, axs = plt.subplots(1, len(groups), figsize=(min(MAX_W, 4.6 * len(groups)), 3.4 + 0.22 * rows),
+                                sharey=True, squeeze=False, layout="constrained")
         for ax, (key, results) in zip(axs[0], groups.items(), strict=True):
             _accuracy_lines(ax, results)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False, fontsize=7)
             ax.set_title(str(key))
         axs[0, 0].set_ylabel("exact match (fraction of examples)")
         fig.suptitle(title or "Exact match vs length (greedy decoding; bands: 95 % Wilson intervals)")

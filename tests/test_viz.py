@@ -409,5 +409,8 @@ def test_accuracy_grid_draws_one_panel_per_group_on_a_shared_axis():
     assert [ax.get_title() for ax in axs] == ["lists", "digits"]
     assert list(axs[0].get_lines()[0].get_ydata()) == pytest.approx([1.0, 0.5])
     assert axs[0].get_shared_y_axes().joined(axs[0], axs[1])
+    fig.canvas.draw()
+    for ax in axs:  # each legend below its panel, off the lines
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
     with pytest.raises(ProbekitError, match="panel 'x'"):
         viz.accuracy_grid({"x": [Result("x", torch.zeros(1), ("a",))]})
