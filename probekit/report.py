@@ -254,7 +254,7 @@ def study_markdown(study, figure_paths: dict[str, str] | None = None, level: int
     commands, the notes."""
     figure_paths = figure_paths or {}
     h = "#" * level
-    out = [f"{h} {study.title}", ""] + [f"{t}" for t in study.headline] + ([""] if study.headline else [])
+    out = [f"{h} {study.title}", ""] + [x for t in study.headline for x in (t, "")]  # a paragraph a sentence
     if study.verdicts:
         out += [f"{h}# Tested hypotheses", "", "| " + " | ".join(VERDICT_COLUMNS) + " |",
                 "|" + "---|" * len(VERDICT_COLUMNS)]
