@@ -263,11 +263,21 @@ pd.DataFrame(prow)
 # `probekit.studies.hint_study` runs these measurements (plus patching at the longest length, OV copying,
 # DAS after every layer, teacher-forced accuracy by step type and, given a sweep folder, the hint gap over
 # seeds) for `probekit report`, and states each claim as a hypothesis with its interval and verdict.
+#
+# The sweep folder here is the kept archive of `sort-hint-controls` (three seeds each of the hinted recipe,
+# sort only at the same steps, and sort only at the same number of sort batches): is the hint's effect on
+# exact match more than a different amount of sorting practice? The table is the gap over seeds, length by
+# length, against each control, with its Welch t interval.
 
 # %%
-study = hint_study(models=tuple(MODELS), lengths=tuple(LENGTHS), size="quick" if SMALL else "default")
+study = hint_study(models=tuple(MODELS), lengths=tuple(LENGTHS), size="quick" if SMALL else "default",
+                   sweep="../analyses/zoo/results/sort-hint-controls")
 print("\n".join(study.headline))
 print(study.summary())
 write_text(OUT / "hint_study.json", study.to_json())
 for f in study.figures[:1]:
     viz.show(f.make())
+
+# %%
+pd.DataFrame(study.tables["hint_gap"])[["hinted", "control", "length", "seeds", "hinted_mean", "control_mean",
+                                        "gap", "lo", "hi"]]

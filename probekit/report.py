@@ -174,7 +174,8 @@ def _study_html(study, seconds: tuple[float, float] | None = None) -> str:
     return "".join(parts)
 
 
-def _tally(study) -> str:
+def tally(study) -> str:
+    """The study's verdicts counted by kind, e.g. "3 supported, 1 not supported"."""
     counts = {}
     for v in study.verdicts:
         counts[v.verdict] = counts.get(v.verdict, 0) + 1
@@ -186,9 +187,9 @@ def _summary_html(studies) -> str:
     items = []
     for st in studies:
         lines = list(st.headline) or [f"{v.hypothesis.statement}: {v.verdict}." for v in st.verdicts]
-        tally = f" <span class='meta'>(tested hypotheses: {_esc(_tally(st))})</span>" if st.verdicts else ""
+        counted = f" <span class='meta'>(tested hypotheses: {_esc(tally(st))})</span>" if st.verdicts else ""
         body = "".join(f"<p>{_esc(t)}</p>" for t in lines) or "<p class='meta'>No headline and no tested hypothesis.</p>"
-        items.append(f"<h3><a href='#study-{slug(st.name)}'>{_esc(st.title)}</a>{tally}</h3>{body}")
+        items.append(f"<h3><a href='#study-{slug(st.name)}'>{_esc(st.title)}</a>{counted}</h3>{body}")
     return f"<section id='summary'><h2>What we learned</h2>{''.join(items)}</section>"
 
 
@@ -253,7 +254,7 @@ def study_markdown(study, figure_paths: dict[str, str] | None = None, level: int
     commands, the notes."""
     figure_paths = figure_paths or {}
     h = "#" * level
-    out = [f"{h} {study.title}", ""] + [f"{t}" for t in study.headline] + ([""] if study.headline else [])
+    out = [f"{h} {study.title}", ""] + [x for t in study.headline for x in (t, "")]  # a paragraph a sentence
     if study.verdicts:
         out += [f"{h}# Tested hypotheses", "", "| " + " | ".join(VERDICT_COLUMNS) + " |",
                 "|" + "---|" * len(VERDICT_COLUMNS)]

@@ -129,6 +129,7 @@ def in_words(name: str) -> str:
     short = str(name).rsplit(".", 1)[-1].removeprefix("hook_")
     return HOOK_WORDS.get(short, short.replace("_", " "))
 MIN_CELL, MAX_CELL, MAX_W, MAX_H = 0.16, 0.55, 14.0, 11.0  # inches
+ROW_W = 10.5  # inches: `result_intervals` wraps its panels, two a row, when one row would be wider
 
 
 def _metric_words(metric) -> tuple[str, str]:
@@ -639,16 +640,19 @@ def accuracy_vs_length(results, path: str | Path | None = None, title: str | Non
 
 def accuracy_grid(groups: dict, path: str | Path | None = None, title: str | None = None):
     """Exact match vs length, one panel per group (``{panel title: results}``, each as `accuracy_vs_length`
-    takes them), side by side with one shared accuracy axis; 95 % Wilson bands."""
+    takes them), side by side with one shared accuracy axis; 95 % Wilson bands; each panel's legend below it,
+    off the lines."""
     if not isinstance(groups, dict) or not groups:
         raise ProbekitError(f"accuracy_grid needs a non-empty dict of groups, got {type(groups).__name__}")
     groups = {k: _eval_results(v, f"accuracy_grid panel {k!r}") for k, v in groups.items()}
     plt = _plt()
     with plt.rc_context(STYLE):
-        fig, axs = plt.subplots(1, len(groups), figsize=(min(MAX_W, 4.6 * len(groups)), 3.6), sharey=True,
-                                squeeze=False, layout="constrained")
+        rows = max(math.ceil(len(r) / 2) for r in groups.values())  # legend rows below each panel
+        fig, axs = plt.subplots(1, len(groups), figsize=(min(MAX_W, 4.6 * len(groups)), 3.4 + 0.22 * rows),
+                                sharey=True, squeeze=False, layout="constrained")
         for ax, (key, results) in zip(axs[0], groups.items(), strict=True):
             _accuracy_lines(ax, results)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False, fontsize=7)
             ax.set_title(str(key))
         axs[0, 0].set_ylabel("exact match (fraction of examples)")
         fig.suptitle(title or "Exact match vs length (greedy decoding; bands: 95 % Wilson intervals)")
@@ -808,8 +812,9 @@ def interval_plot(rows: list[dict], x: str, y: str = "value", lo: str = "lo", hi
     return _finish(fig, path)
 
 
-def _result_interval_panel(ax, r: Result) -> None:
-    """One panel of `result_intervals`: estimates with their 95 % intervals, one marker per group."""
+def _result_interval_panel(ax, r: Result, legend: bool = True) -> None:
+    """One panel of `result_intervals`: estimates with their 95 % intervals, one marker per group; ``legend``:
+    its own legend on its right."""
     v = r.values.float()[:, None] if r.values.ndim == 1 else r.values.float()
     lo = r.extra["lo"].float().reshape(v.shape)
     hi = r.extra["hi"].float().reshape(v.shape)
@@ -829,12 +834,19 @@ def _result_interval_panel(ax, r: Result) -> None:
     ax.set_xlabel(r.settings.get("xlabel", r.axes[0]))
     ax.set_ylabel(r.settings.get("ylabel", r.kind))
     ax.set_title(textwrap.fill(r.settings.get("title", r.kind), 48))
-    if len(groups) > 1 or r.settings.get("reference"):
+    if legend and (len(groups) > 1 or r.settings.get("reference")):
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
 
 
+def _legend_key(r: Result) -> tuple:
+    """What a `result_intervals` panel's legend lists: its groups and reference lines."""
+    groups = [r.label(r.axes[1], j) for j in range(r.values.shape[1])] if r.values.ndim == 2 else []
+    return (*groups, *(r.settings.get("reference") or {}))
+
+
 def result_intervals(results: Result | list[Result], path: str | Path | None = None, title: str | None = None):
-    """Estimates with 95 % intervals, one panel per result, side by side.
+    """Estimates with 95 % intervals, one panel per result, side by side (two a row when one row would be wider
+    than `ROW_W`); panels whose groups and reference lines agree share one legend.
 
     Each result has axes ``(item,)`` or ``(item, group)`` (one marker per group at each item) and ``extra``
     ``lo`` / ``hi`` of the same shape (the interval). Words come from its settings: ``title``, ``xlabel``,
@@ -848,13 +860,25 @@ def result_intervals(results: Result | list[Result], path: str | Path | None = N
         if r.values.ndim not in (1, 2) or not {"lo", "hi"} <= set(r.extra) or r.extra["lo"].shape != r.values.shape:
             raise ProbekitError(f"result_intervals needs results with axes (item,) or (item, group) and extra 'lo'/'hi' "
                                 f"of the same shape; got axes {r.axes}, extra {sorted(r.extra)}")
+    shared = len(results) > 1 and len({_legend_key(r) for r in results}) == 1  # one legend for all panels
     plt = _plt()
     with plt.rc_context(STYLE):
-        widths = [max(3.0, 0.9 * r.values.shape[0] + 1.6) + 1.4 for r in results]  # + the legend on the right
-        fig, axs = plt.subplots(1, len(results), figsize=(sum(widths), 3.6), squeeze=False,
-                                gridspec_kw={"width_ratios": widths})
-        for ax, r in zip(axs[0], results, strict=True):
-            _result_interval_panel(ax, r)
+        widths = [max(3.0, 0.9 * r.values.shape[0] + 1.6) + (0 if shared else 1.4) for r in results]
+        nc = len(results) if sum(widths) <= ROW_W else min(len(results), 2)  # wrapped: two panels a row
+        nr = -(-len(results) // nc)
+        cols = [max(widths[i] for i in range(c, len(results), nc)) for c in range(nc)]
+        fig, axs = plt.subplots(nr, nc, figsize=(sum(cols) + (1.6 if shared and nr * nc == len(results) else 0),
+                                                 3.6 * nr), squeeze=False, gridspec_kw={"width_ratios": cols})
+        for ax, r in zip(axs.flat, results, strict=False):
+            _result_interval_panel(ax, r, legend=not shared)
+        for ax in axs.flat[len(results):]:
+            ax.set_axis_off()
+        if shared and _legend_key(results[0]):
+            handles, labels = axs.flat[0].get_legend_handles_labels()
+            if nr * nc > len(results):  # the empty slot holds the legend
+                axs.flat[len(results)].legend(handles, labels, loc="center", frameon=False)
+            else:
+                fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.92), frameon=False)
         if title:
             fig.suptitle(title)
         fig.tight_layout()

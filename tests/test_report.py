@@ -13,7 +13,7 @@ import pytest
 
 from probekit.cli import main
 from probekit.model import shipped_models
-from probekit.report import MAX_COLS, STUDIES, render_html, run_study, slug, study_markdown
+from probekit.report import MAX_COLS, STUDIES, render_html, run_study, slug, study_markdown, tally
 from probekit.stats import Hypothesis
 from probekit.studies import Study
 
@@ -158,13 +158,18 @@ def test_findings_writes_the_sections_and_figures_it_says(tmp_path):
     (docs / "figures" / f"{f.PREFIX}old-gone.png").write_bytes(b"x")  # from an earlier run: removed
     (docs / "figures" / "other.png").write_bytes(b"x")  # not the page's: kept
     studies = [synthetic("one", n_figures=5), synthetic("two", n_figures=1)]
+    studies[0].headline.append("A second sentence, kept for the study's own section.")
     paths = f.write_findings(studies, docs / "findings.md", docs / "figures", "make findings")
     md = (docs / "findings.md").read_text()
     heads = [ln for ln in md.splitlines() if ln.startswith("## ")]
     assert heads == ["## What we learned", "## 1. Toy study one", "## 2. Toy study two", "## Claims that did not hold"]
     assert "`make findings`" in md.split("## What we learned")[0]
     learned = md.split("## What we learned")[1].split("## 1.")[0]
-    assert all(h in learned for st in studies for h in st.headline)
+    for st in studies:  # the lead sentence and the tally up front, the whole headline in the study's section
+        assert f"{st.headline[0]} (Tested hypotheses: {tally(st)}.)" in learned
+    second = md.split("## 1. Toy study one")[1].split("## 2.")[0]
+    assert studies[0].headline[1] in second and studies[0].headline[1] not in learned
+    assert "Of 6 tested hypotheses, 2 are supported, 2 not supported and 2 inconclusive" in learned
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 4 + 1  # at most four figures per section
     pngs = sorted(p.name for p in (docs / "figures").glob(f"{f.PREFIX}*.png"))
@@ -176,6 +181,22 @@ def test_findings_writes_the_sections_and_figures_it_says(tmp_path):
     held_not = md.split("## Claims that did not hold")[1]
     assert held_not.count("- **not supported**") == 2 and held_not.count("- **inconclusive**") == 2
     assert "the effect is positive" not in held_not and "`toy --two b`" in held_not
+
+
+def test_findings_runs_the_hint_study_on_the_kept_controls_sweep(monkeypatch):
+    import probekit.report
+    import probekit.studies
+
+    f = _findings()
+    calls = []
+    monkeypatch.setattr(probekit.studies, "hint_study", lambda **kw: calls.append(("hint", kw)) or "hint")
+    monkeypatch.setattr(probekit.report, "run_study", lambda name, **kw: calls.append((name, kw)) or name)
+    assert f.run_studies("quick", 3) == [name for name, _, _ in f.QUESTIONS]
+    hint = dict(calls)["hint"]
+    assert hint == {"size": "quick", "seed": 3, "sweep": f.HINT_SWEEP}
+    assert (ROOT / f.HINT_SWEEP / "sweep.json").exists()  # the archive is kept in the repository
+    f.run_studies("quick", 3, hint_sweep="")
+    assert calls[-len(f.QUESTIONS):] == [(n, {"size": "quick", "seed": 3}) for n, _, _ in f.QUESTIONS]
 
 
 @pytest.mark.skipif(not shipped_models(), reason="no shipped models")

@@ -182,6 +182,11 @@ def test_seed_gap_from_a_synthetic_sweep(tmp_path):
     assert len(gaps) == 4 and all(v.hypothesis.statement.startswith("the successor hint (hinted)") for v in gaps)
     assert "(matched: equal sort batches)" in next(v.hypothesis.statement for v in gaps if "matched" in v.hypothesis.statement)
     assert "not met" in st.headline[-1]  # against every control: the matched control leaves it open
+    said = st.headline[0]  # the gap first, with its numbers at the lengths beyond training
+    assert f"hinted minus control (equal steps, seeds 3/3) 8: {100 * r['gap']:+.1f} [{100 * r['lo']:+.1f}, " in said
+    assert [f.key for f in st.figures] == ["hint_gap"]  # the gap over seeds, drawn even without shipped models
+    ax = st.figures[0].make().axes[0]
+    assert len(ax.get_lines()) >= 2 and "gap" in ax.get_ylabel()
     assert all(c["command"] for c in st.claims) and st.notes  # no shipped model asked for: said so
 
 

@@ -132,6 +132,8 @@ def test_failure_figures_share_their_axes(result):
     fig = ss.plot_failure_grid({"a": result, "b": result})
     axs = [ax for ax in fig.axes if ax.collections]
     assert len(axs) == 2 and axs[0].get_xlim() == axs[1].get_xlim() and axs[0].get_ylim() == axs[1].get_ylim()
+    legend = [t.get_text() for t in axs[0].get_legend().get_texts()]  # only the compositions of the grid
+    assert legend == ["y = x", *dict.fromkeys(c["composition"] for c in result.cells), "fit cell", "held-out cell"]
     fig = ss.plot_error_by_length({"a": result, "b": result})
     axs = [ax for ax in fig.axes if ax.get_lines()]
     assert axs[0].get_shared_y_axes().joined(axs[0], axs[1])

@@ -294,6 +294,21 @@ def test_result_intervals_draws_each_estimate_with_its_interval(tmp_path):
         viz.result_intervals(Result("x", torch.ones(2), ("a",)))
 
 
+def test_result_intervals_wraps_wide_rows_and_shares_one_legend():
+    def panel(title):
+        v = torch.rand(4, 2, generator=torch.Generator().manual_seed(0))
+        return Result("x", v, ("length", "model"), {"length": list("abcd"), "model": ["m1", "m2"]}, {"title": title},
+                      {"lo": v - 0.1, "hi": v + 0.1})
+
+    fig = viz.result_intervals([panel("p1"), panel("p2"), panel("p3")])
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in shown] == ["p1", "p2", "p3"] and fig.get_size_inches()[0] <= viz.ROW_W
+    assert shown[0].get_position().y0 > shown[2].get_position().y1  # the third panel on a second row
+    assert all(ax.get_legend() is None for ax in shown)
+    legends = [ax.get_legend() for ax in fig.axes if not ax.axison]  # one legend, in the empty slot
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == ["m1", "m2"]
+
+
 def test_facets_share_one_colour_scale_and_wrap_into_a_grid():
     r = Result("dla_head", torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(1)), ("pos", "layer", "head"),
                {}, {"metric": "logit"})
@@ -409,5 +424,8 @@ def test_accuracy_grid_draws_one_panel_per_group_on_a_shared_axis():
     assert [ax.get_title() for ax in axs] == ["lists", "digits"]
     assert list(axs[0].get_lines()[0].get_ydata()) == pytest.approx([1.0, 0.5])
     assert axs[0].get_shared_y_axes().joined(axs[0], axs[1])
+    fig.canvas.draw()
+    for ax in axs:  # each legend below its panel, off the lines
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
     with pytest.raises(ProbekitError, match="panel 'x'"):
         viz.accuracy_grid({"x": [Result("x", torch.zeros(1), ("a",))]})

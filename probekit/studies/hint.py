@@ -782,6 +782,7 @@ class _Sweep:
     hints: dict  # config -> hint objectives
     budget: dict  # config -> (steps, expected batches of the main objective)
     main: str  # the main objective
+    trained: dict = field(default_factory=dict)  # config -> longest training length
 
 
 def _read_sweep(out) -> _Sweep:
@@ -800,6 +801,7 @@ def _read_sweep(out) -> _Sweep:
         sw.hints[config] = [o for o in w if o != task.objective]
         sw.budget[config] = (tcfg.steps, tcfg.steps * w.get(task.objective, 0.0) / sum(w.values()))
         sw.jobs[config] = [j for j in grid.jobs(out, select=[config]) if finished_record(j)]
+        sw.trained[config] = max(tcfg.lengths or [task.default_length])
     return sw
 
 
@@ -834,6 +836,7 @@ def _seed_stage(st: Study, out, sz: dict, samples: _Samples, size: str, seed: in
     cmd = (f"python -c \"from probekit.studies import hint_study; "
            f"print(hint_study(size='{size}', sweep='{out}').summary())\"")
     gap = _seed_gap(st, sw, cmd)
+    _gap_figure(st)
     rows = _seed_mechanisms(st, sw, sz, samples, seed)
     gap["mechanism"] = _mechanism_gaps(st, sw, rows, cmd)
     return gap
@@ -868,7 +871,28 @@ def _seed_gap(st: Study, sw: _Sweep, cmd: str) -> dict:
                                    "exact-match gap (hinted - control), Welch t interval", ">=", GAP),
                         d, (lo, hi), cmd, {h: ia[0], c: ib[0]}, n=len(a) + len(b))
             met.setdefault(L, []).append(v.verdict == "supported" and apart)
-    return {"tested": bool(met), "met": any(all(v) for v in met.values()), "lengths": sorted(met)}
+    return {"tested": bool(met), "met": any(all(v) for v in met.values()), "lengths": sorted(met),
+            "trained": max(sw.trained.values(), default=0)}
+
+
+def _gap_figure(st: Study) -> None:
+    """The hint gap over seeds by length, one line per hinted configuration and control (`_seed_gap`'s rows)."""
+    from probekit import viz
+
+    rows = [r | {"pair": f"{r['hinted']} - {r['control']} ({r['control_budget']})"}
+            for r in st.tables.get("hint_gap", [])]
+    if not rows:
+        return
+    st.figure("hint_gap", lambda: viz.interval_plot(
+        rows, "length", y="gap", hue="pair", reference=GAP, reference_label=f"success threshold (+{100 * GAP:.0f} points)",
+        log_x=True, xlabel="list length (trained on 1-20)", ylabel="exact-match gap (hinted - control)",
+        title="The hint gap over seeds, against each control"),
+        "Greedy exact match of the hinted recipe minus that of each control, by list length, over the sweep's "
+        "seeds (Welch t 95 % intervals over seeds); a control trained for the same number of steps, and one with as "
+        "many sort batches as the hinted model sees. The hint would count as working where a line's interval lies "
+        "above the dashed threshold against every control; the table gives each group's mean and interval.",
+        "Line plot of the exact-match gap (hinted minus control) against list length, one line per control, with "
+        "interval bars and a dashed threshold line.")
 
 
 SEED_MEASURES = (  # key, what it measures, the direction the hypothesis "the hint concentrates the lookup" predicts
@@ -942,7 +966,8 @@ def _mechanism_gaps(st: Study, sw: _Sweep, rows: dict, cmd: str) -> bool:
 
 
 def _figures(st: Study, ms: list[_Model]) -> None:
-    """At most four figures, each drawn from the study's tables."""
+    """Four figures, each drawn from the study's tables (the attention, a description, last: the findings page
+    shows a study's first four, and the hint gap over seeds, when a sweep is given, comes first)."""
     from probekit import viz
 
     t = st.tables
@@ -956,18 +981,6 @@ def _figures(st: Study, ms: list[_Model]) -> None:
         "Heads were chosen on a separate sample when their interval lay above the dashed line; several heads of "
         "similar size mean no single lookup head.",
         "Dot-and-whisker plot of restoration by head (x) for each model (colour).")
-    tops = {_label(m.chosen[0]) for m in ms}
-    st.figure("attention", lambda: viz.interval_plot(
-        [r | {"panel": f"{r['head']}, {r['step']}-value steps"} for r in t["attention"] if r["head"] in tops],
-        "length", y="ratio", hue="model", facet="panel", reference=1.0, reference_label="uniform over the list",
-        log_x=True, xlabel="list length", ylabel="attention on the next value / uniform share",
-        title="Each model's strongest head, in every model: attention on the next value"),
-        "Attention a head puts on the copies of the next value, divided by what uniform attention over the list "
-        "would put there (1 = chance), by list length, for repeat steps (the next value equals the previous output) "
-        "and new-value steps separately; the same head in every model (colour), so a head is compared with itself; "
-        "bars: 95 % intervals resampling lists. The uniform share falls as lists grow, so a rising ratio can hide "
-        "falling mass (the table has both). Description, not cause.",
-        "Line plots by length, one panel per head and step type, one line per model.")
     st.figure("probes", lambda: viz.interval_plot(_probe_lines(t["probes"]), "length", y="value", hue="what",
                                                   facet="model", log_x=True, xlabel="list length",
                                                   ylabel="accuracy on held-out lists",
@@ -986,6 +999,18 @@ def _figures(st: Study, ms: list[_Model]) -> None:
               "models) greedy per-query accuracy on the model's own hint task, by length; 95 % intervals resampling "
               "lists. Both sort step types falling means the repeat-or-advance decision degrades, not only the lookup.",
               "Line plots of per-step accuracy by length, one panel per model, one line per step type or task.")
+    tops = {_label(m.chosen[0]) for m in ms}
+    st.figure("attention", lambda: viz.interval_plot(
+        [r | {"panel": f"{r['head']}, {r['step']}-value steps"} for r in t["attention"] if r["head"] in tops],
+        "length", y="ratio", hue="model", facet="panel", reference=1.0, reference_label="uniform over the list",
+        log_x=True, xlabel="list length", ylabel="attention on the next value / uniform share",
+        title="Each model's strongest head, in every model: attention on the next value"),
+        "Attention a head puts on the copies of the next value, divided by what uniform attention over the list "
+        "would put there (1 = chance), by list length, for repeat steps (the next value equals the previous output) "
+        "and new-value steps separately; the same head in every model (colour), so a head is compared with itself; "
+        "bars: 95 % intervals resampling lists. The uniform share falls as lists grow, so a rising ratio can hide "
+        "falling mass (the table has both). Description, not cause.",
+        "Line plots by length, one panel per head and step type, one line per model.")
 
 
 def _probe_lines(rows: list[dict]) -> list[dict]:
@@ -1060,8 +1085,19 @@ def _headline(st: Study, ms: list[_Model], gap: dict | None) -> None:
         st.headline.append("The sweep folder has no finished hinted and control jobs with two or more seeds each, so "
                            "the hint gap over seeds is not tested yet.")
     else:
-        st.headline.append(f"Over seeds, the success criterion (a gap of at least {100 * GAP:.0f} points at some length "
-                           "against every control, with the two groups' intervals apart) is "
-                           f"{'met' if gap['met'] else 'not met'}"
+        st.headline.insert(0, _gap_sentence(st.tables["hint_gap"], gap)
                            + (f"; the claims that the hint changes the mechanism measures {_said(said['seeds'])}."
                               if gap.get("mechanism") and said.get("seeds") else "."))
+
+
+def _gap_sentence(rows: list[dict], gap: dict) -> str:
+    """The hint gap over seeds against each control at the lengths beyond training, and the success criterion."""
+    longer = [r for r in rows if r["length"] > gap["trained"]] or rows
+    pairs = {}
+    for r in longer:
+        pairs.setdefault((r["hinted"], r["control"], r["control_budget"], r["seeds"]), []).append(
+            f"{r['length']}: {100 * r['gap']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]")
+    said = "; ".join(f"{h} minus {c} ({b}, seeds {n}) {', '.join(v)}" for (h, c, b, n), v in pairs.items())
+    return (f"Over seeds, the exact-match gap in points (Welch t 95 % intervals) at the lengths beyond training, by "
+            f"length: {said}; the success criterion (a gap of at least {100 * GAP:.0f} points at some length against "
+            f"every control, with the two groups' intervals apart) is {'met' if gap['met'] else 'not met'}")

@@ -623,8 +623,8 @@ def failure_study(models: tuple[str, ...] = ("sort-baseline", "sort-baseline-tem
         _failure_figures(st, results)
     extrap, learned = _extrapolation_stage(st, extra, grid, seed, cmd, lookups)
     _contrast_record(st, lookups, extrap, results, learned, cmd)
-    if results and seed == 0 and size != "quick":
-        st.headline.append("With seed 0 these are the lists on which the error model's features were chosen, so this "
+    if results and seed == 0 and size != "quick":  # the caveat goes with the first claim it qualifies
+        st.headline[0] += (" With seed 0 these are the lists on which the error model's features were chosen, so this "
                            "held-out R^2 is not a clean test; seed 1 draws fresh lists and pairs (--seed 1; "
                            "docs/sorting_failure.md reports both).")
     return st
@@ -901,11 +901,12 @@ def _scatter_panel(ax, result: SortingFailureResult, hi: float) -> None:
         col = COLOURS.get(c["composition"], "k")
         ax.scatter(c["observed"], c["predicted"], s=20 + c["length"], facecolors=col if held else "none",
                    edgecolors=col, marker="o" if held else "s")
-        ax.annotate(str(c["length"]), (c["observed"], c["predicted"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        if max(c["observed"], c["predicted"]) > 0.03 * hi:  # the cells piled up at the origin stay unlabelled
+            ax.annotate(str(c["length"]), (c["observed"], c["predicted"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
     ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="y = x")
-    for comp, col in COLOURS.items():
-        ax.scatter([], [], color=col, label=comp)
+    for comp in dict.fromkeys(c["composition"] for c in result.cells):  # the compositions this grid holds
+        ax.scatter([], [], color=COLOURS.get(comp, "k"), label=comp)
     ax.scatter([], [], facecolors="none", edgecolors="k", marker="s", label="fit cell")
     ax.scatter([], [], color="k", label="held-out cell")
     ax.set_xlim(-0.02 * hi, hi)
