@@ -50,25 +50,16 @@ def error_account(batch, ok: torch.Tensor, L: int) -> str:
     return "\n".join(lines)
 
 
-def alias_attention(model, batch, L: int, offset: int) -> str:
-    """Layer 0 head 1's mean attention on a_k and on a_(k+5) from the position predicting digit k."""
-    orig = F.place_ids
-
-    def shifted(tokens, place_tokens, run_before=None, offset_=None):
-        ids, after = orig(tokens, place_tokens, run_before, offset_)
-        return torch.where((tokens >= 0) & (tokens < place_tokens), ids + offset, ids), after
-
-    F.place_ids = shifted
-    try:
-        pat = F.record(model, batch.tokens, ["blocks.0.attn.hook_pattern"], logits=False)["blocks.0.attn.hook_pattern"]
-    finally:
-        F.place_ids = orig
+def alias_attention(model, batch, L: int) -> str:
+    """Layer 0 head 1's mean attention on a_k and on a_(k+5) from the position predicting digit k (offset 0, as
+    evaluation places digits)."""
+    pat = F.record(model, batch.tokens, ["blocks.0.attn.hook_pattern"], logits=False)["blocks.0.attn.hook_pattern"]
     di = batch.features["digit_index"][0]
     cells = []
     for q in torch.nonzero((di >= 1) & (di < L - 5)).flatten().tolist():
         k = int(di[q])  # a_k is at position k (units first)
         cells.append(f"d{k} {pat[:, 1, q, k].mean():.2f}/{pat[:, 1, q, k + 5].mean():.2f}")
-    return f"  L0H1 attention a_k / a_(k+5) at offset {offset}: " + " ".join(cells)
+    return "  L0H1 attention a_k / a_(k+5): " + " ".join(cells)
 
 
 ap = argparse.ArgumentParser()
@@ -96,4 +87,4 @@ for L in (int(x) for x in args.lengths.split(",")):
           + f"; ensemble over offsets {ens[0]}..{ens[-1]}: {em_ens:.3f}", flush=True)
     print(error_account(b, ok0, L))
     if L > 6:
-        print(alias_attention(model, b, L, 0), flush=True)
+        print(alias_attention(model, b, L), flush=True)
