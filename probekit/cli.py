@@ -372,6 +372,8 @@ def sweep_cmd(
                                                    "(e.g. docs/model_sweep.md); run nothing."),
     threads: int | None = typer.Option(None, help="Torch threads per job (default: the CPUs a job reserves); 1 "
                                                   "suits a machine busy with other work."),
+    cpus: int | None = typer.Option(None, help="CPUs each job reserves on Ray (default: the grid's num_cpus, else "
+                                               "every core); 1 on a 2-core machine runs two jobs at once."),
     archive: Path | None = typer.Option(None, help="Copy the finished jobs' records (config, metrics, training log; "
                                                     "no weights) into this folder, e.g. analyses/zoo/results/GRID; "
                                                     "run nothing."),
@@ -397,7 +399,8 @@ def sweep_cmd(
             return
         typer.echo(f"wrote {write_tables(out, tables, grid=load_grid(grid))}")
         return
-    run = run_sweep(grid, out, address=address, jobs=selected, dry_run=dry_run, progress=True, threads=threads)
+    run = run_sweep(grid, out, address=address, jobs=selected, dry_run=dry_run, progress=True, threads=threads,
+                    cpus=cpus)
     typer.echo(run.describe())
     if run.failed:
         raise SystemExit(1)

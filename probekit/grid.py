@@ -499,19 +499,23 @@ def _locked(out: Path):
 
 
 def run_sweep(grid: str | Path | Grid, out: str | Path, *, address: str | None = None, jobs: list[str] | None = None,
-              dry_run: bool = False, progress: bool = True, threads: int | None = None) -> SweepRun:
+              dry_run: bool = False, progress: bool = True, threads: int | None = None,
+              cpus: int | None = None) -> SweepRun:
     """Run every unfinished job of ``grid`` (or those named in ``jobs``) on Ray, then write the summary.
 
     ``dry_run`` lists the jobs and their states and touches nothing. ``threads`` sets each job's torch
     threads (default: the CPUs it reserves); on a machine busy with other work one thread per job keeps
     a job from stalling on threads that wait for each other. Results do not depend on it beyond float
-    rounding. Returns a `SweepRun`.
+    rounding. ``cpus`` sets the CPUs each job reserves on Ray, in place of the grid's ``num_cpus``
+    (default every core): ``cpus=1`` on a 2-core machine runs two jobs at once. Returns a `SweepRun`.
     """
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     out = Path(out)
     if threads is not None:
         threads = _positive_int(threads, "threads")
-    plan = [replace(j, threads=threads) for j in grid.jobs(out, select=jobs)]
+    if cpus is not None:
+        cpus = _positive_int(cpus, "cpus")
+    plan = [replace(j, threads=threads, num_cpus=cpus or j.num_cpus) for j in grid.jobs(out, select=jobs)]
     _prepare_out(grid, out, plan, write=False)
     result = SweepRun(grid, out, {j.id: job_state(j) for j in plan}, dry_run=dry_run)
     if dry_run:

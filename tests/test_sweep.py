@@ -370,3 +370,14 @@ def test_ship_records_only_checks_the_recipe_and_says_whether_the_run_is_the_job
     args = Namespace(grid=str(grid), out=str(arch), config="a")
     assert ship._command(args, arch / "a" / "seed0").splitlines()[1].endswith(f"--archive {arch}")
     assert "--archive" not in ship._command(Namespace(grid=str(grid), out=str(out), config="a"), out / "a" / "seed0")
+
+
+def test_cpus_replaces_the_grids_num_cpus_on_ray(swept, tmp_path):
+    """--cpus reaches Ray's reservation: the grid asks for 1 CPU per job, cpus=3 asks a 2-CPU cluster for
+    more than it has (refused before any job starts), and cpus=0 is refused as a count."""
+    grid, _, _ = swept
+    with pytest.raises(ProbekitError, match="cpus must be a positive integer, got 0"):
+        run_sweep(grid, tmp_path / "c", cpus=0, dry_run=True)
+    with pytest.raises(ProbekitError, match="a job asks for 3 CPUs but the Ray cluster has 2"):
+        run_sweep(grid, tmp_path / "c", jobs=["a/seed0"], cpus=3, progress=False)
+    assert not (tmp_path / "c" / "a" / "seed0" / "metrics.json").exists()
