@@ -26,6 +26,7 @@ NEEDS = {  # notebook -> shipped models it cannot run without
     "02_carry_mechanism": ("mult-5x1",),
     "03_hint_mechanism": ("sort-baseline", "sort-successor"),
     "04_bring_your_own_model": (),
+    "05_sorting_failure": ("sort-baseline", "sort-baseline-temp", "sort-extrap"),
 }
 KERNEL = "probekit-test"
 
