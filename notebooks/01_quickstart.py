@@ -161,4 +161,5 @@ viz.show_html(page, height=560)
 # - `02_carry_mechanism`: the same instruments on multiplication (carries, column sums, operand routing).
 # - `03_hint_mechanism`: what training with a successor hint changes in the sorting model, by length.
 # - `04_bring_your_own_model`: probekit on a TransformerLens model that probekit did not build.
+# - `05_sorting_failure`: why this model fails on longer lists, as a prediction from its own attention.
 # - The same analyses from a shell: `probekit eval`, `probekit probe`, `probekit patch`, `probekit attribute`.
