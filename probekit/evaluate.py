@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,7 +40,7 @@ def _hooks_active(model) -> bool:
     return any(hp._forward_hooks or hp._forward_pre_hooks for hp in getattr(model, "hook_dict", {}).values())
 
 
-def place_offsets_of(cfg, batch: Batch, offsets) -> list[int] | None:
+def place_offsets_of(cfg, batch: Batch, offsets: Sequence[int] | str | None) -> list[int] | None:
     """The place offsets greedy decoding averages over for ``batch``: ``offsets`` checked, or "train" resolved.
 
     ``None``: plain decoding (None). ``"train"``: every offset in ``[0, place_offset_max]`` (those the
@@ -63,7 +64,8 @@ def place_offsets_of(cfg, batch: Batch, offsets) -> list[int] | None:
     room = cfg.n_ctx - 1 - top  # the largest offset that fits
     if isinstance(offsets, str) and offsets == "train":
         if room < 0:
-            raise ProbekitError(f"no place offset fits: digit rows reach {top}, the place table has {cfg.n_ctx} rows")
+            raise ProbekitError(f"no place offset fits: digit rows reach {top} at length {batch.length}, the place "
+                                f"table has {cfg.n_ctx} rows; expected digit runs of at most {cfg.n_ctx - 1}")
         return list(range(min(cfg.place_offset_max, room) + 1))
     if not isinstance(offsets, list | tuple):
         raise ProbekitError(f"place_offsets = {offsets!r}; expected 'train', a list of integers >= 0, or None")
@@ -86,7 +88,7 @@ def _choose(logits: torch.Tensor, k: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_decode(model, batch: Batch, max_batch: int = 512, use_cache: bool | None = None,
-                  place_offsets=None) -> torch.Tensor:
+                  place_offsets: Sequence[int] | str | None = None) -> torch.Tensor:
     """Tokens ``[batch, pos]`` with every predicted answer token replaced by the model's greedy choice.
 
     ``use_cache`` (default: when the model was built by probekit and no hook is active) decodes with
@@ -233,7 +235,7 @@ class EvalResult:
 
 def evaluate(model, task: Task, lengths: list[int] | tuple[int, ...], n: int = 500, seed: int = 0,
              max_batch: int = 512, progress: bool = False, name: str | None = None,
-             place_offsets=None) -> EvalResult:
+             place_offsets: Sequence[int] | str | None = None) -> EvalResult:
     """Exact match and per-position accuracy of greedy decoding, for each length.
 
     ``place_offsets``: decode averaging over place offsets (``"train"`` or a list; see `greedy_decode`)."""
@@ -272,7 +274,7 @@ def evaluate(model, task: Task, lengths: list[int] | tuple[int, ...], n: int = 5
 
 
 def evaluate_batch(model, batch: Batch, max_batch: int = 512, name: str | None = None,
-                   place_offsets=None) -> EvalResult:
+                   place_offsets: Sequence[int] | str | None = None) -> EvalResult:
     """Greedy decoding of the answer positions of a batch, without a task: one record, scored on the mask.
 
     For the user's own data (`Batch.from_tokens`): each True position of ``batch.answer_mask`` is decoded
