@@ -65,6 +65,9 @@ def eval_(
     errors: bool = typer.Option(False, "--errors", help="Sorting: also split the errors by step kind: extra copy, "
                                 "dropped copy, wrong new value (teacher forced, same samples)."),
     out: Path | None = typer.Option(None, help="Output folder: eval.json, eval.csv, eval.png."),
+    place_offsets: str | None = typer.Option(None, help="Place models: average the next-token probabilities over "
+                                             "these place offsets, 'train' (0..place_offset_max, those that fit "
+                                             "n_ctx) or e.g. 0,2,4."),
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
 ):
@@ -75,7 +78,8 @@ def eval_(
     from probekit.commands import run_eval
 
     _emit(run_eval(model, lengths, n=n, seed=seed, max_batch=max_batch, errors=errors, save_metrics=save_metrics,
-                   out=out, overwrite=overwrite, device=device, progress=not as_json), as_json)
+                   out=out, overwrite=overwrite, device=device, progress=not as_json, place_offsets=place_offsets),
+          as_json)
 
 
 @app.command()

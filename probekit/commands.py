@@ -186,26 +186,37 @@ def _metrics_folder(model: str, overwrite: bool) -> Path:
 
 def run_eval(model: str, lengths: str = "10,20,50", n: int = 500, seed: int = 0, max_batch: int = 512,
              errors: bool = False, save_metrics: bool = False, out: Path | None = None, overwrite: bool = False,
-             device: str = "cpu", progress: bool = True) -> Outcome:
-    """Greedy-decoding accuracy by length (+ the sorting error split); ``eval.json|csv|png`` in ``out``."""
+             device: str = "cpu", progress: bool = True, place_offsets: str | None = None) -> Outcome:
+    """Greedy-decoding accuracy by length (+ the sorting error split); ``eval.json|csv|png`` in ``out``.
+
+    ``place_offsets``: ``"train"`` or comma-separated offsets, for a place model's offset ensemble
+    (`probekit.evaluate.greedy_decode`)."""
     from probekit.evaluate import evaluate, sort_error_kinds
     from probekit.io import dumps_json, write_json
 
     check_n(n), check_seed(seed), check_int(max_batch, "--max-batch"), check_device(device)
     lens = parse_ints(lengths, "--lengths")
+    offsets = place_offsets
+    if place_offsets not in (None, "train"):
+        try:
+            offsets = parse_ints(place_offsets, "--place-offsets", lo=0)
+        except ProbekitError:
+            raise ProbekitError(f"--place-offsets must be 'train' or comma-separated integers >= 0, "
+                                f"got {place_offsets!r}") from None
     folder = _metrics_folder(model, overwrite) if save_metrics else None
     with _out(out, overwrite):
         m, task = _load(model, device)
         if errors and task.objective != "sort":
             raise ProbekitError(f"--errors needs a sorting model with the 'sort' objective, got task {task.name!r} "
                                 f"({task.objective!r})")
-        res = evaluate(m, task, lens, n=n, seed=seed, max_batch=max_batch, progress=progress)
+        res = evaluate(m, task, lens, n=n, seed=seed, max_batch=max_batch, progress=progress, place_offsets=offsets)
         for rec in res.records if errors else []:  # evaluate samples length L with seed * 1000 + L: the same lists
             rec["errors"] = sort_error_kinds(m, task.sample(n, length=rec["length"], seed=seed * 1000 + rec["length"]),
                                              max_batch=min(max_batch, 256))
         files = _write_eval(res, out) if out is not None else []
     if folder is not None:
         cmd = f"probekit eval --model {model} --lengths {lengths} --n {n} --seed {seed} --save-metrics" + \
+            (f" --place-offsets {place_offsets}" if place_offsets is not None else "") + \
             (" --overwrite" if overwrite else "")
         saved = write_json(folder / "metrics.json", json.loads(res.to_json()) | {"command": cmd})
     lines = _eval_lines(res, errors) + ([f"wrote {saved}"] if folder is not None else [])
@@ -224,6 +235,9 @@ def _write_eval(res, out: Path) -> list[Path]:
 def _eval_lines(res, errors: bool) -> list[str]:
     df = res.to_frame()[["length", "n", "exact_match", "ci_low", "ci_high", "token_acc"]]
     lines = [df.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if res.place_offsets is not None:
+        lines.append("next-token probabilities averaged over place offsets: "
+                     + "; ".join(f"length {r['length']}: {r['place_offsets']}" for r in res.records))
     for rec in res.records if errors else []:
         e = rec["errors"]
         fe = e["first_error"]

@@ -24,7 +24,8 @@ ln(t + 2), before the causal mask.
 position but by `place_ids`, a causal function of the tokens: 0 for a token that is not a digit, and
 ``1 + i`` for the digit that is the i-th (from 0) of the current run of consecutive digit tokens. It
 is the only function that computes them; every forward here, the bridge's forward and training use
-it. A `KVCache` carries each row's digit run length so decoding continues the run incrementally.
+it. A `KVCache` carries each row's digit run length so decoding continues the run incrementally, and
+optionally each row's place offset (greedy decoding averaged over offsets, `probekit.evaluate.greedy_decode`).
 Attention itself never sees place ids: the temperature and the causal mask use sequence positions.
 
 A Hugging Face ``GPT2LMHeadModel`` booted with ``TransformerBridge.boot_transformers`` is resolved into the
@@ -328,6 +329,7 @@ class KVCache:
     values: list[Tensor | None]
     length: int = 0
     run: Tensor | None = None  # place models: each row's digit run length after the cached tokens
+    offset: Tensor | None = None  # place models: each row's shift of its digits' place ids (None: 0)
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
@@ -396,13 +398,15 @@ def block(layer: Layer, L: int, x: Tensor, pos: Tensor, cache: KVCache | None = 
 
 def embed(nat: Native, tokens: Int[Tensor, "rows pos"], pos: Int[Tensor, "pos"],
           cache: KVCache | None = None) -> Float[Tensor, "rows pos d_model"]:
-    """Token plus positional embedding; a place model's table is indexed by `place_ids` (the cache's run continued)."""
+    """Token plus positional embedding; a place model's table is indexed by `place_ids` (the cache's run continued,
+    shifted by the cache's offsets)."""
     x = nat.tok_embed(tokens)
     if nat.pos_embed is None:
         return x
     if nat.place_tokens is None:
         return x + nat.pos_embed(pos)[None]
-    ids, run = place_ids(tokens, nat.place_tokens, cache.run if cache is not None else None)
+    ids, run = place_ids(tokens, nat.place_tokens, cache.run if cache is not None else None,
+                         cache.offset if cache is not None else None)
     check_place_ids(ids, nat.pos_embed.weight.shape[0])
     if cache is not None:
         cache.run = run

@@ -9,7 +9,8 @@ A grid file (JSON, one per study; the zoo's are in ``analyses/zoo/``)::
      "configs": [{"name": "nope"},
                  {"name": "learned-pos", "model": {"positional": "learned"}, "notes": "..."}],
      "seeds": [0, 1, 2],                   each sets model.seed and train.seed
-     "eval": {"lengths": [20, 50, 100], "n": 200, "seed": 0},
+     "eval": {"lengths": [20, 50, 100], "n": 200, "seed": 0},   (+ "place_offsets": "train" or [0, 2, 4],
+                                           optional: place models only, see `probekit.evaluate.greedy_decode`)
      "num_cpus": 2}                        CPUs per job (optional; default every core of this machine)
 
 A configuration's ``model`` / ``task`` / ``train`` objects merge into the base's, field by field
@@ -23,8 +24,8 @@ Folder layout of ``out``::
     summary.csv, summary.md  exact match per (configuration, length) over the finished seeds
 
 Each job trains into its folder, resuming from the checkpoint a killed job left, then evaluates
-at the grid's lengths. A job whose model and metrics (at the grid's lengths, n and seed) exist is
-skipped; one with a model but other metrics is only evaluated again. A job whose run config differs
+at the grid's lengths. A job whose model and metrics (at the grid's lengths, n, seed and place offsets)
+exist is skipped; one with a model but other metrics is only evaluated again. A job whose run config differs
 from the one recorded in sweep.json, or from its model's config.json, is refused rather than resumed
 into a mixture. A folder holding only this grid's configuration folders is adopted (model folders
 trained elsewhere, e.g. ``mv runs/zoo/sort-baseline runs/sweeps/sort-zoo/sort-baseline/seed0``).
@@ -69,7 +70,7 @@ from probekit.tasks import ProbekitError, task_from_spec
 
 GRID_KEYS = {"name", "notes", "base", "configs", "seeds", "eval", "num_cpus"}
 CONFIG_KEYS = {"name", "notes", "model", "task", "train"}
-EVAL_KEYS = {"lengths", "n", "seed"}
+EVAL_KEYS = {"lengths", "n", "seed", "place_offsets"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OBJECT_STORE_BYTES = 100 * 2**20
 
@@ -112,6 +113,7 @@ class Job:
     eval_seed: int
     num_cpus: int
     threads: int | None = None  # torch threads (default num_cpus); fewer suit a machine shared with other work
+    place_offsets: list[int] | str | None = None  # eval: the offset ensemble of a place model (None: offset 0)
 
     @property
     def id(self) -> str:
@@ -131,6 +133,7 @@ class Grid:
     eval_seed: int = 0
     num_cpus: int | None = None
     notes: str = ""
+    place_offsets: list[int] | str | None = None
 
     def run_config(self, config: str, seed: int) -> dict:
         """The run config of job (config, seed): the base merged with the configuration's overrides."""
@@ -158,12 +161,13 @@ class Grid:
         cpus = self.num_cpus or os.cpu_count() or 1
         out = Path(out).resolve()  # workers may run elsewhere (another cwd, another node)
         return [Job(c, s, self.run_config(c, s), str(out / c / f"seed{s}"), self.lengths, self.n,
-                    self.eval_seed, cpus) for c, s in every]
+                    self.eval_seed, cpus, place_offsets=self.place_offsets) for c, s in every]
 
     def to_dict(self) -> dict:
+        ev = {"lengths": list(self.lengths), "n": self.n, "seed": self.eval_seed}
+        ev |= {"place_offsets": self.place_offsets} if self.place_offsets is not None else {}
         return {"name": self.name, "notes": self.notes, "base": self.base, "configs": list(self.configs.values()),
-                "seeds": list(self.seeds), "eval": {"lengths": list(self.lengths), "n": self.n, "seed": self.eval_seed},
-                "num_cpus": self.num_cpus}
+                "seeds": list(self.seeds), "eval": ev, "num_cpus": self.num_cpus}
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -260,9 +264,10 @@ def grid_from_dict(d: dict, where: str = "grid") -> Grid:
                 lengths=_int_list(ev["lengths"], f"{where}: eval.lengths", 1),
                 n=_positive_int(ev["n"], f"{where}: eval.n"), eval_seed=_seed(ev.get("seed", 0), f"{where}: eval.seed"),
                 num_cpus=None if num_cpus is None else _positive_int(num_cpus, f"{where}: num_cpus"),
-                notes=str(d.get("notes") or ""))
+                notes=str(d.get("notes") or ""), place_offsets=_place_offsets(ev.get("place_offsets"), where))
     for name in configs:
-        _check_run(grid.run_config(name, grid.seeds[0]), grid.lengths, f"{where}: configuration {name!r}")
+        _check_run(grid.run_config(name, grid.seeds[0]), grid.lengths, f"{where}: configuration {name!r}",
+                   grid.place_offsets)
     return grid
 
 
@@ -278,8 +283,25 @@ def parse_run(conf: dict):
     return mcfg, task, TrainConfig.from_dict(conf["train"] or {})
 
 
-def _check_run(conf: dict, lengths: tuple[int, ...], where: str) -> None:
-    """The run config parses, and its training and evaluation lengths fit the model's context."""
+def _place_offsets(v, where: str) -> list[int] | str | None:
+    """The eval block's ``place_offsets``: absent (None), ``"train"``, or a list of distinct integers >= 0."""
+    if v is None or v == "train":
+        return v
+    return list(_int_list(v, f"{where}: eval.place_offsets ('train' or a list)", 0))
+
+
+def place_offsets_flag(offsets) -> str:
+    """The ``probekit eval`` option that repeats a ``place_offsets`` setting ("" for None)."""
+    if offsets is None:
+        return ""
+    return f" --place-offsets {offsets if isinstance(offsets, str) else ','.join(map(str, offsets))}"
+
+
+def _check_run(conf: dict, lengths: tuple[int, ...], where: str, place_offsets=None) -> None:
+    """The run config parses, its training and evaluation lengths fit the model's context, and the
+    evaluation's place offsets (if any) suit the model (a place model, rows within the place table)."""
+    from probekit.evaluate import place_offsets_of
+
     try:
         mcfg, task, tcfg = parse_run(conf)
         for obj in tcfg.objectives or {task.objective: 1.0}:
@@ -291,6 +313,8 @@ def _check_run(conf: dict, lengths: tuple[int, ...], where: str) -> None:
         for L in lengths:
             if task.seq_len(L) > mcfg.n_ctx:
                 raise ProbekitError(f"eval length {L} makes {task.seq_len(L)} tokens but n_ctx is {mcfg.n_ctx}")
+            if place_offsets is not None:
+                place_offsets_of(mcfg, task.sample(1, length=L, seed=0), place_offsets)
     except ProbekitError as e:
         raise ProbekitError(f"{where}: {e}") from None
 
@@ -315,14 +339,14 @@ def job_state(job: Job) -> str:
 
 
 def read_metrics(job: Job) -> dict | None:
-    """The job's metrics.json if it holds the grid's evaluation (lengths, n, seed), else None."""
+    """The job's metrics.json if it holds the grid's evaluation (lengths, n, seed, place offsets), else None."""
     path = Path(job.dir) / "metrics.json"
     if not path.exists():
         return None
     m = json.loads(path.read_text())
     recs = m.get("records", [])
     same = ([r["length"] for r in recs] == list(job.lengths) and all(r["n"] == job.n for r in recs)
-            and m.get("seed") == job.eval_seed)
+            and m.get("seed") == job.eval_seed and m.get("place_offsets") == job.place_offsets)
     return m if same else None
 
 
@@ -345,11 +369,13 @@ def run_job(job: Job) -> dict:
         # a folder with neither model nor checkpoint holds at most a killed run's log: start afresh
         model = train(mcfg, task, tcfg, out=folder, name=job.run["name"], overwrite=state == "new", progress=False)
     t1 = time.time()
-    res = evaluate(model, task, list(job.lengths), n=job.n, seed=job.eval_seed, name=job.run["name"])
+    res = evaluate(model, task, list(job.lengths), n=job.n, seed=job.eval_seed, name=job.run["name"],
+                   place_offsets=job.place_offsets)
     lengths = ",".join(map(str, job.lengths))
     metrics = json.loads(res.to_json()) | {
         "eval_seconds": round(time.time() - t1, 3),
-        "command": f"probekit eval --model {folder} --lengths {lengths} --n {job.n} --seed {job.eval_seed} --save-metrics"}
+        "command": f"probekit eval --model {folder} --lengths {lengths} --n {job.n} --seed {job.eval_seed} "
+                   f"--save-metrics{place_offsets_flag(job.place_offsets)}"}
     _write_json(folder / "metrics.json", metrics)
     return {"job": job.id, "state": state, "seconds": round(time.time() - t0, 3)}
 
@@ -593,7 +619,8 @@ def summary_markdown(grid: Grid, rows: list[dict], level: int = 1) -> str:
     lines = [f"{h} Sweep `{grid.name}`", ""]
     if grid.notes:
         lines += [grid.notes, ""]
-    lines += [f"Exact match of greedy decoding, n = {grid.n} per length, eval seed {grid.eval_seed}; mean over seeds "
+    ens = "" if grid.place_offsets is None else f", next-token probabilities averaged over place offsets {grid.place_offsets}"
+    lines += [f"Exact match of greedy decoding{ens}, n = {grid.n} per length, eval seed {grid.eval_seed}; mean over seeds "
               "[95 % interval: t over seeds, or the Wilson interval of the test sample when one seed is done]. "
               "Training minutes: mean wall clock per seed.", ""]
     lines += ["| configuration | changes from the base | seeds | train min | "
@@ -729,6 +756,7 @@ def ship(job_dir: str | Path, name: str, models_dir: str | Path | None = None, o
     metrics = json.loads((src / "metrics.json").read_text())
     lengths = ",".join(str(r["length"]) for r in metrics["records"])
     metrics |= {"model": name, "command": f"probekit eval --model {name} --lengths {lengths} "
-                f"--n {metrics['records'][0]['n']} --seed {metrics['seed']} --save-metrics --overwrite"}
+                f"--n {metrics['records'][0]['n']} --seed {metrics['seed']} --save-metrics --overwrite"
+                f"{place_offsets_flag(metrics.get('place_offsets'))}"}
     _write_json(dst / "metrics.json", metrics)
     return dst

@@ -29,8 +29,10 @@ first, place i is the power 10**i). Details:
   continues them incrementally.
 - Training adds a random offset in ``[0, place_offset_max]`` to every digit's row, one per sequence,
   drawn from the step's batch seed (a resumed run equals an unbroken one), so rows beyond the trained
-  lengths are trained too; evaluation and every instrument use offset 0. Training refuses lengths whose
-  longest digit run plus ``place_offset_max`` would pass row ``n_ctx - 1``.
+  lengths are trained too; evaluation and every instrument use offset 0, except greedy decoding asked to
+  average over offsets (``place_offsets="train"`` of `probekit.evaluate.greedy_decode`, ``probekit eval
+  --place-offsets train``). Training refuses lengths whose longest digit run plus ``place_offset_max``
+  would pass row ``n_ctx - 1``.
 - ``build_model`` installs `probekit.forward.place_model_forward` on the native model, so the bridge's
   own forward (``model(tokens)``, ``run_with_cache``, hook-based instruments) embeds places as
   `probekit.forward` does. Attention sees sequence positions only (causal mask, length temperature).

@@ -55,6 +55,22 @@ def test_eval_errors_agree_with_the_library(trained, capsys):
     assert "first error: extra copy" in capsys.readouterr().out
 
 
+@pytest.mark.skipif("mult-nx1-place" not in shipped_models(), reason="needs the shipped model mult-nx1-place")
+def test_eval_place_offsets_agree_with_the_library(capsys):
+    from probekit.evaluate import evaluate
+    from probekit.model import load_model
+
+    capsys.readouterr()
+    assert main(["eval", "--model", "mult-nx1-place", "--lengths", "7", "--n", "16", "--json",
+                 "--place-offsets", "train"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    model, task, _ = load_model("mult-nx1-place")
+    assert records == evaluate(model, task, [7], n=16, place_offsets=list(range(11))).records
+    assert records[0]["place_offsets"] == list(range(11))  # 0..place_offset_max: all fit n_ctx 32 at 7 digits
+    assert main(["eval", "--model", "mult-nx1-place", "--lengths", "7", "--n", "16", "--place-offsets", "0,4"]) == 0
+    assert "averaged over place offsets: length 7: [0, 4]" in capsys.readouterr().out
+
+
 def test_save_metrics(trained):
     assert main(["eval", "--model", str(trained / "run"), "--lengths", "3", "--n", "4", "--save-metrics"]) == 0
     metrics = json.loads((trained / "run" / "metrics.json").read_text())

@@ -162,3 +162,104 @@ def test_sort_error_kinds_against_known_failures():
     assert out["error_rate"]["repeat"] == 0.0
     with pytest.raises(ProbekitError, match="needs a batch of the 'sort' objective, got 'successor'"):
         sort_error_kinds(model, rep.with_objective("successor").sample(2, length=4))
+
+
+# ---------------------------------------------------------------------------- place offset ensembles
+
+
+def _oracle_place_ids(row: list[int], offset: int) -> list[int]:
+    """0 for a non-digit (ids 10, 11); 1 + offset + the digit's index in its run of consecutive digits."""
+    out, run = [], 0
+    for t in row:
+        run = run + 1 if 0 <= t < 10 else 0
+        out.append(offset + run if run else 0)
+    return out
+
+
+def _random_place_model(offset_max: int = 12):
+    """4 x 1 reversed multiplication, n_ctx 16 (room for offsets up to 10 at 4 digits), random weights
+    (queries and keys larger, so attention reads the operands and the answers depend on them and on the offset)."""
+    from probekit.model import ModelConfig, build_model
+
+    task = MultiplicationTask(digits=4, b_digits=1, reverse_operands=True)
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_vocab=task.d_vocab, n_ctx=16,
+                                    positional="place", place_tokens=10, place_offset_max=offset_max, seed=1))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.1 if p.ndim == 1 else 1.0 if "embed" in name or "pos." in name else \
+                2.0 if ".q." in name or ".k." in name else 0.3
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval(), task
+
+
+@torch.no_grad()
+def _reference_decode(model, batch, offsets: list[int]) -> torch.Tensor:
+    """Each step: a full forward per offset (place ids from the pure-Python oracle), mean probability, argmax."""
+    toks = batch.tokens.clone()
+    for t in torch.nonzero(batch.answer_mask[0]).flatten().tolist():
+        prob = 0
+        for o in offsets:
+            ids = torch.tensor([_oracle_place_ids(r, o) for r in toks[:, :t].tolist()])
+            prob = prob + model.original_model(toks[:, :t], position_ids=ids)[:, -1].softmax(-1)
+        toks[:, t] = prob.argmax(-1)
+    return toks
+
+
+def test_one_place_offset_is_plain_greedy_decoding_at_that_offset():
+    model, task = _random_place_model()
+    b = task.sample(24, length=4, seed=5)
+    decoded = {}
+    for o in (0, 3, 10):
+        want = _reference_decode(model, b, [o])
+        for cache in (True, False):
+            assert torch.equal(greedy_decode(model, b, use_cache=cache, place_offsets=[o], max_batch=7), want)
+        decoded[o] = want
+    assert torch.equal(decoded[0], greedy_decode(model, b))  # offset 0 is what plain decoding uses
+    assert not torch.equal(decoded[0], decoded[3]) and not torch.equal(decoded[3], decoded[10])
+    assert len({tuple(r) for r in decoded[0][:, b.answer_mask[0]].tolist()}) > 1  # answers depend on the operands
+
+
+def test_place_offset_ensemble_equals_a_full_forward_reference():
+    model, task = _random_place_model()
+    b = task.sample(24, length=4, seed=6)
+    ens = _reference_decode(model, b, [0, 2, 5])
+    for cache in (True, False):
+        for max_batch in (4, 512):  # 4: one row of the batch per forward, times the 3 offsets
+            got = greedy_decode(model, b, use_cache=cache, place_offsets=(0, 2, 5), max_batch=max_batch)
+            assert torch.equal(got, ens)
+    assert all(not torch.equal(ens, _reference_decode(model, b, [o])) for o in (0, 2, 5))  # not one stream's
+    # "train": 0..place_offset_max (12) but at 4 digits (5 product digits) rows pass n_ctx 16 past offset 10
+    assert torch.equal(greedy_decode(model, b, place_offsets="train"), _reference_decode(model, b, list(range(11))))
+
+
+def test_evaluate_records_the_place_offsets_of_each_length():
+    model, task = _random_place_model()
+    res = evaluate(model, task, [2, 4], n=16, seed=1, place_offsets="train")
+    assert res.place_offsets == "train"
+    assert [r["place_offsets"] for r in res.records] == [list(range(13)), list(range(11))]
+    b = task.sample(16, length=4, seed=1004)  # evaluate's test set at length 4
+    assert res.records[1]["exact_match"] == score(b, _reference_decode(model, b, list(range(11))))["exact_match"]
+    assert EvalResult.from_json(res.to_json()) == res
+    plain = evaluate(model, task, [4], n=16, seed=1)
+    assert "place_offsets" not in plain.to_json() and "place_offsets" not in plain.records[0]
+
+
+def test_place_offsets_bad_input(tiny_mult):
+    model, task = _random_place_model()
+    b = task.sample(4, length=4, seed=0)
+    for offsets, message in [([11], r"place offset 11 puts digit rows up to 16, past the place table of 16 rows "
+                                     r"\(n_ctx\); expected offsets <= 10 at length 4"),
+                             ("all", "place_offsets = 'all'; expected 'train', a list of integers >= 0, or None"),
+                             (3, "place_offsets = 3; expected 'train'"),
+                             ([], "expected distinct integers >= 0, at least one"),
+                             ([1, 1], "expected distinct integers >= 0"),
+                             ([-1], r"place_offsets = \[-1\]; expected"),
+                             ([True], r"place_offsets = \[True\]; expected")]:
+        with pytest.raises(ProbekitError, match=message):
+            greedy_decode(model, b, place_offsets=offsets)
+    with pytest.raises(ProbekitError, match="place offset 11 puts"):
+        evaluate(model, task, [2, 4], n=4, place_offsets=[0, 11])  # refused before anything is decoded
+    learned, mult = tiny_mult
+    with pytest.raises(ProbekitError, match="place_offsets needs a positional='place' model, got positional='learned'"):
+        evaluate(learned, mult, [2], n=4, place_offsets="train")

@@ -88,6 +88,14 @@ def test_grid_merges_overrides_and_sets_seeds(tmp_path):
     ({"eval": {"lengths": [2, 30], "n": 40}}, "eval length 30 makes 62 tokens"),
     ({"eval": {"lengths": [2], "n": 0}}, "eval.n must be a positive integer"),
     ({"base": "nowhere.json"}, "nowhere.json not found"),
+    ({"eval": {"lengths": [2], "n": 4, "place_offsets": "all"}},
+     r"eval.place_offsets \('train' or a list\) must be a non-empty list of distinct integers >= 0, got 'all'"),
+    ({"eval": {"lengths": [2], "n": 4, "place_offsets": [0, 0]}}, "must be a non-empty list of distinct integers"),
+    ({"eval": {"lengths": [2], "n": 4, "place_offsets": "train"}},
+     "configuration 'a': place_offsets needs a positional='place' model, got positional='none'"),
+    ({"configs": [{"name": "p", "model": {"positional": "place", "place_tokens": 8}}],
+      "eval": {"lengths": [2, 4], "n": 4, "place_offsets": [0, 30]}},
+     "configuration 'p': place offset 30 puts digit rows up to 32, past the place table of 24 rows .*at length 2"),
     ({"num_cpus": 0}, "num_cpus must be a positive integer"),
 ])
 def test_bad_grids_are_refused(tmp_path, changes, message):
@@ -381,3 +389,30 @@ def test_cpus_replaces_the_grids_num_cpus_on_ray(swept, tmp_path):
     with pytest.raises(ProbekitError, match="a job asks for 3 CPUs but the Ray cluster has 2"):
         run_sweep(grid, tmp_path / "c", jobs=["a/seed0"], cpus=3, progress=False)
     assert not (tmp_path / "c" / "a" / "seed0" / "metrics.json").exists()
+
+
+PLACE_CONFIG = {"name": "p", "model": {"positional": "place", "place_tokens": 8, "place_offset_max": 3}}
+
+
+def test_place_offsets_in_the_eval_block_reevaluate_a_finished_job(tmp_path):
+    from probekit.evaluate import evaluate
+    from probekit.grid import job_state, run_job
+    from probekit.model import load_model
+
+    ev = {"lengths": [2, 4], "n": 8, "seed": 3}
+    job = load_grid(write_grid(tmp_path, configs=[PLACE_CONFIG], seeds=[0], eval=ev)).jobs(tmp_path / "out")[0]
+    assert run_job(job)["state"] == "new" and job_state(job) == "done"
+    folder = Path(job.dir)
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    grid = load_grid(write_grid(tmp_path, configs=[PLACE_CONFIG], seeds=[0], eval=ev | {"place_offsets": "train"}))
+    assert grid_from_dict(grid.to_dict()).place_offsets == "train"  # sweep.json keeps the setting
+    ens = grid.jobs(tmp_path / "out")[0]
+    assert job_state(ens) == "evaluate"
+    assert run_job(ens)["state"] == "evaluate" and job_state(ens) == "done" and job_state(job) == "evaluate"
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before  # evaluated again, not retrained
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["place_offsets"] == "train" and [r["place_offsets"] for r in m["records"]] == [[0, 1, 2, 3]] * 2
+    assert m["command"].endswith("--save-metrics --place-offsets train")
+    model, task, _ = load_model(folder)
+    want = evaluate(model, task, [2, 4], n=8, seed=3, place_offsets=[0, 1, 2, 3])
+    assert [r["exact_match"] for r in m["records"]] == [r["exact_match"] for r in want.records]
